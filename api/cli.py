@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="hutch: distributed training with a sharded, delayed-Hessian AdaHessian.", no_args_is_help=True)
+app = typer.Typer(
+    help="hutch: distributed training with a sharded, delayed-Hessian AdaHessian.", no_args_is_help=True
+)
 
 
 def _positive(value: float) -> float:
@@ -22,12 +25,14 @@ def main() -> None:
 
 @app.command()
 def demo(
-    steps: int = typer.Option(300, min=1, help="Optimizer steps."),
-    batch_size: int = typer.Option(64, min=1, help="Examples per step."),
-    lr: float = typer.Option(0.15, callback=_positive, help="Learning rate (positive)."),
-    hessian_update_freq: int = typer.Option(2, min=1, help="Estimate the Hessian every this many steps."),
-    seed: int = typer.Option(0, help="Seed for initialisation, data order and Hessian probes."),
-    out_dir: Path = typer.Option(Path("runs/demo"), help="Where result.json and loss.png go."),
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 300,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 64,
+    lr: Annotated[float, typer.Option(callback=_positive, help="Learning rate (positive).")] = 0.15,
+    hessian_update_freq: Annotated[
+        int, typer.Option(min=1, help="Estimate the Hessian every this many steps.")
+    ] = 2,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, data order and Hessian probes.")] = 0,
+    out_dir: Annotated[Path, typer.Option(help="Where result.json and loss.png go.")] = Path("runs/demo"),
 ) -> None:
     """Train a small CNN on the digits data with AdaHessian in this process."""
     from trainer.demo import run_demo

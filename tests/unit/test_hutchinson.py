@@ -51,7 +51,9 @@ def test_products_equal_dense_hessian_times_probe() -> None:
     assert (hessian - torch.diag(torch.diag(hessian))).abs().max() > 1e-2  # really non-separable
     probes = ProbeSource(7)
     for hessian_index in range(3):
-        z = torch.cat([probes.probe(p, hessian_index, i).reshape(-1) for i, p in enumerate(model.parameters())])
+        z = torch.cat(
+            [probes.probe(p, hessian_index, i).reshape(-1) for i, p in enumerate(model.parameters())]
+        )
         expected = z * (hessian @ z)
         torch.testing.assert_close(_products(model, x, y, hessian_index), expected, rtol=1e-5, atol=1e-10)
 
@@ -69,20 +71,23 @@ def test_optimizer_trace_is_probe_times_dense_hessian() -> None:
 
 
 def test_mean_over_probes_converges_as_inverse_sqrt_n() -> None:
-    """Mean of n probes → diag(H) with squared error Σ_{i≠j} H_ij² / n (Rademacher variance)."""
+    """Mean of n probes → diag(H) with squared error Σ_{i≠j} H_ij² / n (Rademacher variance).
+
+    The probes are keyed by fixed seeds, so this statistical check is deterministic.
+    """
     model, x, y = _model_and_loss()
     hessian = _dense_hessian(model, x, y)
     diag = torch.diag(hessian)
     off_diagonal_energy = (hessian.pow(2).sum() - diag.pow(2).sum()).item()
-    total = 2048
+    total = 1024
     samples = torch.stack([_products(model, x, y, k) for k in range(total)])
     errors = {}
-    for n in (4, 16, 64, 256):
+    for n in (4, 16, 64):
         means = samples.view(total // n, n, -1).mean(dim=1)
         errors[n] = (means - diag).pow(2).sum(dim=1).mean().item()
         assert 0.6 < errors[n] * n / off_diagonal_energy < 1.6, (n, errors[n] * n / off_diagonal_energy)
     # Quadrupling the probes halves the RMS error.
-    for small, large in ((4, 16), (16, 64), (64, 256)):
+    for small, large in ((4, 16), (16, 64)):
         assert 1.5 < math.sqrt(errors[small] / errors[large]) < 2.7
     assert torch.allclose(samples.mean(dim=0), diag, atol=4 * math.sqrt(off_diagonal_energy / total))
 

@@ -26,6 +26,6 @@ def load_digits_split(test_fraction: float = 0.2, split_seed: int = 0) -> Digits
     images = torch.from_numpy((bunch.images / 16.0).astype(np.float32)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
-    n_test = int(round(len(labels) * test_fraction))
+    n_test = round(len(labels) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return DigitsSplit(images[train], labels[train], images[test], labels[test])

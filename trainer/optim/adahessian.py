@@ -116,16 +116,27 @@ class AdaHessian(Optimizer):
         seed: int = 0,
     ) -> None:
         _check("lr", lr, lr > 0.0, "must be positive")
-        _check("betas", betas, len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "must be two numbers in [0, 1)")
+        _check(
+            "betas",
+            betas,
+            len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+            "must be two numbers in [0, 1)",
+        )
         _check("eps", eps, eps > 0.0, "must be positive")
         _check("weight_decay", weight_decay, weight_decay >= 0.0, "must be non-negative")
         _check("hessian_power", hessian_power, 0.0 <= hessian_power <= 1.0, "must be in [0, 1]")
-        _check("hessian_update_freq", hessian_update_freq, _is_int(hessian_update_freq) and hessian_update_freq >= 1, "must be an integer ≥ 1")
+        _check(
+            "hessian_update_freq",
+            hessian_update_freq,
+            _is_int(hessian_update_freq) and hessian_update_freq >= 1,
+            "must be an integer ≥ 1",
+        )
         _check("n_samples", n_samples, _is_int(n_samples) and n_samples >= 1, "must be an integer ≥ 1")
         _check(
             "spatial_average_block_size",
             spatial_average_block_size,
-            spatial_average_block_size is None or (_is_int(spatial_average_block_size) and spatial_average_block_size >= 1),
+            spatial_average_block_size is None
+            or (_is_int(spatial_average_block_size) and spatial_average_block_size >= 1),
             "must be None or an integer ≥ 1",
         )
         defaults = dict(
@@ -317,9 +328,8 @@ class AdaHessian(Optimizer):
             if product is not None:
                 state["hessian_step"] += 1
                 bucket = fresh
-                fresh["d"].append(
-                    hessian_diagonal(product, group["spatial_average_block_size"], group["average_conv_kernel"])
-                )
+                block, conv = group["spatial_average_block_size"], group["average_conv_kernel"]
+                fresh["d"].append(hessian_diagonal(product, block, conv))
             bucket["params"].append(p)
             bucket["grads"].append(p.grad)
             bucket["m"].append(state["exp_avg"])
