@@ -86,10 +86,10 @@ class TransformerLM(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        T = idx.shape[1]
-        if T > self.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        seq_len = idx.shape[1]
+        if seq_len > self.block_size:
+            raise ValueError(f"sequence length {seq_len} exceeds block_size {self.block_size}")
+        pos = torch.arange(seq_len, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x)

@@ -25,7 +25,7 @@ The math lives in :func:`adahessian_update`, a function over lists of tensors; t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -215,9 +215,18 @@ class AdaHessian(Optimizer):
             self._hessian_steps_done,
             self.n_samples,
         )
-        for (_, p, g), product in zip(used, products):
+        for _, p, g in used:
             g = g.detach()
             p.grad = g if p.grad is None else p.grad.add_(g)
+        self.add_hessian_products({p: product for (_, p, _), product in zip(used, products)})
+
+    def add_hessian_products(self, products: Mapping[torch.Tensor, torch.Tensor]) -> None:
+        """Add signed ``z⊙Hz`` computed elsewhere (e.g. averaged across ranks) for this step.
+
+        For distributed drivers that take the Hutchinson products themselves; ``|·|`` and
+        spatial averaging are still applied here, on whole tensors.
+        """
+        for p, product in products.items():
             pending = self._pending_products.get(p)
             self._pending_products[p] = product if pending is None else pending.add_(product)
 
@@ -239,6 +248,9 @@ class AdaHessian(Optimizer):
                 self.n_samples,
             )
         return {p: product for (_, p), product in zip(used, products)}
+
+    def _has_grads(self) -> bool:
+        return any(p.grad is not None for group in self.param_groups for p in group["params"])
 
     def _detach_grads(self) -> None:
         """Drop the graph that drop-in use leaves on ``.grad`` (it pins a param↔grad cycle)."""
@@ -265,7 +277,9 @@ class AdaHessian(Optimizer):
         try:
             products: dict[torch.Tensor, torch.Tensor] | None = None
             if hessian_step:
-                products = self._pending_products or self._products_from_graph_grads()
+                products = self._pending_products
+                if not products and self._has_grads():
+                    products = self._products_from_graph_grads()
                 self._check_products(products)
             elif self._pending_products:
                 raise RuntimeError("Hessian products were taken on a step that is not a Hessian step")

@@ -1,0 +1,202 @@
+"""Sharded AdaHessian on real gloo process groups (1, 2 and 4 processes) against one process.
+
+The reference is the single-process :class:`AdaHessian` on the whole global batch; every
+distributed run splits the same global batch into equal micro-batches, one per rank.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+from trainer.optim import AdaHessian
+from trainer.optim.sharded import ShardedAdaHessian
+from trainer.optim.sharding import ShardPlan
+
+GLOBAL_BATCH = 8
+OPTIM = dict(lr=0.05, hessian_update_freq=3, weight_decay=0.01, spatial_average_block_size=4, seed=3)
+
+
+class MixedNet(nn.Module):
+    """Conv, GroupNorm, embedding, linear and 1-D parameters; per-sample ops only, so a
+    micro-batch split changes nothing but the order of sums."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.norm = nn.GroupNorm(2, 4)
+        self.embed = nn.Embedding(10, 6)
+        self.scale = nn.Parameter(torch.ones(6))
+        self.head = nn.Linear(4 * 4 * 4 + 6, 5)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        pictures = torch.tanh(self.norm(self.conv(images))).flatten(1)
+        words = torch.tanh(self.embed(tokens).mean(dim=1) * self.scale)
+        return self.head(torch.cat([pictures, words], dim=1))
+
+
+def make_model() -> MixedNet:
+    torch.manual_seed(0)
+    return MixedNet()
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(500 + step)
+    images = torch.randn(GLOBAL_BATCH, 1, 6, 6, generator=g)
+    tokens = torch.randint(0, 10, (GLOBAL_BATCH, 3), generator=g)
+    labels = torch.randint(0, 5, (GLOBAL_BATCH,), generator=g)
+    return images, tokens, labels
+
+
+def reference_run(steps: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[float]]:
+    """Single process, global batch: parameters, optimizer state by name, losses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers, so only the split changes the sums
+    try:
+        model = make_model()
+        opt = AdaHessian(model.parameters(), **OPTIM)
+        losses = []
+        for step in range(steps):
+            images, tokens, labels = global_batch(step)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(images, tokens), labels)
+            opt.backward(loss)
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    names = {p: n for n, p in model.named_parameters()}
+    state = {names[p]: s for p, s in opt.state.items()}
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, state, losses
+
+
+def _worker(rank: int, world: int, port: int, job: dict[str, Any], out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = make_model()
+        opt = ShardedAdaHessian(
+            model.named_parameters(), owners=job.get("owners"), hessian_scope=job.get("scope", "global"), **OPTIM
+        )
+        if job.get("resume"):
+            saved = torch.load(job["resume"], weights_only=False)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["shards"])
+        losses, traces = [], []
+        micro = GLOBAL_BATCH // world
+        for step in range(job["start"], job["stop"]):
+            images, tokens, labels = (t[rank * micro : (rank + 1) * micro] for t in global_batch(step))
+            opt.zero_grad()
+            opt.backward(F.cross_entropy(model(images, tokens), labels))
+            opt.step()
+            losses.append(opt.loss)
+            traces.append(opt.hessian_trace)
+        shards: list[Any] = [None] * world
+        dist.all_gather_object(shards, opt.state_dict())
+        if rank == 0:
+            torch.save(
+                {
+                    "model": {n: p.detach().clone() for n, p in model.named_parameters()},
+                    "shards": shards,
+                    "losses": losses,
+                    "traces": traces,
+                    "owned": [[opt.names[i] for i in opt.plan.owned(r)] for r in range(world)],
+                    "state_bytes": opt.state_bytes(),
+                },
+                out,
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(world: int, tmp_path: Path, name: str, **job: Any) -> dict[str, Any]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / f"{name}.pt")
+    job.setdefault("start", 0)
+    mp.spawn(_worker, args=(world, port, job, out), nprocs=world, join=True)
+    return torch.load(out, weights_only=False)
+
+
+def merged_state(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for shard in result["shards"]:
+        merged.update(shard["params"])
+    return merged
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, what: str, rel: float = 1e-6) -> None:
+    """Every element within ``rel`` of the tensor's scale (max |expected|): fp32 sums taken in
+    another order differ by a few ulps of the large entries, which elementwise relative checks
+    would blow up on near-zero entries."""
+    error = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert error <= rel * scale, f"{what}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+def assert_matches_reference(result: dict[str, Any], steps: int) -> None:
+    params, state, losses = reference_run(steps)
+    assert result["losses"] == pytest.approx(losses[-len(result["losses"]) :], rel=1e-6)
+    for name, value in params.items():
+        assert_close_to_scale(result["model"][name], value, name)
+    gathered = merged_state(result)
+    assert set(gathered) == set(state)
+    for name, expected in state.items():
+        for key in ("exp_avg", "exp_hessian_diag_sq"):
+            assert_close_to_scale(gathered[name][key], expected[key], f"{name}.{key}")
+        assert (gathered[name]["step"], gathered[name]["hessian_step"]) == (expected["step"], 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_sharded_equals_single_process_on_global_batch(world: int, tmp_path: Path) -> None:
+    result = run_distributed(world, tmp_path, f"w{world}", stop=10)
+    assert_matches_reference(result, 10)
+    # Each rank's state holds exactly the parameters it owns, and they partition the model.
+    for shard, owned in zip(result["shards"], result["owned"]):
+        assert set(shard["params"]) == set(owned)
+    assert sorted(n for owned in result["owned"] for n in owned) == sorted(n for n, _ in make_model().named_parameters())
+
+
+@pytest.mark.slow
+def test_two_shard_assignments_agree(tmp_path: Path) -> None:
+    n_params = len(list(make_model().parameters()))
+    alternating = run_distributed(2, tmp_path, "alt", stop=10, owners=[i % 2 for i in range(n_params)])
+    reversed_ = run_distributed(2, tmp_path, "rev", stop=10, owners=[1 - i % 2 for i in range(n_params)])
+    assert alternating["owned"] != reversed_["owned"]
+    for name, value in alternating["model"].items():
+        assert_close_to_scale(reversed_["model"][name], value, name)
+    assert alternating["losses"] == pytest.approx(reversed_["losses"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 4), (4, 1), (1, 2)])
+def test_checkpoint_resumes_across_world_sizes(before: int, after: int, tmp_path: Path) -> None:
+    first = run_distributed(before, tmp_path, "first", stop=5)
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"model": first["model"], "shards": first["shards"]}, checkpoint)
+    resumed = run_distributed(after, tmp_path, "resumed", start=5, stop=10, resume=str(checkpoint))
+    assert len(resumed["losses"]) == 5
+    assert_matches_reference(resumed, 10)
+
+
+def test_balanced_plan_is_deterministic_and_balanced() -> None:
+    shapes = [(f"p{i}", torch.Size([n])) for i, n in enumerate([100, 7, 60, 40, 3, 50, 1])]
+    plan = ShardPlan.balanced(shapes, 3)
+    assert plan == ShardPlan.balanced(shapes, 3)
+    # Largest first onto the least loaded: 100→0, 60→1, 50→2, 40→2, then 7, 3, 1 → 1.
+    assert plan.owners == (0, 1, 1, 2, 1, 2, 1)
+    assert [plan.shard_numel(r) for r in range(3)] == [100, 71, 90]
+    assert plan.segment == 100 and plan.flat_order == [0, 1, 2, 4, 6, 3, 5]
+    assert "rank 0: 100 elements" in plan.describe()
+    with pytest.raises(ValueError, match="owners must be ranks"):
+        ShardPlan.explicit(shapes, [0, 1, 2, 3, 0, 0, 0], 3)
