@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
+from trainer.backends import DDPBackend
 from trainer.optim import AdaHessian
-from trainer.optim.sharded import ShardedAdaHessian
 from trainer.optim.sharding import ShardPlan
 
 GLOBAL_BATCH = 8
@@ -56,6 +56,12 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return images, tokens, labels
 
 
+def micro_batch(step: int, rank: int, world: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s equal slice of the global batch of ``step``."""
+    size = GLOBAL_BATCH // world
+    return [t[rank * size : (rank + 1) * size] for t in global_batch(step)]
+
+
 def reference_run(steps: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]], list[float]]:
     """Single process, global batch: parameters, optimizer state by name, losses."""
     threads = torch.get_num_threads()
@@ -83,22 +89,22 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out: str) -> 
     try:
         torch.set_num_threads(1)
         model = make_model()
-        opt = ShardedAdaHessian(
-            model.named_parameters(), owners=job.get("owners"), hessian_scope=job.get("scope", "global"), **OPTIM
+        backend = DDPBackend(
+            model,
+            lambda m, batch: F.cross_entropy(m(batch[0], batch[1]), batch[2]),
+            dict(owners=job.get("owners"), hessian_scope=job.get("scope", "global"), **OPTIM),
         )
+        opt = backend.optimizer
         if job.get("resume"):
             saved = torch.load(job["resume"], weights_only=False)
             model.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["shards"])
+            backend.load_optimizer_state(saved["shards"])
         losses, traces = [], []
-        micro = GLOBAL_BATCH // world
         for step in range(job["start"], job["stop"]):
-            images, tokens, labels = (t[rank * micro : (rank + 1) * micro] for t in global_batch(step))
-            opt.zero_grad()
-            opt.backward(F.cross_entropy(model(images, tokens), labels))
-            opt.step()
-            losses.append(opt.loss)
-            traces.append(opt.hessian_trace)
+            stats = backend.train_step(micro_batch(step, rank, world))
+            assert stats.step == step + 1 and stats.hessian_step == (step % 3 == 0)
+            losses.append(stats.loss)
+            traces.append(stats.hessian_trace)
         shards: list[Any] = [None] * world
         dist.all_gather_object(shards, opt.state_dict())
         if rank == 0:
@@ -164,7 +170,8 @@ def test_sharded_equals_single_process_on_global_batch(world: int, tmp_path: Pat
     # Each rank's state holds exactly the parameters it owns, and they partition the model.
     for shard, owned in zip(result["shards"], result["owned"]):
         assert set(shard["params"]) == set(owned)
-    assert sorted(n for owned in result["owned"] for n in owned) == sorted(n for n, _ in make_model().named_parameters())
+    all_names = sorted(n for n, _ in make_model().named_parameters())
+    assert sorted(n for owned in result["owned"] for n in owned) == all_names
 
 
 @pytest.mark.slow
@@ -200,3 +207,55 @@ def test_balanced_plan_is_deterministic_and_balanced() -> None:
     assert "rank 0: 100 elements" in plan.describe()
     with pytest.raises(ValueError, match="owners must be ranks"):
         ShardPlan.explicit(shapes, [0, 1, 2, 3, 0, 0, 0], 3)
+
+
+def _local_scope_worker(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        results = {}
+        for scope in ("global", "local"):
+            model = make_model()
+            backend = DDPBackend(
+                model,
+                lambda m, batch: F.cross_entropy(m(batch[0], batch[1]), batch[2]),
+                dict(hessian_scope=scope, **OPTIM),
+            )
+            losses, sent = [], []
+            for step in range(6):
+                stats = backend.train_step(micro_batch(step % 2, rank, world))
+                losses.append(stats.loss)
+                sent.append(backend.optimizer.bytes_sent_last_step)
+            results[scope] = {"losses": losses, "sent": sent, "trace": backend.optimizer.hessian_trace}
+        # A non-finite loss on one rank only: every rank raises, none hangs in a collective.
+        images, tokens, labels = global_batch(0)
+        poison = float("nan") if rank == 1 else 1.0
+        try:
+            backend.train_step([images[:2] * poison, tokens[:2], labels[:2]])
+            results["nan"] = "no error"
+        except FloatingPointError as error:
+            results["nan"] = str(error)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            torch.save(gathered, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_local_scope_trains_without_hessian_traffic_and_errors_are_collective(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "local.pt")
+    mp.spawn(_local_scope_worker, args=(2, port, out), nprocs=2, join=True)
+    per_rank = torch.load(out, weights_only=False)
+    for results in per_rank:
+        glob, local = results["global"], results["local"]
+        # Hessian steps (1 and 4) send the products in global scope only.
+        assert glob["sent"][0] > glob["sent"][1] and local["sent"][0] == local["sent"][1]
+        assert local["losses"][-1] < local["losses"][0] and glob["losses"][-1] < glob["losses"][0]
+        assert local["trace"] != pytest.approx(glob["trace"], rel=1e-3)
+        assert "loss is nan at step 7" in results["nan"]
+    assert per_rank[0]["local"] == per_rank[1]["local"]  # statistics are group-wide

@@ -143,10 +143,8 @@ class ShardedAdaHessian:
             return
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
-        if self.hessian_scope == "global":
-            indices = list(range(len(self.params)))
-        else:
-            indices = self.owned
+        # global: every rank's products for every parameter, averaged later; local: own shard only.
+        indices = list(range(len(self.params))) if self.hessian_scope == "global" else self.owned
         products = hutchinson_products(
             [grads[i] for i in indices],
             [self.params[i] for i in indices],
@@ -214,15 +212,13 @@ class ShardedAdaHessian:
         loss, trace, norm_sq = stats.tolist()
         self._loss_sum = None
         self._products = [None] * len(self.params)
-        step_number = self._steps_done + 1
+        untouched = f"at step {self._steps_done + 1}; the weights were not updated"
         if not math.isfinite(loss):
-            raise NonFiniteError(f"loss is {loss / world} at step {step_number}; the weights were not updated")
+            raise NonFiniteError(f"loss is {loss / world} {untouched}")
         if not math.isfinite(norm_sq):
-            raise NonFiniteError(f"a gradient is not finite at step {step_number}; the weights were not updated")
+            raise NonFiniteError(f"a gradient is not finite {untouched}")
         if hessian_step and not math.isfinite(trace):
-            raise NonFiniteError(
-                f"the Hessian estimate is not finite at step {step_number}; the weights were not updated"
-            )
+            raise NonFiniteError(f"the Hessian estimate is not finite {untouched}")
 
         # 3. the owner's update (the local optimizer applies |·| and spatial averaging).
         if owned_products:

@@ -1,0 +1,58 @@
+"""Data parallelism over torch.distributed with a sharded AdaHessian.
+
+The model is *not* wrapped in ``DistributedDataParallel``: DDP's reducer does not support
+double backward, and the sharded optimizer already moves gradients with one reduce-scatter, so
+there is nothing left for DDP to do. Every rank starts from the same initial parameters
+(broadcast from rank 0) and the optimizer keeps them identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.backends.base import Batch, LossFn, StepStats
+from trainer.optim.sharded import ShardedAdaHessian
+
+
+class DDPBackend:
+    """One data-parallel rank training ``model`` with :class:`ShardedAdaHessian`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer_options: dict[str, Any],
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.group = group
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+        self.optimizer = ShardedAdaHessian(model.named_parameters(), group=group, **optimizer_options)
+
+    def train_step(self, batch: Batch) -> StepStats:
+        hessian_step = self.optimizer.hessian_due
+        self.model.train()
+        self.optimizer.zero_grad()
+        self.optimizer.backward(self.loss_fn(self.model, batch))
+        self.optimizer.step()
+        return StepStats(
+            step=self.optimizer.steps_done,
+            loss=float(self.optimizer.loss),
+            grad_norm=float(self.optimizer.grad_norm),
+            hessian_step=hessian_step,
+            hessian_trace=self.optimizer.hessian_trace,
+        )
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, shards: Sequence[dict[str, Any]]) -> None:
+        self.optimizer.load_state_dict(shards)
