@@ -16,11 +16,23 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.backends.base import Batch, LossFn, StepStats
+from trainer.optim.replicated import ReplicatedOptimizer
 from trainer.optim.sharded import ShardedAdaHessian
 
 
+def build_optimizer(
+    model: nn.Module, options: dict[str, Any], group: dist.ProcessGroup | None = None
+) -> ShardedAdaHessian | ReplicatedOptimizer:
+    """``options["name"]`` (default ``adahessian``) picks the optimizer; the rest are its keywords."""
+    options = dict(options)
+    name = options.pop("name", "adahessian")
+    if name == "adahessian":
+        return ShardedAdaHessian(model.named_parameters(), group=group, **options)
+    return ReplicatedOptimizer(model.named_parameters(), name, options, group)
+
+
 class DDPBackend:
-    """One data-parallel rank training ``model`` with :class:`ShardedAdaHessian`."""
+    """One data-parallel rank training ``model``: sharded AdaHessian, or a replicated baseline."""
 
     def __init__(
         self,
@@ -35,7 +47,7 @@ class DDPBackend:
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor, src=dist.get_global_rank(group, 0) if group else 0, group=group)
-        self.optimizer = ShardedAdaHessian(model.named_parameters(), group=group, **optimizer_options)
+        self.optimizer = build_optimizer(model, optimizer_options, group)
 
     def train_step(self, batch: Batch) -> StepStats:
         hessian_step = self.optimizer.hessian_due

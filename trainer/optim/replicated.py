@@ -1,0 +1,119 @@
+"""First-order optimizers (AdamW, Adam, SGD) replicated on every data-parallel rank.
+
+The counterpart of :class:`~trainer.optim.sharded.ShardedAdaHessian` for the baselines a job may
+ask for: gradients are averaged with one all-reduce of a flat buffer, every rank applies the
+same torch optimizer, so parameters stay identical without a broadcast. It offers the same
+small interface (``backward``, ``step``, ``loss``, ``grad_norm``, shard-style state dicts), so
+the backend and the worker loop do not care which one runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.optim.adahessian import NonFiniteError
+
+STATE_FORMAT = "hutch.replicated.v1"
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}
+
+
+class ReplicatedOptimizer:
+    """A torch optimizer on every rank of ``group`` with all-reduced gradients."""
+
+    hessian_due = False
+    hessian_trace: float | None = None
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        name: str,
+        options: Mapping[str, Any],
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"optimizer {name!r}: must be one of {sorted(OPTIMIZERS)}")
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.optimizer = OPTIMIZERS[name](self.params, **options)
+        self._steps_done = 0
+        self._loss_sum: torch.Tensor | None = None
+        self.loss: float | None = None
+        self.grad_norm: float | None = None
+
+    @property
+    def steps_done(self) -> int:
+        return self._steps_done
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        detached = loss.detach().float()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        loss.backward()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self._loss_sum is None:
+            raise RuntimeError("step() without backward(): call opt.backward(loss) first")
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [self._loss_sum.reshape(1).to(grads[0])])
+        dist.all_reduce(flat, group=self.group)
+        flat.div_(self.world_size)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p)
+            offset += n
+        loss = flat[-1].item()
+        norm = torch.linalg.vector_norm(flat[:-1]).item()
+        self._loss_sum = None
+        untouched = f"at step {self._steps_done + 1}; the weights were not updated"
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"loss is {loss} {untouched}")
+        if not math.isfinite(norm):
+            raise NonFiniteError(f"a gradient is not finite {untouched}")
+        self.optimizer.step()
+        self.loss, self.grad_norm = loss, norm
+        self._steps_done += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full state (every rank holds it), keyed by parameter name."""
+        state = self.optimizer.state_dict()
+        return {
+            "format": STATE_FORMAT,
+            "steps_done": self._steps_done,
+            "param_groups": state["param_groups"],
+            "params": {self.names[i]: s for i, s in state["state"].items()},
+        }
+
+    def load_state_dict(self, shards: Sequence[Mapping[str, Any]]) -> None:
+        """Load the state saved by rank 0 of any earlier world size."""
+        saved = shards[0]
+        if saved.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a {STATE_FORMAT} state: format={saved.get('format')!r}")
+        index = {name: i for i, name in enumerate(self.names)}
+        self.optimizer.load_state_dict(
+            {
+                "state": {index[name]: s for name, s in saved["params"].items()},
+                "param_groups": saved["param_groups"],
+            }
+        )
+        self._steps_done = int(saved["steps_done"])
