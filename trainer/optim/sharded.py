@@ -186,7 +186,7 @@ class ShardedAdaHessian:
                     send[rank, segment + offset : segment + offset + n] = self._products[i].reshape(-1)
                 offset += n
         received = torch.empty(width, dtype=p0.dtype, device=p0.device)
-        dist.reduce_scatter_tensor(received, send.view(-1), group=self.group)
+        dist.reduce_scatter_single(received, send.view(-1), group=self.group)
         received.div_(world)
 
         owned_grads: dict[torch.Tensor, torch.Tensor] = {}
@@ -234,7 +234,7 @@ class ShardedAdaHessian:
             mine[offset : offset + n] = self.params[i].reshape(-1)
             offset += n
         gathered = torch.empty(world * segment, dtype=p0.dtype, device=p0.device)
-        dist.all_gather_into_tensor(gathered, mine, group=self.group)
+        dist.all_gather_single(gathered, mine, group=self.group)
         for rank in range(world):
             offset = rank * segment
             for i in plan.owned(rank):
@@ -243,9 +243,12 @@ class ShardedAdaHessian:
                     self.params[i].copy_(gathered[offset : offset + n].view_as(self.params[i]))
                 offset += n
 
+        # Algorithmic bytes of ring collectives: (N-1) chunks in reduce-scatter and in all-gather,
+        # 2(N-1)/N of the stats in all-reduce. NCCL sends this; gloo's reduce-scatter sends as
+        # much as an all-reduce of its input (measured in benchmarks/sharded_cost.py).
         element = p0.element_size()
-        # Ring algorithms: each rank sends (N-1) chunks in reduce-scatter and in all-gather.
-        self.bytes_sent_last_step = (world - 1) * (width + segment) * element + (world - 1) * 3 * 4
+        stats_bytes = 2 * (world - 1) * 3 * 4 // world
+        self.bytes_sent_last_step = (world - 1) * (width + segment) * element + stats_bytes
         self.loss = loss / world
         self.grad_norm = math.sqrt(norm_sq)
         if hessian_step:
