@@ -40,5 +40,22 @@ def demo(
     run_demo(steps, batch_size, lr, hessian_update_freq, seed, out_dir)
 
 
+@app.command()
+def train(
+    spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON (see examples/).")],
+    run_dir: Annotated[Path | None, typer.Option(help="Where metrics.jsonl and result.json go.")] = None,
+    job_id: Annotated[str | None, typer.Option(help="The job's id [NAME-random].")] = None,
+) -> None:
+    """Run a job spec on Ray Train: the cluster in RAY_ADDRESS, or a local one started for it."""
+    from trainer.__main__ import main as run_entrypoint
+
+    argv = [str(spec)]
+    if run_dir is not None:
+        argv += ["--run-dir", str(run_dir)]
+    if job_id is not None:
+        argv += ["--job-id", job_id]
+    raise typer.Exit(run_entrypoint(argv))
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,67 @@
+"""Where a job's metric records go: ``metrics.jsonl`` in the run directory and Ray metrics.
+
+Records are written by rank 0 only. After a restart from a checkpoint at step s, records past
+s are dropped before new ones are appended, so the file holds each step once. The same values
+are exported as Ray gauges tagged with the job's id, so they appear on every Ray node's
+Prometheus endpoint and in the dashboard's metrics views.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+GAUGES = {
+    "loss": "Training loss (mean over the global batch)",
+    "lr": "Learning rate",
+    "hessian_trace": "Hutchinson estimate of the Hessian trace at the last Hessian step",
+    "grad_norm": "L2 norm of the averaged gradient",
+    "samples_per_s": "Training throughput, samples per second",
+    "eval_loss": "Held-out loss",
+    "eval_accuracy": "Held-out accuracy",
+    "eval_perplexity": "Held-out perplexity (language models)",
+}
+
+
+class MetricsSink:
+    """Appends records to ``metrics.jsonl`` and mirrors them to Ray gauges."""
+
+    def __init__(self, path: Path, job_id: str, resume_step: int = 0, export_to_ray: bool = True) -> None:
+        self.path = path
+        self.job_id = job_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_records_after(resume_step)
+        self._gauges: dict[str, Any] = {}
+        if export_to_ray:
+            from ray.util.metrics import Gauge
+
+            self._gauges = {
+                name: Gauge(f"hutch_{name}", description=text, tag_keys=("job_id",))
+                for name, text in GAUGES.items()
+            }
+
+    def _drop_records_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            gauge = self._gauges.get(name)
+            if gauge is not None and value is not None:
+                gauge.set(float(value), tags={"job_id": self.job_id})
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run, in order (an empty list before the first one)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,528 @@
+"""The job spec: what a user submits to train one model, as strict pydantic models.
+
+One spec, written as YAML or JSON, says which model and data to build, how to optimise, how long
+to train, on how many workers and with which backend. It is validated once, in the control plane
+(``api`` and ``service`` reuse these models), and again on the cluster by the trainer.
+
+Strictness is the point: an unknown or misspelt field, a wrong type or a value out of range is an
+error with one readable line that names the field path, never a silently ignored setting::
+
+    optimizer.lr: must be greater than 0 (got -1)
+    optimizer.hesian_update_freq: unknown field, did you mean 'hessian_update_freq'? (allowed: ...)
+
+Numbers are checked by type without coercion (``steps: "10"`` or ``steps: 2.5`` are errors);
+``1e-4`` in YAML is read as a float, which plain PyYAML does not do.
+
+Settings that do not apply to a choice are accepted and ignored rather than rejected, so that
+switching ``optimizer.name`` or ``backend.name`` never requires deleting lines:
+
+- the Hessian settings (``hessian_power``, ``hessian_update_freq``, ``n_samples``,
+  ``spatial_average_block_size``, ``hessian_scope``) are used by ``adahessian`` only;
+- ``betas`` by ``adahessian``, ``adam`` and ``adamw``; ``momentum`` by ``sgd`` only;
+- ``backend.zero_stage`` by ``deepspeed`` only (``ddp`` always shards like ZeRO stage 1).
+
+This module imports neither torch nor the model and data code: the control plane validates
+specs without them. Import paths (``"package.module:factory"``) are checked for syntax here and
+imported only on the workers (:func:`import_factory`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "transformer_lm")
+"""Model names that need no import path (factories in :mod:`trainer.models`)."""
+
+BUILTIN_DATASETS: tuple[str, ...] = ("digits", "synthetic_images", "text_chars")
+"""Data set names that need no import path (modules in :mod:`trainer.data`)."""
+
+IMPORT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+"""``package.module:factory``: dotted identifiers, one colon, one identifier."""
+
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+# Finite floats without coercion from strings or booleans (ints are accepted: `lr: 1`).
+Float = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+UnitFloat = Annotated[StrictFloat, Field(ge=0, le=1)]
+Beta = Annotated[StrictFloat, Field(ge=0, lt=1)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+
+OptimizerName = Literal["adahessian", "adamw", "adam", "sgd"]
+
+# lr and eps defaults when the spec does not give them: AdaHessian's, or the usual ones.
+_OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "adahessian": {"lr": 0.15, "eps": 1e-4},
+    "adam": {"lr": 1e-3, "eps": 1e-8},
+    "adamw": {"lr": 1e-3, "eps": 1e-8},
+    "sgd": {"lr": 0.1},
+}
+
+
+class SpecError(ValueError):
+    """A job spec (or something it names) cannot be used; the message is meant for the user."""
+
+
+class _Strict(BaseModel):
+    """Base of every spec section: unknown fields are errors, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def check_component_name(name: str, kind: str, builtins: tuple[str, ...]) -> str:
+    """Return ``name`` if it is a built-in or a well-formed import path, else raise ``ValueError``."""
+    if name in builtins:
+        return name
+    if IMPORT_PATH.fullmatch(name):
+        return name
+    if ":" in name or "." in name:
+        raise ValueError(
+            "malformed import path, expected 'package.module:factory': "
+            "dotted identifiers, one colon, then the factory's name"
+        )
+    raise ValueError(f"unknown {kind}: use a built-in ({', '.join(builtins)}) or 'package.module:factory'")
+
+
+class _ComponentSpec(_Strict):
+    """A built-in by name, or a factory by import path, with the keyword arguments to call it with."""
+
+    kind: ClassVar[str]
+    builtins: ClassVar[tuple[str, ...]]
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_shorthand(cls, data: Any) -> Any:
+        """``model: cnn`` is short for ``model: {name: cnn}``."""
+        return {"name": data} if isinstance(data, str) else data
+
+    @field_validator("name")
+    @classmethod
+    def _known_or_import_path(cls, name: str) -> str:
+        return check_component_name(name, cls.kind, cls.builtins)
+
+
+class ModelSpec(_ComponentSpec):
+    """The network: ``mlp``, ``cnn``, ``resnet20``, ``transformer_lm`` or ``package.module:factory``.
+
+    ``args`` go to the factory on top of the defaults the data set supplies (classes, channels,
+    vocabulary size, context length); see :func:`trainer.models.registry.build_model`.
+    """
+
+    kind: ClassVar[str] = "model"
+    builtins: ClassVar[tuple[str, ...]] = BUILTIN_MODELS
+
+
+class DataSpec(_ComponentSpec):
+    """The data: ``digits``, ``synthetic_images``, ``text_chars`` or ``package.module:factory``."""
+
+    kind: ClassVar[str] = "data set"
+    builtins: ClassVar[tuple[str, ...]] = BUILTIN_DATASETS
+
+
+class OptimizerSpec(_Strict):
+    """Optimizer and learning-rate schedule.
+
+    ``lr`` defaults to 0.15 and ``eps`` to 1e-4 for ``adahessian``; when not given they default
+    to 1e-3 and 1e-8 for ``adam``/``adamw`` and ``lr`` to 0.1 for ``sgd``. Fields that do not
+    apply to the chosen optimizer are ignored (see the module docstring).
+    """
+
+    name: OptimizerName = "adahessian"
+    lr: PositiveFloat = 0.15
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    eps: PositiveFloat = 1e-4
+    weight_decay: NonNegativeFloat = 0.0
+    hessian_power: UnitFloat = 1.0
+    hessian_update_freq: PositiveInt = 1
+    n_samples: PositiveInt = 1
+    spatial_average_block_size: PositiveInt | None = None
+    hessian_scope: Literal["global", "local"] = "global"
+    warmup_steps: NonNegativeInt = 0
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    min_lr_ratio: UnitFloat = 0.0
+    momentum: Beta = 0.9
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_for_optimizer(cls, data: Any) -> Any:
+        """Fill ``lr``/``eps`` the user left out with the chosen optimizer's usual values."""
+        if isinstance(data, Mapping):
+            name = data.get("name", "adahessian")
+            defaults = _OPTIMIZER_DEFAULTS.get(name) if isinstance(name, str) else None
+            if defaults:
+                data = {**{k: v for k, v in defaults.items() if k not in data}, **data}
+        return data
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate of the update made after ``step`` completed steps (``0 <= step``).
+
+        With ``W = warmup_steps``, ``T = total_steps`` and ``lr_min = lr * min_lr_ratio``:
+
+        - warm-up, ``step < W``: ``lr * (step + 1) / W`` (linear, reaching ``lr`` at ``W - 1``);
+        - then, with ``p = clamp((step - W) / (T - W), 0, 1)``:
+          ``constant``: ``lr``; ``linear``: ``lr_min + (lr - lr_min) * (1 - p)``;
+          ``cosine``: ``lr_min + (lr - lr_min) * (1 + cos(pi * p)) / 2``.
+
+        So the decay starts at ``lr`` right after warm-up and reaches ``lr_min`` at ``step = T``.
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        decay_steps = total_steps - self.warmup_steps
+        progress = 1.0 if decay_steps <= 0 else min(1.0, (step - self.warmup_steps) / decay_steps)
+        lr_min = self.lr * self.min_lr_ratio
+        if self.schedule == "linear":
+            return lr_min + (self.lr - lr_min) * (1.0 - progress)
+        return lr_min + (self.lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def adahessian_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`trainer.optim.AdaHessian` (add ``hessian_scope`` for sharding)."""
+        return {
+            "lr": self.lr,
+            "betas": tuple(self.betas),
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+            "hessian_power": self.hessian_power,
+            "hessian_update_freq": self.hessian_update_freq,
+            "n_samples": self.n_samples,
+            "spatial_average_block_size": self.spatial_average_block_size,
+        }
+
+
+class TrainingSpec(_Strict):
+    """How long to train and how often to evaluate, checkpoint and log (all in optimizer steps).
+
+    ``global_batch_size`` is the batch of one step over all workers together; each worker takes
+    ``global_batch_size / scaling.num_workers`` examples of it.
+    """
+
+    steps: PositiveInt = 200
+    global_batch_size: PositiveInt = 64
+    seed: NonNegativeInt = 0
+    eval_every: PositiveInt = 50
+    checkpoint_every: PositiveInt = 50
+    log_every: PositiveInt = 10
+
+
+class ScalingSpec(_Strict):
+    """Ray Train's ScalingConfig: how many workers and what each one reserves.
+
+    ``use_gpu: true`` with ``gpus_per_worker`` left at 0 reserves one GPU per worker.
+    """
+
+    num_workers: PositiveInt = 1
+    use_gpu: StrictBool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: NonNegativeFloat = Field(default=0.0, validate_default=True)
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _gpus_match_use_gpu(cls, gpus: float, info: ValidationInfo) -> float:
+        use_gpu = info.data.get("use_gpu")
+        if use_gpu is None:  # use_gpu itself is invalid and already reported
+            return gpus
+        if not use_gpu and gpus > 0:
+            raise ValueError("more GPUs than use_gpu allows: set scaling.use_gpu to true, or this to 0")
+        return 1.0 if use_gpu and gpus == 0 else gpus
+
+
+class BackendSpec(_Strict):
+    """How workers share the work: ``ddp`` (sharded AdaHessian over torch.distributed) or ``deepspeed``.
+
+    ``zero_stage`` (1 or 2) is used by ``deepspeed`` only and ignored with ``ddp``; ``bf16``
+    precision is supported by ``deepspeed`` only, for now.
+    """
+
+    name: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: StrictInt = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _stage_one_or_two(cls, stage: int) -> int:
+        if stage not in (1, 2):
+            raise ValueError("must be 1 or 2")
+        return stage
+
+    @field_validator("precision")
+    @classmethod
+    def _bf16_needs_deepspeed(cls, precision: str, info: ValidationInfo) -> str:
+        if precision == "bf16" and info.data.get("name") == "ddp":
+            raise ValueError("bf16 needs backend.name 'deepspeed' (the ddp backend trains in fp32 only)")
+        return precision
+
+
+class JobSpec(_Strict):
+    """One training job: everything the trainer needs, with defaults for all but name, model and data."""
+
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    model: ModelSpec
+    data: DataSpec
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    backend: BackendSpec = Field(default_factory=BackendSpec)
+    max_failures: Annotated[StrictInt, Field(ge=-1)] = 0
+    """Worker-group restarts Ray Train may make after a failure; -1 means unlimited (FailureConfig)."""
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        if not _DNS_LABEL.fullmatch(name):
+            raise ValueError(
+                "must be a DNS label: 1-63 lowercase letters, digits or '-', "
+                "starting and ending with a letter or digit"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> JobSpec:
+        """Equal micro-batches are what make runs on 1, 2 or 4 workers identical."""
+        batch, workers = self.training.global_batch_size, self.scaling.num_workers
+        if batch % workers:
+            raise PydanticCustomError(
+                "hutch_field",
+                "must be divisible by scaling.num_workers ({workers}) so every worker gets an "
+                "equal micro-batch",
+                {"field": "training.global_batch_size", "got": batch, "workers": workers},
+            )
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Examples per worker per step."""
+        return self.training.global_batch_size // self.scaling.num_workers
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> JobSpec:
+        """Load and validate a ``.yaml``/``.yml``/``.json`` spec; raises :class:`SpecError`."""
+        return load_spec(path)
+
+
+# -- readable errors -----------------------------------------------------------------------------
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _section(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The spec model class at ``loc`` (to list its fields), or None if ``loc`` is not a section."""
+    cls: type[BaseModel] = JobSpec
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        cls = annotation
+    return cls
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _error_line(error: Mapping[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    got: Any = error.get("input")
+    show_got = True
+    if kind == "hutch_field":
+        loc = tuple(ctx["field"].split("."))
+        got = ctx.get("got")
+        reason = error["msg"]
+    elif kind == "extra_forbidden":
+        section = _section(loc[:-1])
+        allowed = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        reason = "unknown field" + (f", did you mean {close[0]!r}?" if close else "")
+        reason += f" (allowed: {', '.join(allowed)})" if allowed else ""
+        show_got = False
+    elif kind == "missing":
+        reason, show_got = "required field is missing", False
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        reason = "must be a mapping"
+    else:
+        reason = error["msg"].removeprefix("Value error, ")
+        if reason.startswith("Input should be "):
+            reason = "must be " + reason.removeprefix("Input should be ")
+    return f"{_path(loc)}: {reason}" + (f" (got {_shown(got)})" if show_got else "")
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, ``field.path: reason (got value)``, e.g. ``optimizer.lr: must be ...``."""
+    return "\n".join(_error_line(error) for error in exc.errors())
+
+
+# -- loading from files ------------------------------------------------------------------------
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """Safe YAML that reads ``1e-4`` as a float (YAML 1.1 needs a dot) and rejects duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_spec_text(text: str, suffix: str = ".yaml", source: str = "spec") -> dict[str, Any]:
+    """Parse YAML or JSON text (by ``suffix``) into a mapping; raises :class:`SpecError`."""
+    try:
+        # _SpecLoader is a SafeLoader: no arbitrary Python objects.
+        data = json.loads(text) if suffix == ".json" else yaml.load(text, Loader=_SpecLoader)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise SpecError(f"{source}: invalid JSON at {where}: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{source}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        what = "an empty document" if data is None else f"a {type(data).__name__}"
+        raise SpecError(f"{source}: the top level must be a mapping of spec fields, got {what}")
+    return data
+
+
+def validate_spec(data: Mapping[str, Any], source: str = "spec") -> JobSpec:
+    """Validate a mapping; raises :class:`SpecError` with one readable line per problem."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = format_validation_error(exc)
+        count = len(exc.errors())
+        raise SpecError(f"{source}: {count} problem{'s' if count > 1 else ''}:\n{problems}") from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read, parse and validate a spec file (``.yaml``, ``.yml`` or ``.json``); raises :class:`SpecError`."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise SpecError(f"{path}: a spec file must end in .yaml, .yml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read: {exc}") from None
+    return validate_spec(parse_spec_text(text, suffix, str(path)), str(path))
+
+
+# -- import paths ------------------------------------------------------------------------------
+
+
+def import_factory(path: str, what: str | None = None) -> Callable[..., Any]:
+    """Import ``"package.module:attribute"`` and return it if callable; raises :class:`SpecError`.
+
+    ``what`` names the thing in error messages (e.g. ``model 'pkg.nets:big'``).
+    """
+    what = what or f"import path {path!r}"
+    if not IMPORT_PATH.fullmatch(path):
+        raise SpecError(f"{what}: malformed import path, expected 'package.module:factory'")
+    module_name, attribute = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises while importing
+        raise SpecError(
+            f"{what}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        factory = getattr(module, attribute)
+    except AttributeError:
+        raise SpecError(f"{what}: module {module_name!r} has no attribute {attribute!r}") from None
+    if not callable(factory):
+        raise SpecError(f"{what}: {path} is a {type(factory).__name__}, not a callable factory")
+    return factory
+
+
+def call_factory(
+    factory: Callable[..., Any], args: Mapping[str, Any], defaults: Mapping[str, Any], what: str
+) -> Any:
+    """Call ``factory(**defaults_it_accepts, **args)``; raises :class:`SpecError` on arguments it rejects.
+
+    ``defaults`` (e.g. a data set's number of classes) are passed only where the factory's
+    signature takes them; every key of ``args`` (the user's) must be accepted.
+    """
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins have no signature: pass everything
+        signature = None
+    kwargs = dict(args)
+    if signature is not None:
+        params = signature.parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        named = [
+            n
+            for n, p in params.items()
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        ]
+        if not takes_any:
+            unknown = sorted(set(args) - set(named))
+            if unknown:
+                raise SpecError(
+                    f"{what}: does not accept argument{'s' if len(unknown) > 1 else ''} "
+                    f"{', '.join(map(repr, unknown))}; it takes: {', '.join(named) or 'no arguments'}"
+                )
+        kwargs = {k: v for k, v in defaults.items() if takes_any or k in named} | kwargs
+        try:
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            raise SpecError(f"{what}: {exc}") from None
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise SpecError(f"{what}: rejected arguments {kwargs}: {exc}") from exc
