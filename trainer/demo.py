@@ -1,5 +1,8 @@
 """Single-process demo: a small CNN on the real digits data, trained with AdaHessian.
 
+The same model, data order and learning-rate schedule (10 warm-up steps, cosine decay) as
+``examples/digits-adahessian.yaml``, without Ray.
+
 This is what ``hutch demo`` runs: no cluster, no service, one process. It shows progress,
 prints the held-out accuracy and the Hessian trace, and writes the loss curve as JSON and PNG.
 """
@@ -16,9 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn import functional as F
 
-from trainer.data.digits import load_digits_split
-from trainer.models.small import cnn
+from trainer.data import build_dataset
+from trainer.models.registry import build_model
 from trainer.optim import AdaHessian
+from trainer.spec import OptimizerSpec
 
 
 @dataclass
@@ -43,11 +47,11 @@ def run_demo(
 ) -> DemoResult:
     """Train, evaluate and write ``metrics.json``, ``result.json`` and ``loss.png``."""
     console = console or Console()
+    schedule = OptimizerSpec(lr=lr, hessian_update_freq=hessian_update_freq, warmup_steps=10)
     torch.manual_seed(seed)
-    data = load_digits_split()
-    model = cnn()
-    opt = AdaHessian(model.parameters(), lr=lr, hessian_update_freq=hessian_update_freq, seed=seed)
-    order = torch.Generator().manual_seed(seed)
+    dataset = build_dataset("digits")
+    model = build_model("cnn", {}, dataset.model_args())
+    opt = AdaHessian(model.parameters(), seed=seed, **schedule.adahessian_kwargs())
     losses: list[float] = []
     start = time.perf_counter()
     with Progress(
@@ -59,10 +63,12 @@ def run_demo(
     ) as progress:
         task = progress.add_task("train", total=steps, loss=float("nan"))
         model.train()
-        for _ in range(steps):
-            idx = torch.randint(len(data.train_y), (batch_size,), generator=order)
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = schedule.lr_at(step, steps)
+            inputs, targets = dataset.train_batch(step, seed, batch_size)
             opt.zero_grad()
-            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+            loss = F.cross_entropy(model(inputs), targets)
             opt.backward(loss)
             opt.step()
             losses.append(loss.item())
@@ -70,8 +76,12 @@ def run_demo(
     seconds = time.perf_counter() - start
 
     model.eval()
+    correct = total = 0
     with torch.no_grad():
-        accuracy = (model(data.test_x).argmax(dim=1) == data.test_y).float().mean().item()
+        for inputs, targets in dataset.eval_batches(512):
+            correct += (model(inputs).argmax(dim=1) == targets).sum().item()
+            total += len(targets)
+    accuracy = correct / total
     result = DemoResult(steps, losses[-1], accuracy, opt.hessian_trace, seconds)
 
     out_dir.mkdir(parents=True, exist_ok=True)

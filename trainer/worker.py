@@ -49,17 +49,7 @@ def optimizer_options(spec: JobSpec) -> dict[str, Any]:
     o = spec.optimizer
     if o.name == "adahessian":
         return dict(
-            name="adahessian",
-            lr=o.lr,
-            betas=tuple(o.betas),
-            eps=o.eps,
-            weight_decay=o.weight_decay,
-            hessian_power=o.hessian_power,
-            hessian_update_freq=o.hessian_update_freq,
-            n_samples=o.n_samples,
-            spatial_average_block_size=o.spatial_average_block_size,
-            hessian_scope=o.hessian_scope,
-            seed=spec.training.seed,
+            name="adahessian", hessian_scope=o.hessian_scope, seed=spec.training.seed, **o.adahessian_kwargs()
         )
     if o.name == "sgd":
         return dict(name="sgd", lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)

@@ -153,9 +153,11 @@ def test_sigkilled_worker_resumes_from_checkpoint_and_matches(ray_cluster, two_w
     job = start_job(ray_cluster, short_digits(2), run_dir, "digits-killed")
     def past_first_checkpoint() -> bool:
         assert job.poll() is None, (run_dir / "driver.log").read_text()[-4000:]
-        return any(r["step"] >= 120 for r in records(run_dir))
+        # A record past step 200 means report(200) returned, which waits until Ray took report(100):
+        # the checkpoint at step 100 (at least) is registered when the worker dies.
+        return any(r["step"] >= 210 for r in records(run_dir))
 
-    wait_for(past_first_checkpoint, 240, "a record past the first checkpoint")
+    wait_for(past_first_checkpoint, 240, "a record past the second checkpoint")
     victim = int((run_dir / "workers" / "rank-1.pid").read_text())
     os.kill(victim, signal.SIGKILL)
     result = finish(job, run_dir)

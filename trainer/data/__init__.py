@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from trainer import seeding
 from trainer.spec import BUILTIN_DATASETS, SpecError, call_factory, check_component_name, import_factory
 
 Task = Literal["classification", "language_model"]
@@ -57,27 +58,12 @@ class Dataset(Protocol):
 
 # -- deterministic sampling ------------------------------------------------------------------
 
-_MASK64 = (1 << 64) - 1
 _DATA_DOMAIN = 0x6461746100000000  # "data": keeps these streams apart from the optimizer's probes
 
 
-def _splitmix64(x: int) -> int:
-    """One round of SplitMix64: a bijective, well-mixed 64-bit hash."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def mix_seed(*parts: int) -> int:
-    """A seed for ``torch.Generator.manual_seed`` from integers, the same on every machine.
-
-    Python's ``hash`` is salted per process for strings and not meant for this; SplitMix64 is.
-    """
-    h = _splitmix64(_DATA_DOMAIN)
-    for part in parts:
-        h = _splitmix64(h ^ (int(part) & _MASK64))
-    return h >> 1  # 63 bits: manual_seed takes a signed 64-bit value
+    """The seed of a data stream keyed by ``parts`` (see :mod:`trainer.seeding`)."""
+    return seeding.mix_seed(*parts, domain=_DATA_DOMAIN)
 
 
 def generator(*parts: int) -> torch.Generator:

@@ -15,23 +15,14 @@ from collections.abc import Sequence
 
 import torch
 
-_MASK64 = (1 << 64) - 1
+from trainer.seeding import mix_seed
 
-
-def _splitmix64(x: int) -> int:
-    """One round of SplitMix64: a bijective, well-mixed 64-bit hash."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+_PROBE_DOMAIN = 0x70726F6265000000  # "probe"
 
 
 def probe_seed(seed: int, hessian_index: int, param_index: int, sample: int = 0) -> int:
     """Seed of one probe, a pure function of its key (fits ``torch.Generator.manual_seed``)."""
-    h = _splitmix64(seed & _MASK64)
-    for part in (hessian_index, param_index, sample):
-        h = _splitmix64(h ^ (part & _MASK64))
-    return h >> 1  # 63 bits: manual_seed takes a signed 64-bit value
+    return mix_seed(seed, hessian_index, param_index, sample, domain=_PROBE_DOMAIN)
 
 
 class ProbeSource:
