@@ -224,11 +224,15 @@ class TrainingSpec(_Strict):
     """How long to train and how often to evaluate, checkpoint and log (all in optimizer steps).
 
     ``global_batch_size`` is the batch of one step over all workers together; each worker takes
-    ``global_batch_size / scaling.num_workers`` examples of it.
+    ``global_batch_size / scaling.num_workers`` examples of it. ``chunk_size``, if set, is the
+    most examples one forward/backward pass takes: a worker's share is processed in chunks of
+    that size with gradient accumulation (less memory; and with the same ``chunk_size`` a run on
+    1 worker does bitwise the same sums as one on 2 when the share is split in two).
     """
 
     steps: PositiveInt = 200
     global_batch_size: PositiveInt = 64
+    chunk_size: PositiveInt | None = None
     seed: NonNegativeInt = 0
     eval_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 50
@@ -317,6 +321,13 @@ class JobSpec(_Strict):
                 "must be divisible by scaling.num_workers ({workers}) so every worker gets an "
                 "equal micro-batch",
                 {"field": "training.global_batch_size", "got": batch, "workers": workers},
+            )
+        chunk = self.training.chunk_size
+        if chunk is not None and (batch // workers) % chunk:
+            raise PydanticCustomError(
+                "hutch_field",
+                "must divide each worker's share of the batch ({share} examples)",
+                {"field": "training.chunk_size", "got": chunk, "share": batch // workers},
             )
         return self
 

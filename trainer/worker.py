@@ -135,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batch = (inputs[rank * micro : (rank + 1) * micro], targets[rank * micro : (rank + 1) * micro])
         began = time.perf_counter()
         try:
-            stats = backend.train_step(batch)
+            stats = backend.train_step(batch, t.chunk_size)
         except NonFiniteError as error:  # raised on every rank alike: stop without retrying
             if rank == 0:
                 reason = f"training stopped: {error}"

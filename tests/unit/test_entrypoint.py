@@ -29,6 +29,7 @@ def _run(spec_path: Path) -> subprocess.CompletedProcess[str]:
         ({"model": {"name": "my..models:net"}}, "model.name"),
         ({"model": {"name": "no_such_package.models:net"}}, "model 'no_such_package.models:net'"),
         ({"data": {"name": "json:no_such_factory"}}, "data 'json:no_such_factory'"),
+        ({"backend": {"name": "deepspeed"}}, "backend.name: 'deepspeed' is not available"),
     ],
 )
 def test_bad_spec_exits_2_with_one_clear_line(tmp_path: Path, change: dict, message: str) -> None:

@@ -32,8 +32,9 @@ class TrainingBackend(Protocol):
 
     model: nn.Module
 
-    def train_step(self, batch: Batch) -> StepStats:
-        """Run one step on this rank's micro-batch; collective: every rank calls it."""
+    def train_step(self, batch: Batch, chunk_size: int | None = None) -> StepStats:
+        """Run one step on this rank's micro-batch (in chunks of ``chunk_size`` examples if given);
+        collective: every rank calls it."""
         ...
 
     def optimizer_state(self) -> dict[str, Any]:

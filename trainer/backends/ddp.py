@@ -49,11 +49,22 @@ class DDPBackend:
                 dist.broadcast(tensor, src=dist.get_global_rank(group, 0) if group else 0, group=group)
         self.optimizer = build_optimizer(model, optimizer_options, group)
 
-    def train_step(self, batch: Batch) -> StepStats:
+    def train_step(self, batch: Batch, chunk_size: int | None = None) -> StepStats:
+        """One step on this rank's micro-batch, in chunks of ``chunk_size`` examples if given.
+
+        Each chunk's mean loss is weighted by its share of the micro-batch, so gradients and
+        Hessian products accumulate to those of the whole micro-batch.
+        """
         hessian_step = self.optimizer.hessian_due
         self.model.train()
         self.optimizer.zero_grad()
-        self.optimizer.backward(self.loss_fn(self.model, batch))
+        size = len(batch[0])
+        chunk_size = chunk_size or size
+        for start in range(0, size, chunk_size):
+            chunk = [t[start : start + chunk_size] for t in batch]
+            weight = len(chunk[0]) / size
+            loss = self.loss_fn(self.model, chunk)
+            self.optimizer.backward(loss if weight == 1.0 else loss * weight)
         self.optimizer.step()
         return StepStats(
             step=self.optimizer.steps_done,
