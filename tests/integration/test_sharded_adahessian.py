@@ -119,6 +119,7 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out: str) -> 
                 },
                 out,
             )
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -239,6 +240,7 @@ def _local_scope_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.all_gather_object(gathered, results)
         if rank == 0:
             torch.save(gathered, out)
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
