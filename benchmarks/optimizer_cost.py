@@ -38,10 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -59,14 +56,16 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch_optimizer
+
 import trainer.optim.adahessian as ours_module
+from benchmarks.common import DEFAULT_OUT, machine_info, write_results
 from trainer.models import resnet20, transformer_lm
 from trainer.optim import AdaHessian
 
 OURS_FREQS = (1, 2, 3, 4, 5)
 SPEED_TARGET = 0.9  # our k=1 time / torch-optimizer's time
 AMORTIZED_TOLERANCE = 0.05  # |measured / predicted - 1|
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -143,8 +142,6 @@ class Config:
         if self.kind == "adamw":
             return torch.optim.AdamW(params, lr=args.lr_adam)
         if self.kind == "torch_optimizer":
-            import torch_optimizer
-
             return torch_optimizer.Adahessian(params, lr=args.lr_adahessian, hessian_power=1.0)
         return AdaHessian(
             params, lr=args.lr_adahessian, hessian_power=1.0, hessian_update_freq=self.freq, seed=args.seed
@@ -408,34 +405,6 @@ def measure_phases(workload: Workload, args: argparse.Namespace, steps: int) -> 
 # -- output ----------------------------------------------------------------------------------
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        import torch_optimizer
-
-        to_version = getattr(torch_optimizer, "__version__", "unknown")
-    except ImportError:
-        to_version = None
-    return {
-        "torch": torch.__version__,
-        "torch_optimizer": to_version,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": threads,
-        "flush_denormal": True,
-    }
-
-
 def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -630,7 +599,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     report: dict[str, Any] = {
         "benchmark": "optimizer_cost",
-        "machine": machine_info(torch.get_num_threads()),
+        "machine": machine_info(
+            torch_optimizer=getattr(torch_optimizer, "__version__", "unknown"),
+            torch_threads=torch.get_num_threads(),
+            flush_denormal=True,
+        ),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "method": (
             "interleaved rounds; per round each config runs one block of k*ceil(block_steps/k) steps "
@@ -654,11 +627,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["workloads"].append(entry)
     report["wall_seconds"] = time.perf_counter() - started
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "optimizer_cost.json").write_text(json.dumps(report, indent=2))
-    save_plot(report, args.out / "optimizer_cost.png")
+    files = write_results(args.out, "optimizer_cost", report, save_plot)
     print_report(report)
-    files = f"{args.out / 'optimizer_cost.json'}, {args.out / 'optimizer_cost.png'}"
     print(f"results: {files} ({report['wall_seconds']:.0f} s)")
     return report
 

@@ -46,10 +46,8 @@ import argparse
 import datetime
 import gc
 import inspect
-import json
 import math
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -71,13 +69,13 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import DEFAULT_OUT, machine_info, write_results
 from trainer.backends import DDPBackend
 from trainer.models import resnet20, transformer_lm
 
 STATE_TOLERANCE = 0.10  # |state bytes of a rank / (total / N) - 1|
 BYTES_FREQ = 2  # hessian_update_freq of the traffic runs: steps 1, 3 are Hessian steps, 2, 4 are not
 ACCOUNTING_STEPS = 4
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 OVERSUBSCRIPTION_NOTE = (
     "Timings: N gloo processes share this machine's {cpus} logical CPUs (1 thread each); at N > {cpus} "
     "the cores are oversubscribed, so the N = 4 numbers show the overheads of sharding (extra compute, "
@@ -587,28 +585,6 @@ def loss_agreement(worlds: list[dict[str, Any]]) -> float:
 # -- output ----------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads_per_process": 1,
-        "backend": "gloo (TCP loopback)",
-        "socket_bytes_available": socket_bytes_written() is not None,
-    }
-
-
 def _fmt_bytes(value: float | None) -> str:
     if value is None:
         return "—"
@@ -898,7 +874,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report: dict[str, Any] = {
         "benchmark": "sharded_cost",
-        "machine": machine_info(),
+        "machine": machine_info(
+            torch_threads_per_process=1,
+            backend="gloo (TCP loopback)",
+            socket_bytes_available=socket_bytes_written() is not None,
+        ),
         "settings": settings,
         "workload": workload.description,
         "n_params": n_params,
@@ -918,11 +898,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report["wall_seconds"] = time.perf_counter() - started
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sharded_cost.json").write_text(json.dumps(report, indent=2))
-    save_plot(report, args.out / "sharded_cost.png")
+    files = write_results(args.out, "sharded_cost", report, save_plot)
     print_report(report)
-    files = f"{args.out / 'sharded_cost.json'}, {args.out / 'sharded_cost.png'}"
     print(f"results: {files} ({report['wall_seconds']:.0f} s)")
     return report
 
