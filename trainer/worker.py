@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
@@ -62,11 +63,13 @@ def evaluate(
 ) -> dict[str, float]:
     """Held-out loss and accuracy (or perplexity), each rank taking every world-th batch."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    device = next(model.parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for index, (inputs, targets) in enumerate(dataset.eval_batches(batch_size)):
         if index % world != rank:
             continue
-        logits = model(inputs)
+        logits = model(inputs.to(device))
+        targets = targets.to(device)
         flat_logits = logits.reshape(-1, logits.size(-1))
         flat_targets = targets.reshape(-1)
         totals[0] += F.cross_entropy(flat_logits, flat_targets, reduction="sum").double()
@@ -108,7 +111,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t = spec.training
     torch.manual_seed(t.seed)
     dataset = build_dataset(spec.data.name, spec.data.args)
-    model = build_model(spec.model.name, spec.model.args, dataset.model_args())
+    device = ray.train.torch.get_device()  # the worker's GPU, or the CPU
+    model = build_model(spec.model.name, spec.model.args, dataset.model_args()).to(device)
     backend = DDPBackend(model, loss_function(dataset.task), optimizer_options(spec))
 
     start = 0
@@ -116,7 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = read_checkpoint(Path(directory))
-        model.load_state_dict(state.model)
+        model.load_state_dict(state.model)  # copies onto the model's device
         backend.load_optimizer_state(state.optimizer_shards)
         torch.set_rng_state(state.rng_state)
         start = state.step
@@ -132,7 +136,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for group in backend.optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = dataset.train_batch(step, t.seed, t.global_batch_size)
-        batch = (inputs[rank * micro : (rank + 1) * micro], targets[rank * micro : (rank + 1) * micro])
+        mine = slice(rank * micro, (rank + 1) * micro)
+        batch = (inputs[mine].to(device), targets[mine].to(device))
         began = time.perf_counter()
         try:
             stats = backend.train_step(batch, t.chunk_size)
