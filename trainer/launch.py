@@ -109,7 +109,11 @@ def _outcome(run_dir: Path, job_id: str) -> int:
         )
         print(f"[hutch] job {job_id} failed: {reason}")
         return 1
-    result = json.loads((run_dir / "result.json").read_text())
+    result_path = run_dir / "result.json"
+    if not result_path.exists():
+        _write_failure(run_dir, "the run ended without writing result.json (see the Ray logs)")
+        return _outcome(run_dir, job_id)
+    result = json.loads(result_path.read_text())
     print(f"[hutch] job {job_id} succeeded: {json.dumps(result['metrics'])}")
     print(f"[hutch] param_checksum {json.dumps(result['param_checksum'])}; results in {run_dir}")
     return 0

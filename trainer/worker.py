@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from trainer.backends import DDPBackend, StepStats
 from trainer.checkpoint import TrainingState, param_checksum, read_checkpoint, write_checkpoint
 from trainer.data import Dataset, build_dataset
-from trainer.metrics import MetricsSink
+from trainer.metrics import MetricsSink, read_metrics
 from trainer.models.registry import build_model
 from trainer.optim.adahessian import NonFiniteError
 from trainer.spec import JobSpec
@@ -164,7 +164,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint_step:
             _save_checkpoint(record, backend, model, done, rank)
 
-    if rank == 0 and start < t.steps:
+    if rank == 0:
+        if not latest:  # resumed from the final checkpoint: nothing left to train
+            latest = (read_metrics(run_dir / "metrics.jsonl") or [{}])[-1]
         checksum = param_checksum(model)
         result = {"status": "succeeded", "job_id": job_id, "metrics": latest, "param_checksum": checksum}
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))

@@ -165,3 +165,29 @@ def test_sigkilled_worker_resumes_from_checkpoint_and_matches(ray_cluster, two_w
     assert steps == list(range(10, 601, 10))  # each step recorded once despite the restart
     for key in ("sum", "l2"):
         assert result["param_checksum"][key] == pytest.approx(uninterrupted["param_checksum"][key], rel=1e-5)
+
+
+def test_non_finite_loss_fails_the_job_with_its_reason(ray_cluster, tmp_path):
+    spec = {
+        "name": "diverges",
+        "model": {"name": "mlp"},
+        "data": {"name": "digits"},
+        "optimizer": {"lr": 1.0e6},  # the loss overflows within a few steps
+        "training": {"steps": 50, "global_batch_size": 32, "checkpoint_every": 1, "log_every": 1},
+        "scaling": {"num_workers": 2},
+        "max_failures": 2,
+    }
+    run_dir = tmp_path / "diverges"
+    code = start_job(ray_cluster, spec, run_dir, "diverges").wait(timeout=600)
+    log = (run_dir / "driver.log").read_text()
+    assert code == 1, log[-4000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "failed"
+    assert "training stopped: loss is nan at step" in result["reason"]
+    failed_at = json.loads((run_dir / "failure.json").read_text())["step"]
+    assert [r["step"] for r in records(run_dir)] == list(range(1, failed_at))  # the good steps, once
+    assert "resumed from the checkpoint" not in log  # no pointless retries
+    checkpoints = sorted((ray_cluster["storage"] / "diverges").glob("checkpoint_*"))
+    assert checkpoints, "the last good checkpoint is kept"
+    last = json.loads((checkpoints[-1] / "progress.json").read_text())
+    assert last["step"] == failed_at - 1
