@@ -12,35 +12,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-def test_optimizer_cost_quick(tmp_path: Path) -> None:
+def run_quick(name: str, out: Path, timeout: float) -> dict:
+    """Run ``benchmarks/NAME.py --quick`` into ``out``; return its JSON report (plot checked too)."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/optimizer_cost.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / f"benchmarks/{name}.py"), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "optimizer_cost.json").read_text())
+    assert (out / f"{name}.png").stat().st_size > 0
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_optimizer_cost_quick(tmp_path: Path) -> None:
+    report = run_quick("optimizer_cost", tmp_path, timeout=300)
     for workload in report["workloads"]:
         names = [row["name"] for row in workload["summary"]["rows"]]
         assert names[:3] == ["SGD (momentum 0.9)", "AdamW", "torch-optimizer Adahessian"]
         assert [f"AdaHessian k={k}" for k in range(1, 6)] == names[3:]
         assert all(row["ms_per_step"] > 0 for row in workload["summary"]["rows"])
-    assert (tmp_path / "optimizer_cost.png").stat().st_size > 0
 
 
 @pytest.mark.slow
 def test_sharded_cost_quick(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/sharded_cost.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((tmp_path / "sharded_cost.json").read_text())
+    report = run_quick("sharded_cost", tmp_path, timeout=400)
     assert [w["world_size"] for w in report["worlds"]] == [1, 2, 4]
     assert report["summary"]["reported_equals_ring"] is True
     assert report["summary"]["max_reported_over_minimum"] < 1.2
-    assert (tmp_path / "sharded_cost.png").stat().st_size > 0
