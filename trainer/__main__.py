@@ -9,6 +9,27 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TextIO
+
+
+class _Tee:
+    """Writes to a console stream and to a log file, so the control plane can serve the log
+    (tail, follow) from the shared storage while Ray still shows it on the dashboard."""
+
+    def __init__(self, stream: TextIO, log: TextIO) -> None:
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        self._log.flush()
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        self._log.flush()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, …: the console's
+        return getattr(self._stream, name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="where metrics.jsonl and result.json go [runs/JOB_ID]")
     parser.add_argument("--job-id", help="the job's id (Ray Train run name, metric label) [NAME-random]")
     parser.add_argument("--storage-path", type=Path, help="checkpoint storage [$HUTCH_STORAGE_PATH]")
+    parser.add_argument("--log-file", type=Path, help="also append everything printed to this file")
     args = parser.parse_args(argv)
+    if args.log_file is not None:
+        args.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log = args.log_file.open("a", buffering=1)
+        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
 
     from trainer.launch import new_job_id, run_job
     from trainer.preflight import check_spec

@@ -369,7 +369,9 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _error_line(error: Mapping[str, Any]) -> str:
+def validation_problem(error: Mapping[str, Any]) -> tuple[str, str]:
+    """``(field path, reason)`` for one pydantic error of a spec, e.g. ``("optimizer.lr",
+    "must be greater than 0 (got -1)")``; the API's 422 details and the CLI's lines use it."""
     loc = tuple(error["loc"])
     kind = error["type"]
     ctx = error.get("ctx") or {}
@@ -394,12 +396,12 @@ def _error_line(error: Mapping[str, Any]) -> str:
         reason = error["msg"].removeprefix("Value error, ")
         if reason.startswith("Input should be "):
             reason = "must be " + reason.removeprefix("Input should be ")
-    return f"{_path(loc)}: {reason}" + (f" (got {_shown(got)})" if show_got else "")
+    return _path(loc), reason + (f" (got {_shown(got)})" if show_got else "")
 
 
 def format_validation_error(exc: ValidationError) -> str:
     """One line per problem, ``field.path: reason (got value)``, e.g. ``optimizer.lr: must be ...``."""
-    return "\n".join(_error_line(error) for error in exc.errors())
+    return "\n".join("{}: {}".format(*validation_problem(error)) for error in exc.errors())
 
 
 # -- loading from files ------------------------------------------------------------------------

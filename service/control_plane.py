@@ -1,0 +1,202 @@
+"""The control plane as one object: store, Ray launcher, reconciler, and the local Ray head of
+the embedded default. The API's routes call its methods; they hold no logic of their own."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from service.launcher import RayLauncher, RayUnavailable, RunLayout
+from service.lifecycle import ACTIVE_STATES, RETRYABLE_STATES, TERMINAL_STATES, JobState
+from service.local_ray import LocalRayHead, ensure_local_head, stop_local_head
+from service.reconciler import Reconciler
+from service.settings import Settings
+from service.store import JobRecord, JobStore
+from trainer.spec import JobSpec
+
+log = logging.getLogger("hutch.control_plane")
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class WrongState(Exception):
+    """The action does not apply to the job in its current state."""
+
+
+class Unschedulable(ValueError):
+    """The job asks for more than the cluster has or can grow to."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: JobRecord
+    created: bool
+
+
+class ControlPlane:
+    """Everything behind the REST API; start with :meth:`open`, end with :meth:`close`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = JobStore(settings.resolved_database_url)
+        self.layout = RunLayout(settings.resolved_storage_path)
+        self.local_head: LocalRayHead | None = None
+        address = settings.ray_address
+        if address is None:
+            self.local_head = ensure_local_head(
+                settings.resolved_data_dir, settings.local_ray_num_cpus, settings.local_ray_dashboard_port
+            )
+            address = self.local_head.dashboard_url
+        self.launcher = RayLauncher(
+            address, self.layout, settings.ray_dashboard_url, local=self.local_head is not None
+        )
+        self.reconciler = Reconciler(self.store, self.launcher, settings.reconcile_interval_s)
+
+    @classmethod
+    def open(cls, settings: Settings) -> ControlPlane:
+        plane = cls(settings)
+        plane.reconciler.start()
+        return plane
+
+    def close(self) -> None:
+        """Stop following jobs; with a local head, stop it too and say so on the jobs it ran."""
+        self.reconciler.stop()
+        if self.local_head is not None:
+            stop_local_head(self.local_head, self.settings.resolved_data_dir)
+            reason = (
+                "interrupted: the service stopped, and with it its local Ray head; "
+                "retry the job to resume from its last checkpoint"
+            )
+            for job in self.store.in_states([JobState.STARTING, JobState.RUNNING]):
+                self.store.move(
+                    job.id,
+                    job.state,
+                    JobState.FAILED,
+                    attempt=job.attempt,
+                    message=reason,
+                    failure_reason=reason,
+                )
+        self.store.close()
+
+    # -- jobs -----------------------------------------------------------------------------
+    def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> Submitted:
+        self.check_fits(spec)
+        job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
+        job, created = self.store.create(job_id, spec.model_dump(mode="json"), idempotency_key)
+        if created:
+            self.reconciler.wake()
+        return Submitted(job, created)
+
+    def get(self, job_id: str) -> JobRecord:
+        job = self.store.get(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Queued jobs end at once; started ones are stopped in Ray and end when Ray says so."""
+        job = self.get(job_id)
+        if job.state in TERMINAL_STATES:
+            raise WrongState(f"job {job_id} is already {job.state}; only unfinished jobs can be cancelled")
+        if job.state == JobState.QUEUED and self.store.move(
+            job_id, JobState.QUEUED, JobState.CANCELLED, attempt=job.attempt, message="cancelled while queued"
+        ):
+            return self.get(job_id)
+        self.store.update_fields(job_id, attempt=job.attempt, cancel_requested=True)
+        job = self.get(job_id)
+        if job.ray_job_id is not None and job.state in ACTIVE_STATES:
+            try:
+                self.launcher.stop(job.ray_job_id)
+            except RayUnavailable as error:  # the reconciler asks again on every tick
+                log.warning("stopping %s: %s", job.ray_job_id, error)
+        self.reconciler.wake()
+        return job
+
+    def retry(self, job_id: str) -> JobRecord:
+        job = self.get(job_id)
+        if job.state not in RETRYABLE_STATES or not self.store.retry(job_id):
+            raise WrongState(f"job {job_id} is {job.state}; only FAILED or CANCELLED jobs can be retried")
+        self.reconciler.wake()
+        return self.get(job_id)
+
+    def delete(self, job_id: str) -> None:
+        job = self.get(job_id)
+        if job.state not in TERMINAL_STATES or not self.store.delete(job_id):
+            raise WrongState(
+                f"job {job_id} is {job.state}; cancel it first, only finished jobs can be deleted"
+            )
+        for attempt in range(1, job.attempt + 1):
+            self.launcher.delete(self.launcher.submission_id(job_id, attempt))
+        self.layout.remove(job_id)
+
+    # -- admission ------------------------------------------------------------------------
+    def check_fits(self, spec: JobSpec) -> None:
+        """Refuse a job that can never be scheduled: more CPUs or GPUs than the cluster has (or
+        can autoscale to), or GPUs on a CPU-only cluster. Unknown when Ray is down: accepted."""
+        s = spec.scaling
+        try:
+            totals = self.launcher.capacity()
+        except RayUnavailable as error:
+            log.warning("admission check skipped: %s", error)
+            return
+        cpus = self.settings.max_cluster_cpus or totals.get("CPU", 0.0)
+        gpus = (
+            self.settings.max_cluster_gpus
+            if self.settings.max_cluster_gpus is not None
+            else totals.get("GPU", 0.0)
+        )
+        need_cpus = s.num_workers * s.cpus_per_worker
+        if need_cpus > cpus:
+            raise Unschedulable(
+                "scaling",
+                f"needs {need_cpus:g} CPUs ({s.num_workers} workers x {s.cpus_per_worker:g}) "
+                f"but the cluster has {cpus:g}{self._growth_hint('CPUS')}",
+            )
+        if s.use_gpu:
+            need_gpus = s.num_workers * s.gpus_per_worker
+            if gpus == 0:
+                raise Unschedulable(
+                    "scaling.use_gpu",
+                    f"the cluster has no GPUs{self._growth_hint('GPUS')}; set use_gpu: false",
+                )
+            if need_gpus > gpus:
+                raise Unschedulable(
+                    "scaling",
+                    f"needs {need_gpus:g} GPUs ({s.num_workers} workers x {s.gpus_per_worker:g}) "
+                    f"but the cluster has {gpus:g}{self._growth_hint('GPUS')}",
+                )
+
+    def _growth_hint(self, resource: str) -> str:
+        if getattr(self.settings, f"max_cluster_{resource.lower()}") is not None:
+            return " even at its autoscaling limit"
+        return f" (set HUTCH_MAX_CLUSTER_{resource} if it autoscales)"
+
+    # -- views ----------------------------------------------------------------------------
+    def dashboard_url(self, job: JobRecord) -> str | None:
+        return self.launcher.dashboard_job_url(job.ray_job_id) if job.ray_job_id else None
+
+    def readiness(self) -> dict[str, str]:
+        checks = {}
+        try:
+            self.store.ping()
+            checks["database"] = "ok"
+        except Exception as error:  # any driver error means "not ready"
+            checks["database"] = f"error: {type(error).__name__}"
+        try:
+            self.launcher.ping()
+            checks["ray"] = "ok"
+        except RayUnavailable as error:
+            checks["ray"] = f"error: {error}"
+        return checks
+
+    def state_counts(self) -> Mapping[JobState, int]:
+        return self.store.count_by_state()

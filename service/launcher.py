@@ -1,0 +1,208 @@
+"""Ray's side of a job: where its files live, submitting it as a Ray Job, following and stopping it.
+
+Each attempt of a hutch job is one Ray Job whose submission id is ``hutch-<job id>-<attempt>``:
+deterministic, so a submission repeated after a crash is answered "already exists" by Ray
+instead of starting a second run. Its entrypoint is the trainer's (``python -m trainer``), its
+metadata carries hutch's job id, and it shows in the Ray dashboard's Jobs page with its logs.
+
+Run directories and checkpoints live under the shared storage path (seen by the service and
+by every Ray node)::
+
+    STORAGE/runs/<job id>/           spec.json, metrics.jsonl, result.json, logs/attempt-<n>.log
+    STORAGE/checkpoints/<job id>/    Ray Train's run: checkpoint_* directories
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one job's files under the shared storage."""
+
+    storage: Path
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.storage / "runs" / job_id
+
+    def log_file(self, job_id: str, attempt: int) -> Path:
+        return self.run_dir(job_id) / "logs" / f"attempt-{attempt}.log"
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.storage / "checkpoints"
+
+    def checkpoint_dir(self, job_id: str) -> Path:
+        return self.checkpoint_root / job_id
+
+    def remove(self, job_id: str) -> None:
+        shutil.rmtree(self.run_dir(job_id), ignore_errors=True)
+        shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class RayJob:
+    """What Ray says about one submission."""
+
+    status: str  # PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED
+    message: str | None
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    step: int
+    path: str
+    created_at: datetime
+
+
+class RayUnavailable(RuntimeError):
+    """The Ray cluster's job API cannot be reached."""
+
+
+class RayLauncher:
+    """Submits, follows and stops the Ray Jobs of hutch jobs on one Ray cluster."""
+
+    def __init__(
+        self, address: str, layout: RunLayout, dashboard_url: str | None = None, local: bool = False
+    ):
+        self.address = address
+        self.layout = layout
+        self.dashboard_url = (dashboard_url or address).rstrip("/")
+        # A local head runs this very interpreter; a remote cluster's image has `python` with hutch.
+        self.python = sys.executable if local else "python"
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._capacity: tuple[float, dict[str, float]] | None = None
+
+    @property
+    def client(self) -> Any:
+        """Ray's ``JobSubmissionClient``, created on first use (its constructor calls the cluster)."""
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                try:
+                    self._client = JobSubmissionClient(self.address)
+                except Exception as error:
+                    raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
+            return self._client
+
+    @staticmethod
+    def submission_id(job_id: str, attempt: int) -> str:
+        return f"hutch-{job_id}-{attempt}"
+
+    def dashboard_job_url(self, submission_id: str) -> str:
+        return f"{self.dashboard_url}/#/jobs/{submission_id}"
+
+    def entrypoint(self, job_id: str, attempt: int) -> str:
+        run_dir = self.layout.run_dir(job_id)
+        words = [
+            self.python, "-m", "trainer", str(run_dir / "spec.json"),
+            "--run-dir", str(run_dir), "--job-id", job_id,
+            "--storage-path", str(self.layout.checkpoint_root),
+            "--log-file", str(self.layout.log_file(job_id, attempt)),
+        ]  # fmt: skip
+        return shlex.join(words)
+
+    def submit(self, job_id: str, attempt: int, spec: Mapping[str, Any], name: str) -> str:
+        """Start attempt ``attempt`` of a job (resuming from its checkpoints, if any); idempotent."""
+        run_dir = self.layout.run_dir(job_id)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+        submission_id = self.submission_id(job_id, attempt)
+        try:
+            self.client.submit_job(
+                entrypoint=self.entrypoint(job_id, attempt),
+                submission_id=submission_id,
+                metadata={"hutch_job_id": job_id, "hutch_attempt": str(attempt), "hutch_job_name": name},
+                runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}},
+            )
+        except RuntimeError as error:
+            if "already exists" not in str(error):
+                raise RayUnavailable(f"Ray refused the submission: {error}") from error
+        except Exception as error:  # requests' ConnectionError and friends
+            raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
+        return submission_id
+
+    def status(self, submission_id: str) -> RayJob | None:
+        """Ray's view of a submission; None if Ray has no such job."""
+        try:
+            info = self.client.get_job_info(submission_id)
+        except RuntimeError as error:
+            if "does not exist" in str(error):
+                return None
+            raise RayUnavailable(str(error)) from error
+        except Exception as error:
+            raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
+        return RayJob(str(info.status.value if hasattr(info.status, "value") else info.status), info.message)
+
+    def stop(self, submission_id: str) -> None:
+        """Ask Ray to stop a submission (SIGTERM, then SIGKILL, to its driver and workers)."""
+        try:
+            self.client.stop_job(submission_id)
+        except RuntimeError as error:
+            if "does not exist" not in str(error):
+                raise RayUnavailable(str(error)) from error
+        except Exception as error:
+            raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
+
+    def delete(self, submission_id: str) -> None:
+        """Forget a finished submission in Ray (best effort)."""
+        with contextlib.suppress(Exception):  # already gone, or never there: nothing to forget
+            self.client.delete_job(submission_id)
+
+    def ping(self) -> None:
+        try:
+            response = httpx.get(f"{self.address}/api/version", timeout=3)
+            response.raise_for_status()
+        except httpx.HTTPError as error:
+            raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
+
+    def capacity(self, max_age_s: float = 10.0) -> dict[str, float]:
+        """Total resources of the cluster's alive nodes (``CPU``, ``GPU``, …), cached briefly."""
+        now = time.monotonic()
+        if self._capacity is not None and now - self._capacity[0] < max_age_s:
+            return self._capacity[1]
+        try:
+            response = httpx.get(f"{self.address}/api/v0/nodes", params={"detail": "true"}, timeout=10)
+            response.raise_for_status()
+            nodes = response.json()["data"]["result"]["result"]
+        except (httpx.HTTPError, ValueError, KeyError) as error:
+            raise RayUnavailable(
+                f"cannot read the cluster's resources from {self.address}: {error}"
+            ) from error
+        totals: dict[str, float] = {}
+        for node in nodes:
+            if node.get("state") != "ALIVE":
+                continue
+            for resource, amount in (node.get("resources_total") or {}).items():
+                totals[resource] = totals.get(resource, 0.0) + float(amount)
+        self._capacity = (now, totals)
+        return totals
+
+    def checkpoints(self, job_id: str) -> list[CheckpointInfo]:
+        """The job's kept checkpoints, oldest first."""
+        found = []
+        for directory in self.layout.checkpoint_dir(job_id).glob("checkpoint_*"):
+            progress = directory / "progress.json"
+            if not progress.exists():  # still being written, or not one of ours
+                continue
+            step = int(json.loads(progress.read_text())["step"])
+            created = datetime.fromtimestamp(progress.stat().st_mtime, UTC)
+            found.append(CheckpointInfo(directory.name, step, str(directory), created))
+        return sorted(found, key=lambda c: c.step)

@@ -1,0 +1,143 @@
+"""The local Ray head of the embedded default: started with the service, stopped with it.
+
+``ray start --head --block`` runs in its own session, so a service killed with SIGKILL leaves
+it (and the jobs on it) running; the head's pid and addresses are recorded in
+``DATA_DIR/local-ray.json`` and the restarted service adopts it. A clean stop signals the
+whole process group, which ends the head, its workers and its jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+
+@dataclass(frozen=True)
+class LocalRayHead:
+    pid: int
+    gcs_address: str
+    dashboard_url: str
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return _dashboard_up(self.dashboard_url)
+
+
+class LocalRayError(RuntimeError):
+    """The local Ray head could not be started."""
+
+
+def _free_port(preferred: int | None = None) -> int:
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise LocalRayError("no free port")
+
+
+def _dashboard_up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/api/version", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def ensure_local_head(
+    data_dir: Path, num_cpus: int | None, dashboard_port: int, timeout: float = 120
+) -> LocalRayHead:
+    """Adopt the head recorded in ``data_dir`` if it still runs, else start a new one."""
+    record = data_dir / "local-ray.json"
+    if record.exists():
+        head = LocalRayHead(**json.loads(record.read_text()))
+        if head.alive():
+            return head
+    gcs_port, port = _free_port(), _free_port(dashboard_port)
+    cpus = num_cpus or os.cpu_count() or 1
+    ray = Path(sys.executable).with_name("ray")
+    env = {
+        **os.environ,
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        # Loopback-only head of one user: Ray's token authentication is off, hutch's is on.
+        "RAY_AUTH_MODE": "disabled",
+    }
+    env.pop("RAY_ADDRESS", None)
+    log = (data_dir / "local-ray.log").open("ab")
+    process = subprocess.Popen(
+        [str(ray) if ray.exists() else "ray", "start", "--head", "--block", f"--port={gcs_port}",
+         f"--num-cpus={cpus}", "--object-store-memory=300000000", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={port}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    head = LocalRayHead(process.pid, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + timeout
+    while not _dashboard_up(head.dashboard_url):
+        if process.poll() is not None:
+            raise LocalRayError(
+                f"`ray start` exited with {process.returncode}; see {data_dir / 'local-ray.log'}"
+            )
+        if time.monotonic() > deadline:
+            stop_local_head(head)
+            raise LocalRayError(f"the local Ray head did not come up in {timeout:.0f}s")
+        time.sleep(0.5)
+    _wait_for_job_agent(head.dashboard_url, deadline)
+    record.write_text(json.dumps(asdict(head)))
+    return head
+
+
+def _wait_for_job_agent(url: str, deadline: float) -> None:
+    """Job submission needs the head node registered and its agent up, a little after the dashboard."""
+    while time.monotonic() < deadline:
+        try:
+            nodes = httpx.get(f"{url}/api/v0/nodes", timeout=5).json()["data"]["result"]["total"]
+            if nodes and httpx.get(f"{url}/api/jobs/", timeout=5).status_code == 200:
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+
+
+def stop_local_head(head: LocalRayHead, data_dir: Path | None = None, grace: float = 5) -> None:
+    """End the head's process group (its workers and jobs with it) and forget it.
+
+    SIGTERM first; `ray start --block`, the GCS and the raylet do not all exit on it, so
+    whatever is left after ``grace`` seconds is killed."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _group_alive(head.pid):
+            time.sleep(0.2)
+        if not _group_alive(head.pid):
+            break
+    if data_dir is not None:
+        (data_dir / "local-ray.json").unlink(missing_ok=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    with contextlib.suppress(ChildProcessError):  # reap our child, else its zombie keeps the group
+        os.waitpid(pgid, os.WNOHANG)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
