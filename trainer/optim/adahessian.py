@@ -115,29 +115,15 @@ class AdaHessian(Optimizer):
         average_conv_kernel: bool = True,
         seed: int = 0,
     ) -> None:
-        _check("lr", lr, lr > 0.0, "must be positive")
-        _check(
-            "betas",
-            betas,
-            len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
-            "must be two numbers in [0, 1)",
-        )
-        _check("eps", eps, eps > 0.0, "must be positive")
-        _check("weight_decay", weight_decay, weight_decay >= 0.0, "must be non-negative")
-        _check("hessian_power", hessian_power, 0.0 <= hessian_power <= 1.0, "must be in [0, 1]")
-        _check(
-            "hessian_update_freq",
-            hessian_update_freq,
-            _is_int(hessian_update_freq) and hessian_update_freq >= 1,
-            "must be an integer ≥ 1",
-        )
-        _check("n_samples", n_samples, _is_int(n_samples) and n_samples >= 1, "must be an integer ≥ 1")
-        _check(
-            "spatial_average_block_size",
-            spatial_average_block_size,
-            spatial_average_block_size is None
-            or (_is_int(spatial_average_block_size) and spatial_average_block_size >= 1),
-            "must be None or an integer ≥ 1",
+        check_hyperparameters(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            hessian_power=hessian_power,
+            hessian_update_freq=hessian_update_freq,
+            n_samples=n_samples,
+            spatial_average_block_size=spatial_average_block_size,
         )
         defaults = dict(
             lr=lr,
@@ -388,6 +374,45 @@ class AdaHessian(Optimizer):
             self._steps_done = int(schedule["steps_done"])
             self._hessian_steps_done = int(schedule["hessian_steps_done"])
             self.hessian_trace = schedule["hessian_trace"]
+
+
+def check_hyperparameters(
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    hessian_power: float,
+    hessian_update_freq: int,
+    n_samples: int,
+    spatial_average_block_size: int | None,
+) -> None:
+    """Raise ``ValueError`` naming the first AdaHessian hyperparameter out of range (shared by
+    every AdaHessian variant, so they refuse the same values with the same words)."""
+    _check("lr", lr, lr > 0.0, "must be positive")
+    _check(
+        "betas",
+        betas,
+        len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+        "must be two numbers in [0, 1)",
+    )
+    _check("eps", eps, eps > 0.0, "must be positive")
+    _check("weight_decay", weight_decay, weight_decay >= 0.0, "must be non-negative")
+    _check("hessian_power", hessian_power, 0.0 <= hessian_power <= 1.0, "must be in [0, 1]")
+    _check(
+        "hessian_update_freq",
+        hessian_update_freq,
+        _is_int(hessian_update_freq) and hessian_update_freq >= 1,
+        "must be an integer ≥ 1",
+    )
+    _check("n_samples", n_samples, _is_int(n_samples) and n_samples >= 1, "must be an integer ≥ 1")
+    _check(
+        "spatial_average_block_size",
+        spatial_average_block_size,
+        spatial_average_block_size is None
+        or (_is_int(spatial_average_block_size) and spatial_average_block_size >= 1),
+        "must be None or an integer ≥ 1",
+    )
 
 
 def _is_int(value: Any) -> bool:

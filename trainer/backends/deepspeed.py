@@ -1,0 +1,263 @@
+"""Data parallelism under DeepSpeed ZeRO stage 1 or 2, with AdaHessian as the client optimizer.
+
+DeepSpeed owns who holds what: it flattens the parameters, gives each rank one slice of the
+flat fp32 master weights, and its inner (client) optimizer sees only that slice
+(:class:`~trainer.optim.partitioned.PartitionedAdaHessian`). This backend adds what DeepSpeed
+cannot do, the Hutchinson products, and leaves the rest to the engine. One step:
+
+* ordinary steps (no Hessian due): forward through the engine and ``engine.backward`` per chunk;
+  DeepSpeed reduces and partitions the gradients as usual; ``engine.step()`` runs the inner
+  optimizer on the slice and all-gathers the parameters.
+* Hessian steps: DeepSpeed's gradient hooks do not support double backward, and every backward
+  through the engine's outputs runs them, so the loss is computed on the unwrapped module and
+  differentiated with ``torch.autograd.grad(create_graph=True)`` (no hook runs), and the
+  products ``z⊙Hz`` are taken for every parameter with the shared probe (keyed by seed,
+  Hessian-step index and parameter index, as on the DDP path). The gradient is then handed to
+  DeepSpeed's own reduction through ``engine.backward`` of the linear surrogate ``Σ⟨p, g⟩``,
+  whose gradient is exactly ``g`` (a first-order backward of one multiply per element); the
+  signed products of whole tensors are averaged with one all-reduce, so every rank can apply
+  ``|·|`` and spatial averaging to whole tensors and cut out its own pieces. Then
+  ``engine.step()`` as above.
+
+Loss and trace are group-wide (one small all-reduce, folded into the products' on Hessian
+steps); a non-finite loss or Hessian estimate raises :class:`NonFiniteError` on every rank
+before the engine steps, and a non-finite gradient makes DeepSpeed skip the update (its
+overflow check), after which every rank raises too. ``deepspeed`` is imported only when a
+backend is built: it is an optional extra (``pip install hutch[deepspeed]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.backends.base import Batch, LossFn, StepStats
+from trainer.optim.adahessian import NonFiniteError
+from trainer.optim.hutchinson import ProbeSource, hutchinson_products
+from trainer.optim.partitioned import Fragment, PartitionedAdaHessian
+from trainer.optim.replicated import OPTIMIZERS
+
+CHECKPOINT_TAG = "hutch"
+"""The tag (sub-directory) under which the engine's checkpoint files are written."""
+
+
+def deepspeed_config(zero_stage: int, precision: str) -> dict[str, Any]:
+    """The engine's configuration: ZeRO ``zero_stage`` (1 or 2), ``fp32`` or ``bf16``.
+
+    Gradient accumulation over chunks is driven by the backend (one optimizer step per
+    ``train_step``), so DeepSpeed's own count stays 1; its batch-size fields only feed its
+    sample counter. Overlapped communication is off: on gloo/CPU it buys nothing.
+    """
+    if zero_stage not in (1, 2):
+        raise ValueError(f"zero_stage={zero_stage!r}: must be 1 or 2")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}: must be 'fp32' or 'bf16'")
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": False},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+    }
+
+
+def build_client_optimizer(
+    model: nn.Module, options: dict[str, Any]
+) -> PartitionedAdaHessian | torch.optim.Optimizer:
+    """``options["name"]`` (default ``adahessian``) picks the optimizer; the rest are its keywords.
+
+    ``hessian_scope`` must be ``global`` (the DeepSpeed path always averages products over the
+    group); first-order baselines are plain torch optimizers, which ZeRO partitions itself.
+    """
+    options = dict(options)
+    name = options.pop("name", "adahessian")
+    if name == "adahessian":
+        scope = options.pop("hessian_scope", "global")
+        if scope != "global":
+            raise ValueError(f"hessian_scope={scope!r}: the deepspeed backend supports 'global' only")
+        return PartitionedAdaHessian(model.parameters(), **options)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r}: must be 'adahessian' or one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad], **options)
+
+
+class DeepSpeedBackend:
+    """One data-parallel rank training ``model`` under a DeepSpeed engine (ZeRO stage 1 or 2).
+
+    ``torch.distributed`` must be initialized (all ranks form the data-parallel group) and
+    ``LOCAL_RANK`` set, as Ray Train and torchrun do. ``model`` is trained in place: after
+    construction it is ``self.engine.module`` (in bf16 with ``precision="bf16"``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer_options: dict[str, Any],
+        zero_stage: int = 1,
+        precision: str = "fp32",
+    ) -> None:
+        import deepspeed  # the optional extra; see the module docstring
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the progress
+        self.loss_fn = loss_fn
+        self.optimizer = build_client_optimizer(model, optimizer_options)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=self.optimizer,
+            config=deepspeed_config(zero_stage, precision),
+            dist_init_required=False,
+        )
+        self.model: nn.Module = self.engine.module
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.dtype = self.params[0].dtype
+        self.world_size = dist.get_world_size()
+        self._probes: ProbeSource | None = None
+        if isinstance(self.optimizer, PartitionedAdaHessian):
+            self._probes = ProbeSource(self.optimizer.seed)
+            self.optimizer.bind_partition(self._fragments())
+
+    def _fragments(self) -> dict[torch.Tensor, list[Fragment]]:
+        """Where each parameter's piece lies in this rank's flat slices, from DeepSpeed's
+        ``_hp_mapping`` (the map behind its ``safe_get_full_*`` utilities)."""
+        zero = self.engine.optimizer
+        index = {id(p): i for i, p in enumerate(self.optimizer.model_params)}
+        fragments: dict[torch.Tensor, list[Fragment]] = {}
+        for group, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+            pieces = fragments.setdefault(flat, [])
+            for p in group:
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is None:
+                    continue  # wholly in another rank's slice
+                pieces.append(
+                    Fragment(
+                        param_index=index[id(p)],
+                        param_start=mapping.lp_fragment_address.start,
+                        flat_start=mapping.hp_fragment_address.start,
+                        numel=mapping.lp_fragment_address.numel,
+                    )
+                )
+        return fragments
+
+    @property
+    def hessian_due(self) -> bool:
+        return isinstance(self.optimizer, PartitionedAdaHessian) and self.optimizer.hessian_due
+
+    def train_step(self, batch: Batch, chunk_size: int | None = None) -> StepStats:
+        """One step on this rank's micro-batch, in chunks of ``chunk_size`` examples if given.
+
+        Each chunk's mean loss is weighted by its share of the micro-batch, so gradients and
+        Hessian products accumulate to those of the whole micro-batch (as on the DDP path).
+        """
+        hessian_step = self.hessian_due
+        self.model.train()
+        batch = [t.to(self.dtype) if t.is_floating_point() else t for t in batch]
+        size = len(batch[0])
+        chunk_size = chunk_size or size
+        chunks = [[t[start : start + chunk_size] for t in batch] for start in range(0, size, chunk_size)]
+        weights = [len(chunk[0]) / size for chunk in chunks]
+        if hessian_step:
+            loss_sum, products = self._hessian_backward(chunks, weights)
+        else:
+            loss_sum, products = self._plain_backward(chunks, weights), None
+
+        # One all-reduce: the products (Hessian steps) and the loss, so every rank decides alike.
+        flat = torch.cat([*(t.reshape(-1).float() for t in products or ()), loss_sum.reshape(1)])
+        dist.all_reduce(flat)
+        flat.div_(self.world_size)
+        loss = flat[-1].item()
+        untouched = f"at step {self.engine.global_steps + 1}; the weights were not updated"
+        if not math.isfinite(loss):
+            raise NonFiniteError(f"loss is {loss} {untouched}")
+        if products is not None:
+            assert isinstance(self.optimizer, PartitionedAdaHessian)
+            averaged, offset = [], 0
+            for p in self.params:
+                averaged.append(flat[offset : offset + p.numel()].view(p.shape))
+                offset += p.numel()
+            self.optimizer.set_hessian_products(averaged)
+
+        self.engine.step()
+        grad_norm = float(self.engine.get_global_grad_norm())
+        if not math.isfinite(grad_norm):  # DeepSpeed saw the overflow and skipped the update
+            raise NonFiniteError(f"a gradient is not finite {untouched}")
+        if isinstance(self.optimizer, PartitionedAdaHessian):
+            self.optimizer.finish_step()
+        return StepStats(
+            step=self.engine.global_steps,
+            loss=loss,
+            grad_norm=grad_norm,
+            hessian_step=hessian_step,
+            hessian_trace=getattr(self.optimizer, "hessian_trace", None),
+        )
+
+    def _plain_backward(self, chunks: list[list[torch.Tensor]], weights: list[float]) -> torch.Tensor:
+        """DeepSpeed's own forward and backward per chunk; its reduction runs at the last one."""
+        loss_sum = torch.zeros((), device=self.params[0].device)
+        for k, (chunk, weight) in enumerate(zip(chunks, weights)):
+            self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
+            loss = self.loss_fn(self.engine, chunk)
+            if weight != 1.0:
+                loss = loss * weight
+            loss_sum += loss.detach().float()
+            self.engine.backward(loss)
+        return loss_sum
+
+    def _hessian_backward(
+        self, chunks: list[list[torch.Tensor]], weights: list[float]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Gradients and local Hutchinson products on the unwrapped module; the gradient then
+        goes through DeepSpeed's reduction by the surrogate backward (see the module doc)."""
+        assert isinstance(self.optimizer, PartitionedAdaHessian) and self._probes is not None
+        loss_sum = torch.zeros((), device=self.params[0].device)
+        grads_sum: list[torch.Tensor] = []
+        products_sum: list[torch.Tensor] = []
+        indices = list(range(len(self.params)))
+        for chunk, weight in zip(chunks, weights):
+            loss = self.loss_fn(self.model, chunk)
+            if weight != 1.0:
+                loss = loss * weight
+            loss_sum += loss.detach().float()
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+            products = hutchinson_products(
+                grads,
+                self.params,
+                indices,
+                self._probes,
+                self.optimizer.hessian_steps_done,
+                self.optimizer.n_samples,
+            )
+            detached = [g.detach() for g in grads]
+            if grads_sum:
+                torch._foreach_add_(grads_sum, detached)
+                torch._foreach_add_(products_sum, products)
+            else:
+                grads_sum, products_sum = detached, products
+        self.engine.set_gradient_accumulation_boundary(True)
+        surrogate = torch.stack([(p * g).sum() for p, g in zip(self.params, grads_sum)]).sum()
+        self.engine.backward(surrogate)
+        return loss_sum, products_sum
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Collective: the engine writes this rank's ZeRO partition (with the optimizer's state)
+        and, from rank 0, the model under ``directory/CHECKPOINT_TAG``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Collective: load what :meth:`save_checkpoint` wrote (every rank's files must be there)."""
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory / CHECKPOINT_TAG}")

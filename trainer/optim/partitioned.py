@@ -1,0 +1,217 @@
+"""AdaHessian over flat partitions: the inner optimizer of DeepSpeed ZeRO stages 1 and 2.
+
+Under ZeRO-1/2 DeepSpeed flattens each parameter group into one buffer, cuts it into equal
+slices, one per data-parallel rank, and gives the client optimizer only its own slice: after
+``deepspeed.initialize`` every group's ``params`` is ``[flat_slice]`` (fp32), ``flat_slice.grad``
+holds the group-averaged gradient of that slice, and ``step()`` is called with no arguments,
+once per group. A slice may begin or end inside a tensor.
+
+AdaHessian needs whole tensors for one part of its math: ``|·|`` and spatial averaging of the
+Hutchinson estimate (a conv kernel's spatial mean, a block of b elements) must not stop at a
+slice edge. So the driver (:class:`trainer.backends.deepspeed.DeepSpeedBackend`) hands this
+optimizer the signed products ``z⊙Hz`` of whole tensors, already averaged over the group
+(:meth:`PartitionedAdaHessian.set_hessian_products`), and says which piece of which tensor lies
+where in each slice (:meth:`PartitionedAdaHessian.bind_partition`). The optimizer computes D on
+the tensors that touch its slice, cuts out its pieces and applies :func:`adahessian_update` to
+the flat slice. Its state is m and v as flat tensors the size of the slice, plus the step
+counts: nothing for parameters outside the slice.
+
+The elementwise math is the same as :class:`~trainer.optim.AdaHessian`'s, and the probes are
+keyed by the parameter's index among the model's trainable parameters, as in
+:class:`~trainer.optim.sharded.ShardedAdaHessian`, so both data-parallel paths follow the same
+trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from trainer.optim.adahessian import NonFiniteError, adahessian_update, check_hyperparameters
+from trainer.optim.hutchinson import hessian_diagonal
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """``numel`` elements of parameter ``param_index`` (flattened, from ``param_start``) stored at
+    ``flat_start`` in a flat slice."""
+
+    param_index: int
+    param_start: int
+    flat_start: int
+    numel: int
+
+
+class PartitionedAdaHessian(Optimizer):
+    """AdaHessian whose parameters are flat slices that cut across tensors (see the module doc).
+
+    Construct it on the model's parameters and pass it to ``deepspeed.initialize`` as the
+    optimizer; then :meth:`bind_partition` once, and per training step: on Hessian steps
+    :meth:`set_hessian_products` before the engine's step, and :meth:`finish_step` after it.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        hessian_update_freq: int = 1,
+        n_samples: int = 1,
+        spatial_average_block_size: int | None = None,
+        average_conv_kernel: bool = True,
+        seed: int = 0,
+    ) -> None:
+        check_hyperparameters(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            hessian_power=hessian_power,
+            hessian_update_freq=hessian_update_freq,
+            n_samples=n_samples,
+            spatial_average_block_size=spatial_average_block_size,
+        )
+        self.model_params = [p for p in params if p.requires_grad]
+        if not self.model_params:
+            raise ValueError("PartitionedAdaHessian got no trainable parameters")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            hessian_power=hessian_power,
+            spatial_average_block_size=spatial_average_block_size,
+            average_conv_kernel=average_conv_kernel,
+        )
+        super().__init__(self.model_params, defaults)
+        self.hessian_update_freq = int(hessian_update_freq)
+        self.n_samples = int(n_samples)
+        self.seed = int(seed)
+        self.steps_done = 0
+        self.hessian_steps_done = 0
+        self.hessian_trace: float | None = None
+        self._fragments: dict[torch.Tensor, list[Fragment]] = {}
+        self._products: list[torch.Tensor] | None = None
+
+    @property
+    def hessian_due(self) -> bool:
+        """Whether the next step estimates the Hessian (steps 1, 1+f, 1+2f, …)."""
+        return self.steps_done % self.hessian_update_freq == 0
+
+    def bind_partition(self, fragments: Mapping[torch.Tensor, Sequence[Fragment]]) -> None:
+        """Say, for every flat slice now in the groups, which pieces of which parameters it holds.
+
+        Called once after ``deepspeed.initialize`` replaced the groups' parameters; a slice with
+        no entry holds padding only.
+        """
+        slices = {flat for group in self.param_groups for flat in group["params"]}
+        unknown = [flat for flat in fragments if flat not in slices]
+        if unknown:
+            raise ValueError("bind_partition got a tensor that is not one of this optimizer's slices")
+        self._fragments = {flat: list(pieces) for flat, pieces in fragments.items()}
+
+    def set_hessian_products(self, products: Sequence[torch.Tensor]) -> None:
+        """The signed ``z⊙Hz`` of every model parameter (whole tensors, averaged over the group,
+        identical on every rank) for the coming step; raises :class:`NonFiniteError` before any
+        state changes if their sum, the trace estimate, is not finite."""
+        if len(products) != len(self.model_params):
+            raise ValueError(f"got {len(products)} Hessian products for {len(self.model_params)} parameters")
+        trace = torch.stack([t.sum(dtype=torch.float32) for t in products]).sum().item()
+        if not math.isfinite(trace):
+            raise NonFiniteError(
+                f"the Hessian estimate is not finite at step {self.steps_done + 1}; "
+                "the weights were not updated"
+            )
+        self.hessian_trace = trace
+        self._products = list(products)
+
+    def finish_step(self) -> None:
+        """Advance the schedule after the engine's step (which calls :meth:`step` once per group)."""
+        if self._products is not None:
+            self.hessian_steps_done += 1
+        self._products = None
+        self.steps_done += 1
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        """Update every slice that has a gradient (DeepSpeed calls this with one group at a time)."""
+        if closure is not None:
+            raise ValueError("PartitionedAdaHessian.step takes no closure (DeepSpeed never passes one)")
+        if self.hessian_due and self._products is None:
+            raise RuntimeError(f"step {self.steps_done + 1} is a Hessian step but no products were set")
+        for group in self.param_groups:
+            for flat in group["params"]:
+                if flat.grad is not None:
+                    self._step_slice(flat, group)
+
+    def _step_slice(self, flat: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[flat]
+        if not state:
+            state["step"] = 0
+            state["hessian_step"] = 0
+            state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+            state["exp_hessian_diag_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        diagonal = None if self._products is None else self._slice_diagonal(flat, group)
+        if diagonal is None and state["hessian_step"] == 0:
+            return  # no curvature seen yet: wait for the next Hessian step
+        state["step"] += 1
+        if diagonal is not None:
+            state["hessian_step"] += 1
+        beta1, beta2 = group["betas"]
+        adahessian_update(
+            [flat],
+            [flat.grad],
+            [state["exp_avg"]],
+            [state["exp_hessian_diag_sq"]],
+            None if diagonal is None else [diagonal],
+            steps=[state["step"]],
+            hessian_steps=[state["hessian_step"]],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            hessian_power=group["hessian_power"],
+        )
+
+    def _slice_diagonal(self, flat: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """D for this slice: ``|·|`` and spatial averaging on each whole tensor, then its piece."""
+        assert self._products is not None
+        block, conv = group["spatial_average_block_size"], group["average_conv_kernel"]
+        diagonal = torch.zeros_like(flat)  # padding keeps D = 0: its m stays 0, so it never moves
+        for piece in self._fragments.get(flat, ()):
+            product = self._products[piece.param_index].to(device=flat.device, dtype=flat.dtype)
+            whole = hessian_diagonal(product, block, conv)
+            diagonal[piece.flat_start : piece.flat_start + piece.numel] = whole.reshape(-1)[
+                piece.param_start : piece.param_start + piece.numel
+            ]
+        return diagonal
+
+    # -- checkpoints (DeepSpeed saves and loads this dict with its own) -----------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's optimizer state (per slice) plus the schedule counters and last trace."""
+        state = super().state_dict()
+        state["schedule"] = {
+            "steps_done": self.steps_done,
+            "hessian_steps_done": self.hessian_steps_done,
+            "hessian_trace": self.hessian_trace,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        schedule = state_dict.pop("schedule", None)
+        super().load_state_dict(state_dict)
+        if schedule is not None:
+            self.steps_done = int(schedule["steps_done"])
+            self.hessian_steps_done = int(schedule["hessian_steps_done"])
+            self.hessian_trace = schedule["hessian_trace"]
