@@ -130,7 +130,7 @@ class RayLauncher:
                 entrypoint=self.entrypoint(job_id, attempt),
                 submission_id=submission_id,
                 metadata={"hutch_job_id": job_id, "hutch_attempt": str(attempt), "hutch_job_name": name},
-                runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}},
+                runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_COLOR_PREFIX": "0"}},
             )
         except RuntimeError as error:
             if "already exists" not in str(error):

@@ -1,0 +1,308 @@
+"""The REST API: FastAPI routes over the control plane, versioned under ``/v1``.
+
+Routes are thin: they parse, call :class:`~service.control_plane.ControlPlane`, and answer with
+the models of :mod:`api.schemas`. Every ``/v1`` route needs a bearer token; ``/healthz``,
+``/readyz`` and ``/metrics`` are open, for probes and Prometheus.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see route annotations that use local names.
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from api import schemas
+from api.errors import ApiError, install_error_handlers
+from service.control_plane import ControlPlane
+from service.lifecycle import JobState
+from service.runfiles import follow_lines, records_after, tail_lines
+from service.settings import Settings
+from service.store import JobRecord
+from trainer.spec import JobSpec
+
+ERRORS = {
+    401: {"model": schemas.ErrorResponse, "description": "Missing or wrong bearer token"},
+    404: {"model": schemas.ErrorResponse, "description": "No such job"},
+    409: {"model": schemas.ErrorResponse, "description": "The job is in the wrong state for this"},
+    422: {"model": schemas.ErrorResponse, "description": "Invalid request; details name the fields"},
+}
+
+
+BEARER = HTTPBearer(auto_error=False, description="A token from HUTCH_API_TOKENS (or DATA_DIR/api-token).")
+
+
+def create_app(settings: Settings | None = None, plane: ControlPlane | None = None) -> FastAPI:
+    """The ASGI app. Without ``plane`` the app opens its own control plane when it starts."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = plane is None
+        app.state.plane = plane or ControlPlane.open(settings)
+        try:
+            yield
+        finally:
+            if owned:
+                app.state.plane.close()
+
+    app = FastAPI(
+        title="hutch",
+        version="1",
+        summary="Distributed training with a sharded, delayed-Hessian AdaHessian on Ray.",
+        lifespan=lifespan,
+        max_body_size=settings.max_request_bytes,  # larger bodies: 413, by Content-Length or while read
+    )
+    tokens = [token.encode() for token in settings.accepted_tokens()]
+    registry = CollectorRegistry()
+    install_error_handlers(app)
+    _install_request_metrics(app, registry)
+    app.include_router(_v1_router(tokens, settings))
+    _install_probes(app, registry)
+    return app
+
+
+def _plane(request: Request) -> ControlPlane:
+    return request.app.state.plane
+
+
+Plane = Annotated[ControlPlane, Depends(_plane)]
+
+
+def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
+    def authenticate(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
+        if credentials is None:
+            raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
+        given = credentials.credentials.encode()
+        # Compare against every token, in constant time each, so timing says nothing.
+        matches = [hmac.compare_digest(given, token) for token in tokens]
+        if not any(matches):
+            raise ApiError(401, "invalid bearer token")
+
+    router = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], responses={401: ERRORS[401]})
+
+    @router.post(
+        "/jobs",
+        status_code=201,
+        response_model=schemas.Job,
+        responses={200: {"model": schemas.Job, "description": "Replayed: the job this Idempotency-Key made"},
+                   409: ERRORS[409], 413: {"model": schemas.ErrorResponse}, 422: ERRORS[422]},
+        summary="Submit a job",
+    )  # fmt: skip
+    def submit_job(
+        plane: Plane,
+        response: Response,
+        spec: Annotated[JobSpec, Body(description="The job spec (see examples/).")],
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                max_length=200, description="Retrying with the same key returns the same job, not a new one."
+            ),
+        ] = None,
+    ) -> schemas.Job:
+        """Validate the spec, check that it can ever fit the cluster, and queue it."""
+        submitted = plane.submit(spec, idempotency_key)
+        if not submitted.created:
+            response.status_code = 200
+            response.headers["Idempotent-Replayed"] = "true"
+        return _job(plane, submitted.job)
+
+    @router.get("/jobs", response_model=schemas.JobPage, responses={422: ERRORS[422]}, summary="List jobs")
+    def list_jobs(
+        plane: Plane,
+        state: Annotated[list[JobState] | None, Query(description="Only jobs in these states.")] = None,
+        label: Annotated[list[str] | None, Query(description="key=value; all must match.")] = None,
+        limit: Annotated[int, Query(ge=1, le=settings.max_page_size)] = 50,
+        cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+    ) -> schemas.JobPage:
+        """Jobs newest first, one page at a time."""
+        labels = _label_filter(label or [])
+        jobs, next_cursor = plane.store.list(state or [], labels, limit, cursor)
+        return schemas.JobPage(jobs=[_job(plane, job) for job in jobs], next_cursor=next_cursor)
+
+    @router.get(
+        "/jobs/{job_id}", response_model=schemas.Job, responses={404: ERRORS[404]}, summary="Get a job"
+    )
+    def get_job(plane: Plane, job_id: str) -> schemas.Job:
+        """State, timestamps, attempt, failure reason, latest metrics and the Ray dashboard link."""
+        return _job(plane, plane.get(job_id))
+
+    @router.get("/jobs/{job_id}/events", response_model=list[schemas.JobEvent], responses={404: ERRORS[404]})
+    def job_events(plane: Plane, job_id: str) -> list[schemas.JobEvent]:
+        """Every state change of the job, oldest first."""
+        plane.get(job_id)
+        return [schemas.JobEvent(**vars(event)) for event in plane.store.events(job_id)]
+
+    @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=schemas.Job,
+                 responses={404: ERRORS[404], 409: ERRORS[409]}, summary="Cancel a job")  # fmt: skip
+    def cancel_job(plane: Plane, job_id: str) -> schemas.Job:
+        """A queued job is cancelled at once; a started one is stopped in Ray and becomes
+        CANCELLED when Ray confirms (``cancel_requested`` is true meanwhile)."""
+        return _job(plane, plane.cancel(job_id))
+
+    @router.post("/jobs/{job_id}/retry", status_code=202, response_model=schemas.Job,
+                 responses={404: ERRORS[404], 409: ERRORS[409]}, summary="Retry a job")  # fmt: skip
+    def retry_job(plane: Plane, job_id: str) -> schemas.Job:
+        """A new attempt of the same job, resuming from its latest checkpoint."""
+        return _job(plane, plane.retry(job_id))
+
+    @router.delete("/jobs/{job_id}", status_code=204, responses={404: ERRORS[404], 409: ERRORS[409]},
+                   summary="Delete a finished job")  # fmt: skip
+    def delete_job(plane: Plane, job_id: str) -> Response:
+        """Remove a finished job, its files and its checkpoints."""
+        plane.delete(job_id)
+        return Response(status_code=204)
+
+    @router.get(
+        "/jobs/{job_id}/logs",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}}, 404: ERRORS[404]},
+        summary="Read or follow a job's log",
+    )
+    async def job_logs(
+        plane: Plane,
+        job_id: str,
+        tail: Annotated[int | None, Query(ge=0, description="Only the last N lines.")] = None,
+        follow: Annotated[bool, Query(description="Keep streaming new lines until the job ends.")] = False,
+        attempt: Annotated[int | None, Query(ge=1, description="Which attempt [the latest].")] = None,
+    ) -> StreamingResponse:
+        """The log of one attempt (driver and every worker), streamed; never read whole."""
+        job = plane.get(job_id)
+        attempt = attempt or job.attempt
+        if attempt > job.attempt:
+            raise ApiError(422, f"attempt: job {job_id} has {job.attempt} attempt(s)", code="invalid_request")
+        path = plane.layout.log_file(job_id, attempt)
+        if tail is not None:
+            head, offset = tail_lines(path, tail)
+        else:
+            head, offset = [], 0
+
+        def finished() -> bool:
+            current = plane.store.get(job_id)
+            return current is None or current.attempt != attempt or current.state.terminal
+
+        async def stream() -> AsyncIterator[str]:
+            for line in head:
+                yield line
+            if tail is not None and not follow:
+                return
+            async for line in follow_lines(path, offset, finished if follow else lambda: True):
+                yield line
+
+        return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+    @router.get("/jobs/{job_id}/metrics", response_model=schemas.MetricRecords, responses={404: ERRORS[404]})
+    def job_metrics(
+        plane: Plane,
+        job_id: str,
+        since: Annotated[int | None, Query(ge=0, description="Only records with step > since.")] = None,
+    ) -> schemas.MetricRecords:
+        """The job's metric records (loss, lr, Hessian trace, throughput, eval), in step order."""
+        plane.get(job_id)
+        records = records_after(plane.layout.run_dir(job_id) / "metrics.jsonl", since)
+        return schemas.MetricRecords(job_id=job_id, records=records)
+
+    @router.get(
+        "/jobs/{job_id}/checkpoints", response_model=schemas.CheckpointList, responses={404: ERRORS[404]}
+    )
+    def job_checkpoints(plane: Plane, job_id: str) -> schemas.CheckpointList:
+        """The checkpoints kept for the job; a retry resumes from the newest."""
+        plane.get(job_id)
+        found = [schemas.Checkpoint(**vars(c)) for c in plane.launcher.checkpoints(job_id)]
+        return schemas.CheckpointList(job_id=job_id, checkpoints=found)
+
+    return router
+
+
+def _label_filter(labels: list[str]) -> dict[str, str]:
+    parsed = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ApiError(
+                422,
+                f"label: {item!r} must look like key=value",
+                code="invalid_request",
+                details=[schemas.ErrorDetail(field="label", message="must look like key=value")],
+            )
+        parsed[key] = value
+    return parsed
+
+
+def _job(plane: ControlPlane, job: JobRecord) -> schemas.Job:
+    return schemas.Job(
+        id=job.id,
+        name=job.name,
+        state=job.state,
+        labels=job.labels,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempt=job.attempt,
+        failure_reason=job.failure_reason,
+        cancel_requested=job.cancel_requested,
+        steps=int(job.spec.get("training", {}).get("steps", 0)),
+        latest_metrics=job.latest_metrics,
+        ray_job_id=job.ray_job_id,
+        ray_dashboard_url=plane.dashboard_url(job),
+        spec=job.spec,
+    )
+
+
+def _install_probes(app: FastAPI, registry: CollectorRegistry) -> None:
+    @app.get("/healthz", response_model=schemas.Health, tags=["probes"])
+    def healthz() -> schemas.Health:
+        """The process is up."""
+        return schemas.Health(status="ok")
+
+    unready = {503: {"model": schemas.Health, "description": "Database or Ray unreachable"}}
+
+    @app.get("/readyz", response_model=schemas.Health, tags=["probes"], responses=unready)
+    def readyz(plane: Plane) -> JSONResponse:
+        """The database and the Ray cluster answer."""
+        checks = plane.readiness()
+        ready = all(value == "ok" for value in checks.values())
+        body = schemas.Health(status="ok" if ready else "unavailable", checks=checks)
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    class JobStates:
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            family = GaugeMetricFamily("hutch_jobs", "Jobs in the store by state", labels=["state"])
+            plane = getattr(app.state, "plane", None)
+            if plane is not None:
+                for state, count in plane.state_counts().items():
+                    family.add_metric([str(state)], count)
+            yield family
+
+    registry.register(JobStates())
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["probes"])
+    def metrics() -> Response:
+        """Prometheus metrics: requests by route and status, latency, jobs by state."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _install_request_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
+    requests = Counter(
+        "hutch_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=registry
+    )
+    latency = Histogram(
+        "hutch_http_request_duration_seconds", "Time to answer (to the first byte)", ["method", "route"],
+        registry=registry,
+    )  # fmt: skip
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        began = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        requests.labels(request.method, route, str(response.status_code)).inc()
+        latency.labels(request.method, route).observe(time.perf_counter() - began)
+        return response

@@ -1,0 +1,127 @@
+"""Every error the API returns has one shape: ``{"error": {status, code, message, details}}``.
+
+Handlers here turn FastAPI's validation errors (field paths, readable reasons), HTTP errors and
+the control plane's exceptions into that shape; nothing reaches a client as a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.schemas import ErrorBody, ErrorDetail, ErrorResponse
+from service.control_plane import JobNotFound, Unschedulable, WrongState
+from service.store import BadCursor, IdempotencyConflict
+from trainer.spec import validation_problem
+
+log = logging.getLogger("hutch.api")
+
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answer: raise it from a route."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None = None, details: Sequence[ErrorDetail] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or CODES.get(status, "error")
+        self.message = message
+        self.details = list(details)
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: Sequence[ErrorDetail] = (),
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(status=status, code=code, message=message, details=list(details)))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def _validation_details(errors: Sequence[Any]) -> tuple[str, list[ErrorDetail]]:
+    """(code, details) for FastAPI's validation errors: field paths without the ``body``/``query``
+    prefix for the spec, with it for query and header parameters."""
+    details: list[ErrorDetail] = []
+    in_body = False
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if loc and loc[0] == "body":
+            in_body = True
+            if error.get("type") == "json_invalid":
+                reason = error.get("ctx", {}).get("error", "not valid JSON")
+                details.append(ErrorDetail(field=None, message=f"the body is not valid JSON: {reason}"))
+                continue
+            field, reason = validation_problem({**error, "loc": loc[1:]})
+        else:
+            field, reason = validation_problem({**error, "loc": loc})
+        details.append(ErrorDetail(field=field, message=reason))
+    return ("invalid_spec" if in_body else "invalid_request"), details
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        code, details = _validation_details(exc.errors())
+        what = "the job spec is invalid" if code == "invalid_spec" else "the request is invalid"
+        summary = "; ".join(f"{d.field}: {d.message}" if d.field else d.message for d in details[:3])
+        return error_response(422, code, f"{what}: {summary}", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(
+            exc.status_code, CODES.get(exc.status_code, "error"), str(exc.detail), headers=exc.headers
+        )
+
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, exc.message, exc.details, headers)
+
+    @app.exception_handler(JobNotFound)
+    async def _missing(_: Request, exc: JobNotFound) -> JSONResponse:
+        return error_response(404, "not_found", str(exc))
+
+    @app.exception_handler(WrongState)
+    async def _state(_: Request, exc: WrongState) -> JSONResponse:
+        return error_response(409, "conflict", str(exc))
+
+    @app.exception_handler(IdempotencyConflict)
+    async def _replay(_: Request, exc: IdempotencyConflict) -> JSONResponse:
+        return error_response(409, "idempotency_conflict", str(exc))
+
+    @app.exception_handler(Unschedulable)
+    async def _too_big(_: Request, exc: Unschedulable) -> JSONResponse:
+        detail = ErrorDetail(field=exc.field, message=str(exc))
+        return error_response(422, "unschedulable", f"the job can never be scheduled: {exc}", [detail])
+
+    @app.exception_handler(BadCursor)
+    async def _cursor(_: Request, exc: BadCursor) -> JSONResponse:
+        return error_response(
+            422, "invalid_request", f"cursor: {exc}", [ErrorDetail(field="cursor", message=str(exc))]
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal", "internal error; the service log has the details")
