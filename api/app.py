@@ -12,14 +12,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import schemas
-from api.errors import ApiError, install_error_handlers
+from api.errors import ApiError, error_response, install_error_handlers
 from service.control_plane import ControlPlane
 from service.lifecycle import JobState
 from service.runfiles import follow_lines, records_after, tail_lines
@@ -57,11 +58,11 @@ def create_app(settings: Settings | None = None, plane: ControlPlane | None = No
         version="1",
         summary="Distributed training with a sharded, delayed-Hessian AdaHessian on Ray.",
         lifespan=lifespan,
-        max_body_size=settings.max_request_bytes,  # larger bodies: 413, by Content-Length or while read
     )
     tokens = [token.encode() for token in settings.accepted_tokens()]
     registry = CollectorRegistry()
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     _install_request_metrics(app, registry)
     app.include_router(_v1_router(tokens, settings))
     _install_probes(app, registry)
@@ -306,3 +307,34 @@ def _install_request_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
         requests.labels(request.method, route, str(response.status_code)).inc()
         latency.labels(request.method, route).observe(time.perf_counter() - began)
         return response
+
+
+class BodyLimit:
+    """Refuses request bodies over ``max_bytes`` with a JSON 413: at once when Content-Length
+    says so, else as soon as the body read so far is too large (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is larger than {self.max_bytes} bytes (HUTCH_MAX_REQUEST_BYTES)"
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(413, "payload_too_large", message)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            chunk = await receive()
+            if chunk["type"] == "http.request":
+                received += len(chunk.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, message)  # FastAPI lets it through its body parsing
+            return chunk
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,126 @@
+"""Real `hutch serve` processes on free ports, reached over HTTP.
+
+`ServiceProcess` starts the server as a subprocess with its settings in the environment, waits
+for it to answer, and can stop it cleanly (SIGTERM) or kill it (SIGKILL) and start it again on
+the same data directory and port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HUTCH = Path(sys.executable).with_name("hutch")
+TOKEN = "e2e-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class ServiceProcess:
+    """One `hutch serve` on a free port; its output goes to ``data_dir/service.log``."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "HUTCH_DATA_DIR": str(data_dir),
+            "HUTCH_API_TOKENS": TOKEN,
+            "HUTCH_RECONCILE_INTERVAL_S": "0.5",
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            **env,
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.process: subprocess.Popen | None = None
+
+    def start(self, ready_path: str = "/readyz", timeout: float = 180) -> None:
+        log = (self.data_dir / "service.log").open("ab")
+        self.process = subprocess.Popen(
+            [str(HUTCH), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_for(lambda: self._answers(ready_path), timeout, f"the service on {self.url}{ready_path}", 0.3)
+
+    def _answers(self, path: str) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"the service exited with {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            return httpx.get(self.url + path, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait: the clean stop a user's Ctrl-C makes."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(30)
+
+    def log_tail(self, lines: int = 40) -> str:
+        path = self.data_dir / "service.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+
+def stop_local_ray(data_dir: Path) -> None:
+    """Safety net: end the local Ray head a service left behind (after a failed test)."""
+    record = data_dir / "local-ray.json"
+    if record.exists():
+        pid = json.loads(record.read_text())["pid"]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                return
+            time.sleep(3)
+
+
+@pytest.fixture(scope="module")
+def lite_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """A service whose Ray cluster is unreachable: jobs are stored and stay QUEUED, nothing trains.
+
+    For what needs only the API and the store (validation, auth, idempotency, paging)."""
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    service = ServiceProcess(tmp_path_factory.mktemp("lite"), {"HUTCH_RAY_ADDRESS": unreachable})
+    service.start(ready_path="/healthz")
+    try:
+        yield service
+    finally:
+        if service.process and service.process.poll() is None:
+            service.stop()
