@@ -1,6 +1,6 @@
 """Training checkpoints: one directory with the model, every rank's optimizer shard and progress.
 
-Layout (what ``ray.train.report(checkpoint=...)`` persists)::
+Layout with the ``ddp`` backend (what rank 0 hands to ``ray.train.report(checkpoint=...)``)::
 
     model.pt            model state_dict (parameters and buffers), from rank 0
     optimizer-<r>.pt    the optimizer state of rank r, keyed by parameter name
@@ -9,6 +9,16 @@ Layout (what ``ray.train.report(checkpoint=...)`` persists)::
 
 Optimizer shards are keyed by parameter name, so a checkpoint written by N workers loads into
 a group of any size.
+
+With the ``deepspeed`` backend every rank reports a directory and Ray merges them into one::
+
+    deepspeed/          the engine's ``save_checkpoint`` files: the model (rank 0) and every
+                        rank's ZeRO partition, which carries the AdaHessian state
+    progress.json       {"step": …, "world_size": N, "backend": "deepspeed"}   (rank 0)
+    rng.pt              (rank 0)
+
+DeepSpeed's partitions are laid out for one world size: such a checkpoint resumes a group of
+the same size (which a restarted Ray Train group is).
 """
 
 from __future__ import annotations
@@ -39,6 +49,26 @@ def write_checkpoint(directory: Path, state: TrainingState) -> None:
     torch.save(state.rng_state, directory / "rng.pt")
     progress = {"step": state.step, "world_size": len(state.optimizer_shards)}
     (directory / "progress.json").write_text(json.dumps(progress))
+
+
+DEEPSPEED_DIR = "deepspeed"
+"""Sub-directory of a checkpoint that holds the DeepSpeed engine's own files."""
+
+
+def write_deepspeed_progress(directory: Path, step: int, world_size: int, rng_state: torch.Tensor) -> None:
+    """Rank 0's part of a DeepSpeed checkpoint next to the engine's files: progress and RNG."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state, directory / "rng.pt")
+    progress = {"step": step, "world_size": world_size, "backend": "deepspeed"}
+    (directory / "progress.json").write_text(json.dumps(progress))
+
+
+def read_deepspeed_progress(directory: Path) -> tuple[int, torch.Tensor]:
+    """Completed steps and the RNG state of a DeepSpeed checkpoint (the engine reads the rest)."""
+    progress = json.loads((directory / "progress.json").read_text())
+    if progress.get("backend") != "deepspeed":
+        raise ValueError(f"{directory} is not a DeepSpeed checkpoint (backend {progress.get('backend')!r})")
+    return int(progress["step"]), torch.load(directory / "rng.pt", weights_only=True)
 
 
 def read_checkpoint(directory: Path) -> TrainingState:

@@ -1,9 +1,10 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
 Every rank builds the same model from the same seed, takes its equal slice of the global batch
-of each step (a pure function of seed and step), and calls the backend's ``train_step``. Rank 0
-writes metric records and checkpoints; every rank calls ``ray.train.report`` at the same steps,
-as Ray Train requires. A restarted group resumes from ``ray.train.get_checkpoint()``.
+of each step (a pure function of seed and step), and calls the backend's ``train_step`` (``ddp``
+or ``deepspeed``, from the spec). Rank 0 writes metric records and checkpoints (under DeepSpeed
+every rank adds its own partition's files); every rank calls ``ray.train.report`` at the same
+steps, as Ray Train requires. A restarted group resumes from ``ray.train.get_checkpoint()``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,23 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from trainer.backends import DDPBackend, StepStats
-from trainer.checkpoint import TrainingState, param_checksum, read_checkpoint, write_checkpoint
+from trainer.backends.deepspeed import DeepSpeedBackend
+from trainer.checkpoint import (
+    DEEPSPEED_DIR,
+    TrainingState,
+    param_checksum,
+    read_checkpoint,
+    read_deepspeed_progress,
+    write_checkpoint,
+    write_deepspeed_progress,
+)
 from trainer.data import Dataset, build_dataset
 from trainer.metrics import MetricsSink, read_metrics
 from trainer.models.registry import build_model
 from trainer.optim.adahessian import NonFiniteError
 from trainer.spec import JobSpec
+
+Backend = DDPBackend | DeepSpeedBackend
 
 
 def loss_function(task: str):
@@ -57,18 +69,26 @@ def optimizer_options(spec: JobSpec) -> dict[str, Any]:
     return dict(name=o.name, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
+def build_backend(spec: JobSpec, model: torch.nn.Module, task: str) -> Backend:
+    """The spec's backend around ``model``: ``ddp``, or ``deepspeed`` with its ZeRO stage and precision."""
+    loss_fn, options, b = loss_function(task), optimizer_options(spec), spec.backend
+    if b.name == "deepspeed":
+        return DeepSpeedBackend(model, loss_fn, options, zero_stage=b.zero_stage, precision=b.precision)
+    return DDPBackend(model, loss_fn, options)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, dataset: Dataset, rank: int, world: int, batch_size: int
 ) -> dict[str, float]:
     """Held-out loss and accuracy (or perplexity), each rank taking every world-th batch."""
     model.eval()
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for index, (inputs, targets) in enumerate(dataset.eval_batches(batch_size)):
         if index % world != rank:
             continue
-        logits = model(inputs.to(device))
+        logits = model(_to_model(inputs, device, dtype))
         targets = targets.to(device)
         flat_logits = logits.reshape(-1, logits.size(-1))
         flat_targets = targets.reshape(-1)
@@ -113,17 +133,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dataset = build_dataset(spec.data.name, spec.data.args)
     device = ray.train.torch.get_device()  # the worker's GPU, or the CPU
     model = build_model(spec.model.name, spec.model.args, dataset.model_args()).to(device)
-    backend = DDPBackend(model, loss_function(dataset.task), optimizer_options(spec))
+    backend = build_backend(spec, model, dataset.task)
+    model = backend.model  # DeepSpeed trains the same module, in bf16 if asked
+    dtype = next(model.parameters()).dtype
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = read_checkpoint(Path(directory))
-        model.load_state_dict(state.model)  # copies onto the model's device
-        backend.load_optimizer_state(state.optimizer_shards)
-        torch.set_rng_state(state.rng_state)
-        start = state.step
+            start = _restore(backend, model, Path(directory))
         if rank == 0:
             print(f"[hutch] resumed from the checkpoint at step {start}", flush=True)
     sink = MetricsSink(run_dir / "metrics.jsonl", job_id, resume_step=start) if rank == 0 else None
@@ -137,7 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             group["lr"] = lr
         inputs, targets = dataset.train_batch(step, t.seed, t.global_batch_size)
         mine = slice(rank * micro, (rank + 1) * micro)
-        batch = (inputs[mine].to(device), targets[mine].to(device))
+        batch = (_to_model(inputs[mine], device, dtype), targets[mine].to(device))
         began = time.perf_counter()
         try:
             stats = backend.train_step(batch, t.chunk_size)
@@ -172,16 +190,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
 
 
+def _to_model(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Onto the model's device; floating inputs also in the model's dtype (bf16 under DeepSpeed)."""
+    return tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+
+
+def _restore(backend: Backend, model: torch.nn.Module, directory: Path) -> int:
+    """Load a checkpoint written by :func:`_save_checkpoint`; return its completed steps."""
+    if isinstance(backend, DeepSpeedBackend):
+        backend.load_checkpoint(directory / DEEPSPEED_DIR)
+        step, rng_state = read_deepspeed_progress(directory)
+    else:
+        state = read_checkpoint(directory)
+        model.load_state_dict(state.model)  # copies onto the model's device
+        backend.load_optimizer_state(state.optimizer_shards)
+        step, rng_state = state.step, state.rng_state
+    torch.set_rng_state(rng_state)
+    return step
+
+
 def _save_checkpoint(
-    record: dict[str, Any], backend: DDPBackend, model: torch.nn.Module, done: int, rank: int
+    record: dict[str, Any], backend: Backend, model: torch.nn.Module, done: int, rank: int
 ) -> None:
-    """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint.
+    """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint (``ddp``), or
+    every rank attaches its own files and Ray merges them into one directory (``deepspeed``).
 
     Only checkpoint steps go through ``ray.train.report``: each call waits for the controller to
     take the previous one (about a second here), so per-step records go to ``metrics.jsonl``
     and the Ray gauges instead.
     """
     metrics = {k: v for k, v in record.items() if v is not None}
+    if isinstance(backend, DeepSpeedBackend):
+        with tempfile.TemporaryDirectory() as directory:
+            backend.save_checkpoint(Path(directory) / DEEPSPEED_DIR)
+            if rank == 0:
+                write_deepspeed_progress(Path(directory), done, dist.get_world_size(), torch.get_rng_state())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        return
     shards: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(shards, backend.optimizer_state())
     with tempfile.TemporaryDirectory() as directory:

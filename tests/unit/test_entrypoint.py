@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from trainer.preflight import check_spec
+from trainer.spec import SpecError, load_spec, validate_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = {"name": "job", "model": {"name": "mlp"}, "data": {"name": "digits"}}
@@ -29,7 +33,10 @@ def _run(spec_path: Path) -> subprocess.CompletedProcess[str]:
         ({"model": {"name": "my..models:net"}}, "model.name"),
         ({"model": {"name": "no_such_package.models:net"}}, "model 'no_such_package.models:net'"),
         ({"data": {"name": "json:no_such_factory"}}, "data 'json:no_such_factory'"),
-        ({"backend": {"name": "deepspeed"}}, "backend.name: 'deepspeed' is not available"),
+        (
+            {"backend": {"name": "deepspeed"}, "optimizer": {"hessian_scope": "local"}},
+            "optimizer.hessian_scope: the deepspeed backend supports 'global' only",
+        ),
     ],
 )
 def test_bad_spec_exits_2_with_one_clear_line(tmp_path: Path, change: dict, message: str) -> None:
@@ -49,3 +56,19 @@ def test_missing_spec_file_exits_2(tmp_path: Path) -> None:
     done = _run(tmp_path / "nope.yaml")
     assert done.returncode == 2
     assert "nope.yaml" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_deepspeed_example_passes_preflight() -> None:
+    check_spec(load_spec(ROOT / "examples" / "digits-deepspeed.yaml"))
+
+
+def test_deepspeed_backend_without_the_package_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object) -> object:
+        return None if name == "deepspeed" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(SpecError, match=r"backend.name: 'deepspeed' needs the DeepSpeed package"):
+        check_spec(validate_spec({**GOOD, "backend": {"name": "deepspeed"}}))
+    check_spec(validate_spec(GOOD))  # ddp does not need it

@@ -28,19 +28,21 @@ class StepStats:
 
 
 class TrainingBackend(Protocol):
-    """Forward, backward, Hessian products when due, and the optimizer step, for one rank."""
+    """Forward, backward, Hessian products when due, and the optimizer step, for one rank.
+
+    This is what the worker loop calls every step. Checkpoints are the backend's own:
+    :class:`~trainer.backends.DDPBackend` gives name-keyed optimizer shards that load at any
+    world size; :class:`~trainer.backends.deepspeed.DeepSpeedBackend` writes the engine's files.
+    """
 
     model: nn.Module
+
+    @property
+    def optimizer(self) -> Any:
+        """Has ``param_groups``, where the worker sets each step's learning rate."""
+        ...
 
     def train_step(self, batch: Batch, chunk_size: int | None = None) -> StepStats:
         """Run one step on this rank's micro-batch (in chunks of ``chunk_size`` examples if given);
         collective: every rank calls it."""
-        ...
-
-    def optimizer_state(self) -> dict[str, Any]:
-        """This rank's part of the optimizer state, loadable at another world size."""
-        ...
-
-    def load_optimizer_state(self, shards: Sequence[dict[str, Any]]) -> None:
-        """Load from the parts saved by every rank of an earlier run."""
         ...
