@@ -196,13 +196,20 @@ class RayLauncher:
         return totals
 
     def checkpoints(self, job_id: str) -> list[CheckpointInfo]:
-        """The job's kept checkpoints, oldest first."""
+        """The job's checkpoints that Ray Train registered (the ones a retry can resume from),
+        oldest first. Read from Ray Train's own snapshot: a directory written while the job was
+        being stopped, but never registered, is not listed."""
+        run = self.layout.checkpoint_dir(job_id)
+        try:
+            snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return []
         found = []
-        for directory in self.layout.checkpoint_dir(job_id).glob("checkpoint_*"):
-            progress = directory / "progress.json"
-            if not progress.exists():  # still being written, or not one of ours
+        for result in snapshot.get("checkpoint_results", []):
+            directory = run / result["checkpoint_dir_name"]
+            if not directory.exists():
                 continue
-            step = int(json.loads(progress.read_text())["step"])
-            created = datetime.fromtimestamp(progress.stat().st_mtime, UTC)
+            created = datetime.fromtimestamp(directory.stat().st_mtime, UTC)
+            step = int(result["metrics"]["step"])
             found.append(CheckpointInfo(directory.name, step, str(directory), created))
         return sorted(found, key=lambda c: c.step)

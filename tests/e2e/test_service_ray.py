@@ -1,0 +1,208 @@
+"""The service end to end on its embedded defaults: a real `hutch serve` (uvicorn, SQLite) that
+starts its own local Ray head, real training jobs submitted through Ray's job API, driven over
+HTTP with curl and with the Python client.
+
+Covers: a digits job followed to SUCCEEDED (metrics, logs, checkpoints, the Ray job behind it);
+cancelling a running job and retrying it from its checkpoint; SIGKILL of the service while a
+job runs; jobs that can never fit the cluster; the clean stop taking the local Ray head down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from api.client import Client
+from tests.e2e.conftest import TOKEN, ServiceProcess, free_port, stop_local_ray, wait_for
+from tests.e2e.test_api_contract import spec_with
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    data_dir = tmp_path_factory.mktemp("service")
+    env = {"HUTCH_LOCAL_RAY_NUM_CPUS": "2", "HUTCH_LOCAL_RAY_DASHBOARD_PORT": str(free_port())}
+    service = ServiceProcess(data_dir, env)
+    service.start()
+    try:
+        yield service
+    finally:
+        if service.process is not None and service.process.poll() is None:
+            service.stop()
+        stop_local_ray(data_dir)
+
+
+@pytest.fixture()
+def client(service: ServiceProcess) -> Iterator[Client]:
+    with Client(service.url, TOKEN) as c:
+        yield c
+
+
+def ray_jobs(service: ServiceProcess) -> Any:
+    """Ray's own job client on the service's local head (to check what the service did)."""
+    from ray.job_submission import JobSubmissionClient
+
+    dashboard = json.loads((service.data_dir / "local-ray.json").read_text())["dashboard_url"]
+    return JobSubmissionClient(dashboard)
+
+
+def curl(service: ServiceProcess, *args: str, timeout: float = 60) -> str:
+    command = ["curl", "-sS", "-f", "-H", f"Authorization: Bearer {TOKEN}", *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=timeout).stdout
+
+
+def test_digits_job_over_curl_to_success(service: ServiceProcess) -> None:
+    spec = spec_with(
+        name="e2e-digits",
+        **{
+            "training.steps": 60,
+            "training.checkpoint_every": 20,
+            "training.eval_every": 30,
+            "training.log_every": 5,
+        },
+    )
+    job = json.loads(
+        curl(service, "-X", "POST", f"{service.url}/v1/jobs", "-H", "Content-Type: application/json",
+             "-d", json.dumps(spec))
+    )  # fmt: skip
+    job_id = job["id"]
+    assert job["state"] == "QUEUED" and job["steps"] == 60
+    follow_url = f"{service.url}/v1/jobs/{job_id}/logs?follow=true"
+    follower = subprocess.Popen(  # follows the log from the start; must end by itself with the job
+        ["curl", "-sS", "-N", "-H", f"Authorization: Bearer {TOKEN}", follow_url],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+    def state() -> str | None:
+        current = json.loads(curl(service, f"{service.url}/v1/jobs/{job_id}"))
+        return current if current["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") else None
+
+    final = wait_for(state, 300, "the digits job to finish", interval=1)
+    assert final["state"] == "SUCCEEDED", final["failure_reason"]
+    assert final["attempt"] == 1 and final["started_at"] and final["finished_at"]
+    assert final["latest_metrics"]["step"] == 60 and final["latest_metrics"]["eval_accuracy"] > 0.8
+    assert final["ray_dashboard_url"].endswith(f"/#/jobs/{final['ray_job_id']}")
+
+    followed, _ = follower.communicate(timeout=60)  # returns only because the stream ended
+    assert follower.returncode == 0
+    assert "[hutch] step 60/60" in followed and f"job {job_id} succeeded" in followed
+
+    records = json.loads(curl(service, f"{service.url}/v1/jobs/{job_id}/metrics"))["records"]
+    assert [r["step"] for r in records] == list(range(5, 61, 5))
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < 0.5 * first, (first, last)
+    later = json.loads(curl(service, f"{service.url}/v1/jobs/{job_id}/metrics?since=50"))["records"]
+    assert [r["step"] for r in later] == [55, 60]
+
+    tail = curl(service, f"{service.url}/v1/jobs/{job_id}/logs?tail=3").splitlines()
+    assert len(tail) == 3 and f"job {job_id} succeeded" in "\n".join(tail)
+    checkpoints = json.loads(curl(service, f"{service.url}/v1/jobs/{job_id}/checkpoints"))["checkpoints"]
+    assert [c["step"] for c in checkpoints] == [20, 40, 60]
+
+    info = ray_jobs(service).get_job_info(final["ray_job_id"])
+    assert str(info.status.value) == "SUCCEEDED" and info.metadata["hutch_job_id"] == job_id
+
+
+def test_cancel_a_running_job_then_retry_resumes_from_its_checkpoint(
+    service: ServiceProcess, client: Client
+) -> None:
+    spec = spec_with(
+        name="e2e-cancel",
+        **{"training.steps": 100_000, "training.checkpoint_every": 25, "training.eval_every": 100_000,
+           "training.log_every": 5, "scaling.num_workers": 1, "training.global_batch_size": 32},
+    )  # fmt: skip
+    job = client.submit(spec)
+    wait_for(lambda: client.checkpoints(job.id).checkpoints, 300, "a first checkpoint", interval=1)
+    running = client.get(job.id)
+    assert running.state == "RUNNING"
+    cancelled = client.cancel(job.id)
+    assert cancelled.cancel_requested or cancelled.state == "CANCELLED"
+    final = client.wait(job.id, timeout=120, poll_interval=0.5)
+    assert final.state == "CANCELLED" and final.failure_reason is None
+    assert str(ray_jobs(service).get_job_info(running.ray_job_id).status.value) == "STOPPED"
+    saved = [c.step for c in client.checkpoints(job.id).checkpoints]
+    assert saved and all(step % 25 == 0 for step in saved)
+
+    retried = client.retry(job.id)
+    assert retried.state == "QUEUED" and retried.attempt == 2
+    resumed_at = None
+    for line in client.logs(job.id, follow=True):  # attempt 2's log
+        match = re.search(r"resumed from the checkpoint at step (\d+)", line)
+        if match:
+            resumed_at = int(match.group(1))
+            break
+    assert resumed_at == max(saved)
+    wait_for(lambda: (client.get(job.id).latest_metrics or {}).get("step", 0) > resumed_at, 120, "progress")
+    records = client.metrics(job.id).records
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), "records of a step appear twice after the resume"
+    client.cancel(job.id)
+    assert client.wait(job.id, timeout=120, poll_interval=0.5).state == "CANCELLED"
+    assert [(e.attempt, e.state) for e in client.events(job.id)] == [
+        (1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "CANCELLED"),
+        (2, "QUEUED"), (2, "STARTING"), (2, "RUNNING"), (2, "CANCELLED"),
+    ]  # fmt: skip
+    first_attempt_log = list(client.logs(job.id, attempt=1, tail=200))
+    assert not any("resumed from the checkpoint" in line for line in first_attempt_log)
+
+
+def test_sigkill_of_the_service_loses_nothing(service: ServiceProcess, client: Client) -> None:
+    spec = spec_with(
+        name="e2e-sigkill",
+        **{"training.steps": 600, "training.checkpoint_every": 300, "training.eval_every": 600,
+           "training.log_every": 10, "scaling.num_workers": 1, "training.global_batch_size": 32},
+    )  # fmt: skip
+    job = client.submit(spec)
+    wait_for(lambda: client.get(job.id).latest_metrics, 300, "the job's first metric record", interval=0.5)
+    ray_job_id = client.get(job.id).ray_job_id
+    service.kill()
+    assert str(ray_jobs(service).get_job_info(ray_job_id).status.value) == "RUNNING"  # the job kept running
+    service.start()
+    final = client.wait(job.id, timeout=300, poll_interval=0.5)
+    assert final.state == "SUCCEEDED", final.failure_reason
+    assert final.latest_metrics and final.latest_metrics["step"] == 600
+    states = [e.state for e in client.events(job.id)]
+    assert states == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+    mine = [j for j in ray_jobs(service).list_jobs() if (j.metadata or {}).get("hutch_job_id") == job.id]
+    assert [j.submission_id for j in mine] == [ray_job_id], "the job was submitted to Ray more than once"
+    assert len([j for j in client.iter_jobs() if j.id == job.id]) == 1
+
+
+def test_jobs_that_can_never_fit_are_refused(service: ServiceProcess, client: Client) -> None:
+    from api.client import InvalidRequest
+
+    too_many = spec_with(name="e2e-huge", **{"scaling.num_workers": 4, "training.global_batch_size": 64})
+    with pytest.raises(InvalidRequest) as refused:
+        client.submit(too_many)
+    assert refused.value.code == "unschedulable" and "needs 4 CPUs" in refused.value.message
+    assert "the cluster has 2" in refused.value.message
+    gpus = spec_with(name="e2e-gpu", **{"scaling.use_gpu": True, "scaling.gpus_per_worker": 1})
+    with pytest.raises(InvalidRequest) as refused:
+        client.submit(gpus)
+    assert refused.value.code == "unschedulable" and "no GPUs" in refused.value.message
+    assert not [j for j in client.iter_jobs() if j.name in ("e2e-huge", "e2e-gpu")]
+
+
+def test_a_clean_stop_takes_the_local_ray_head_down(service: ServiceProcess) -> None:
+    head = json.loads((service.data_dir / "local-ray.json").read_text())
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status reports it
+    assert service.stop() in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in service.log_tail()
+
+    def head_gone() -> bool:
+        try:
+            os.killpg(head["pid"], 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(head_gone, 60, "the local Ray head to exit")
+    assert not (service.data_dir / "local-ray.json").exists()
