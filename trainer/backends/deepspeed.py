@@ -105,6 +105,7 @@ class DeepSpeedBackend:
         precision: str = "fp32",
     ) -> None:
         import deepspeed  # the optional extra; see the module docstring
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the progress
         self.loss_fn = loss_fn
@@ -115,6 +116,12 @@ class DeepSpeedBackend:
             config=deepspeed_config(zero_stage, precision),
             dist_init_required=False,
         )
+        if not isinstance(self.engine.optimizer, DeepSpeedZeroOptimizer):
+            raise RuntimeError(
+                f"DeepSpeed {deepspeed.__version__} wrapped the optimizer in "
+                f"{type(self.engine.optimizer).__name__}, not its ZeRO stage 1/2 optimizer; "
+                "this backend needs the flat partitions of the latter"
+            )
         self.model: nn.Module = self.engine.module
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.dtype = self.params[0].dtype
