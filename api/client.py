@@ -44,7 +44,7 @@ from api.schemas import (
     JobPage,
     MetricRecords,
 )
-from service.settings import Settings
+from service.settings import TokenSettings
 from trainer.spec import JobSpec, load_spec
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -131,7 +131,7 @@ def _resolve_token(token: str | None = None) -> str | None:
     if token:
         return token
     try:
-        settings = Settings()
+        settings = TokenSettings()
     except ValidationError as exc:
         raise HutchError(
             f"cannot look for the API token in the HUTCH_* settings (set HUTCH_TOKEN instead):\n"

@@ -16,8 +16,9 @@ from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-class Settings(BaseSettings):
-    """Every knob of the control plane; ``hutch serve --help`` prints this table."""
+class TokenSettings(BaseSettings):
+    """The settings a client on the service's machine needs to find the API token, and no more
+    (so an unrelated bad variable, e.g. ``RAY_ADDRESS=ray://…``, does not stop a client)."""
 
     model_config = SettingsConfigDict(env_prefix="HUTCH_", extra="ignore", populate_by_name=True)
 
@@ -25,6 +26,44 @@ class Settings(BaseSettings):
         default=Path.home() / ".hutch",
         description="Where the SQLite file, the generated API token and the local Ray head's record live.",
     )
+    api_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer tokens accepted on /v1. Unset: one is generated into "
+        "DATA_DIR/api-token (mode 600), where the CLI finds it.",
+    )
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [token.strip() for token in value.split(",") if token.strip()]
+        return value
+
+    @property
+    def token_file(self) -> Path:
+        return self.data_dir.expanduser().absolute() / "api-token"
+
+    def accepted_tokens(self) -> list[str]:
+        """The configured tokens, or the generated one (created on first use)."""
+        if self.api_tokens:
+            return self.api_tokens
+        if not self.token_file.exists():
+            import secrets
+
+            self.token_file.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process created it first
+                pass
+            else:
+                with os.fdopen(fd, "w") as out:
+                    out.write(secrets.token_urlsafe(32) + "\n")
+        return [self.token_file.read_text().strip()]
+
+
+class Settings(TokenSettings):
+    """Every knob of the control plane; ``hutch serve --help`` prints this table."""
+
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL of the job store, e.g. postgresql+psycopg://user:pw@host/hutch "
@@ -47,11 +86,6 @@ class Settings(BaseSettings):
         description="Shared storage for run directories (metrics, logs) and checkpoints, visible to the "
         "service and every Ray node [DATA_DIR/storage].",
     )
-    api_tokens: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Comma-separated bearer tokens accepted on /v1. Unset: one is generated into "
-        "DATA_DIR/api-token (mode 600), where the CLI finds it.",
-    )
     max_request_bytes: PositiveInt = Field(
         default=1_048_576, description="Largest request body accepted; larger ones get 413."
     )
@@ -73,13 +107,6 @@ class Settings(BaseSettings):
     local_ray_dashboard_port: PositiveInt = Field(
         default=8265, description="Dashboard port of the local Ray head (a free one if taken)."
     )
-
-    @field_validator("api_tokens", mode="before")
-    @classmethod
-    def _split_tokens(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [token.strip() for token in value.split(",") if token.strip()]
-        return value
 
     @field_validator("ray_address")
     @classmethod
@@ -106,26 +133,6 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_path(self) -> Path:
         return (self.storage_path or self.resolved_data_dir / "storage").expanduser().absolute()
-
-    @property
-    def token_file(self) -> Path:
-        return self.resolved_data_dir / "api-token"
-
-    def accepted_tokens(self) -> list[str]:
-        """The configured tokens, or the generated one (created on first use)."""
-        if self.api_tokens:
-            return self.api_tokens
-        if not self.token_file.exists():
-            import secrets
-
-            try:
-                fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process created it first
-                pass
-            else:
-                with os.fdopen(fd, "w") as out:
-                    out.write(secrets.token_urlsafe(32) + "\n")
-        return [self.token_file.read_text().strip()]
 
 
 def settings_table() -> list[tuple[str, str, str]]:
