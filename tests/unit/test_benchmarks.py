@@ -12,10 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_quick(name: str, out: Path, timeout: float) -> dict:
-    """Run ``benchmarks/NAME.py --quick`` into ``out``; return its JSON report (plot checked too)."""
+def run_quick(name: str, out: Path, timeout: float, *extra: str) -> dict:
+    """Run ``benchmarks/NAME.py --quick EXTRA...`` into ``out``; return its JSON report (plot checked)."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / f"benchmarks/{name}.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / f"benchmarks/{name}.py"), "--quick", "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -41,3 +41,19 @@ def test_sharded_cost_quick(tmp_path: Path) -> None:
     assert [w["world_size"] for w in report["worlds"]] == [1, 2, 4]
     assert report["summary"]["reported_equals_ring"] is True
     assert report["summary"]["max_reported_over_minimum"] < 1.2
+
+
+@pytest.mark.slow
+def test_service_latency_quick_api(tmp_path: Path) -> None:
+    # Part A only: part B (a local Ray head and two training jobs) takes minutes; run it by hand.
+    report = run_quick("service_latency", tmp_path, 300, "--part", "api")
+    api = report["api"]
+    assert [p["phase"] for p in api["phases"]] == ["submit", "list", "mixed"]
+    for phase in api["phases"]:
+        for op, row in phase["ops"].items():
+            assert row["errors"] == {}, (phase["phase"], op, row["errors"])
+            assert row["p50_ms"] > 0
+    assert api["jobs_submitted"] == 2 * 20 * 3
+    assert api["stored_after_total"] == 500 + api["jobs_submitted"]
+    assert api["server_log"]["tracebacks_or_db_errors"] == 0
+    assert "ray" not in report
