@@ -196,6 +196,9 @@ class ControlPlane:
             checks["ray"] = "ok"
         except RayUnavailable as error:
             checks["ray"] = f"error: {error}"
+        # Ray can answer and still refuse jobs (e.g. no job agent): the reconciler's last try says so.
+        last_error = self.reconciler.last_error
+        checks["job_submission"] = f"error: {last_error}" if last_error else "ok"
         return checks
 
     def state_counts(self) -> Mapping[JobState, int]:
