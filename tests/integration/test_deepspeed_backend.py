@@ -39,11 +39,14 @@ def loss_fn(model: torch.nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(batch[0], batch[1]), batch[2])
 
 
-def _train(backend: Any, start: int, stop: int, rank: int, chunk_size: int | None = None) -> dict[str, Any]:
+def _train(
+    backend: Any, start: int, stop: int, rank: int, chunk_size: int | None = None, freq: int | None = 3
+) -> dict[str, Any]:
+    """Steps ``start``…``stop - 1``; ``freq`` is the Hessian frequency (None: a first-order run)."""
     losses, traces = [], []
     for step in range(start, stop):
         stats = backend.train_step(micro_batch(step, rank, WORLD), chunk_size)
-        assert stats.step == step + 1 and stats.hessian_step == (step % 3 == 0)
+        assert stats.step == step + 1 and stats.hessian_step == (freq is not None and step % freq == 0)
         losses.append(stats.loss)
         traces.append(stats.hessian_trace)
     params = {n: p.detach().float().clone() for n, p in backend.model.named_parameters()}
@@ -89,6 +92,10 @@ def _worker(rank: int, port: int, directory: str) -> None:
             schedule = (resumed.optimizer.steps_done, resumed.optimizer.hessian_steps_done)
             results[f"resumed{stage}"] = {**_train(resumed, 5, STEPS, rank), "schedule": schedule}
         results["zero2_chunks"] = _train(deepspeed(2), 0, STEPS, rank, chunk_size=2)
+        adamw = dict(name="adamw", lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+        results["ddp_adamw"] = _train(DDPBackend(make_model(), loss_fn, adamw), 0, 5, rank, freq=None)
+        backend = DeepSpeedBackend(make_model(), loss_fn, adamw, zero_stage=1)
+        results["zero1_adamw"] = _train(backend, 0, 5, rank, freq=None)
         results["bf16"] = _train(deepspeed(2, "bf16"), 0, STEPS, rank)
         # bf16 trains: ZeRO-1 fitting one fixed batch.
         backend = deepspeed(1, "bf16")
@@ -135,6 +142,13 @@ def test_zero_fp32_equals_ddp_and_single_process(runs, reference, run: str) -> N
         assert_same_run(per_rank[run], ref_params, ref_losses)
         assert_same_run(per_rank[run], per_rank["ddp"]["params"], per_rank["ddp"]["losses"])
         assert per_rank[run]["traces"] == pytest.approx(per_rank["ddp"]["traces"], rel=1e-5)
+
+
+def test_first_order_baseline_under_zero_equals_the_ddp_path(runs) -> None:
+    for per_rank in runs:
+        zero, ddp = per_rank["zero1_adamw"], per_rank["ddp_adamw"]
+        assert_same_run(zero, ddp["params"], ddp["losses"])
+        assert zero["traces"] == [None] * 5
 
 
 @pytest.mark.parametrize("stage", [1, 2])
