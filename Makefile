@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/hutch train examples/digits-adahessian.yaml
+	BIN=$(BIN) scripts/run-example.sh examples/digits-adahessian.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
