@@ -111,13 +111,18 @@ def stop_local_ray(data_dir: Path) -> None:
             time.sleep(3)
 
 
-@pytest.fixture(scope="module")
-def lite_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def lite_service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
     """A service whose Ray cluster is unreachable: jobs are stored and stay QUEUED, nothing trains.
+    Once on its default SQLite file, once on a real Postgres server.
 
     For what needs only the API and the store (validation, auth, idempotency, paging)."""
-    unreachable = f"http://127.0.0.1:{free_port()}"
-    service = ServiceProcess(tmp_path_factory.mktemp("lite"), {"HUTCH_RAY_ADDRESS": unreachable})
+    env = {"HUTCH_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"}
+    if request.param == "postgres":
+        env["HUTCH_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+    service = ServiceProcess(tmp_path_factory.mktemp(f"lite-{request.param}"), env)
     service.start(ready_path="/healthz")
     try:
         yield service

@@ -1,0 +1,19 @@
+"""Fixtures shared by several test folders."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real, throwaway Postgres server (pgserver's bundled binaries), as a SQLAlchemy URL."""
+    pgserver = pytest.importorskip("pgserver")
+    server = pgserver.get_server(tempfile.mkdtemp(prefix="hutch-pg-"), cleanup_mode="stop")
+    try:
+        yield server.get_uri().replace("postgresql://", "postgresql+psycopg://")
+    finally:
+        server.cleanup()
