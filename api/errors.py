@@ -16,7 +16,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.schemas import ErrorBody, ErrorDetail, ErrorResponse
-from service.control_plane import JobNotFound, Unschedulable, WrongState
+from service.admission import Unschedulable
+from service.control_plane import JobNotFound, WrongState
 from service.store import BadCursor, IdempotencyConflict
 from trainer.spec import validation_problem
 

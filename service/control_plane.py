@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from service.admission import check_fits
 from service.launcher import RayLauncher, RayUnavailable, RunLayout
 from service.lifecycle import ACTIVE_STATES, RETRYABLE_STATES, TERMINAL_STATES, JobState
 from service.local_ray import LocalRayHead, ensure_local_head, stop_local_head
@@ -26,14 +27,6 @@ class JobNotFound(LookupError):
 
 class WrongState(Exception):
     """The action does not apply to the job in its current state."""
-
-
-class Unschedulable(ValueError):
-    """The job asks for more than the cluster has or can grow to."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -140,45 +133,14 @@ class ControlPlane:
 
     # -- admission ------------------------------------------------------------------------
     def check_fits(self, spec: JobSpec) -> None:
-        """Refuse a job that can never be scheduled: more CPUs or GPUs than the cluster has (or
-        can autoscale to), or GPUs on a CPU-only cluster. Unknown when Ray is down: accepted."""
-        s = spec.scaling
+        """Refuse a job that can never be scheduled (see :mod:`service.admission`); when Ray
+        cannot be asked, accept it: it waits QUEUED and Ray decides."""
         try:
-            totals = self.launcher.capacity()
+            capacity = self.launcher.capacity()
         except RayUnavailable as error:
             log.warning("admission check skipped: %s", error)
             return
-        cpus = self.settings.max_cluster_cpus or totals.get("CPU", 0.0)
-        gpus = (
-            self.settings.max_cluster_gpus
-            if self.settings.max_cluster_gpus is not None
-            else totals.get("GPU", 0.0)
-        )
-        need_cpus = s.num_workers * s.cpus_per_worker
-        if need_cpus > cpus:
-            raise Unschedulable(
-                "scaling",
-                f"needs {need_cpus:g} CPUs ({s.num_workers} workers x {s.cpus_per_worker:g}) "
-                f"but the cluster has {cpus:g}{self._growth_hint('CPUS')}",
-            )
-        if s.use_gpu:
-            need_gpus = s.num_workers * s.gpus_per_worker
-            if gpus == 0:
-                raise Unschedulable(
-                    "scaling.use_gpu",
-                    f"the cluster has no GPUs{self._growth_hint('GPUS')}; set use_gpu: false",
-                )
-            if need_gpus > gpus:
-                raise Unschedulable(
-                    "scaling",
-                    f"needs {need_gpus:g} GPUs ({s.num_workers} workers x {s.gpus_per_worker:g}) "
-                    f"but the cluster has {gpus:g}{self._growth_hint('GPUS')}",
-                )
-
-    def _growth_hint(self, resource: str) -> str:
-        if getattr(self.settings, f"max_cluster_{resource.lower()}") is not None:
-            return " even at its autoscaling limit"
-        return f" (set HUTCH_MAX_CLUSTER_{resource} if it autoscales)"
+        check_fits(spec, capacity, self.settings.max_cluster_cpus, self.settings.max_cluster_gpus)
 
     # -- views ----------------------------------------------------------------------------
     def dashboard_url(self, job: JobRecord) -> str | None:

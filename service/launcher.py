@@ -29,6 +29,8 @@ from typing import Any
 
 import httpx
 
+from service.admission import ClusterCapacity
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -87,7 +89,7 @@ class RayLauncher:
         self.python = sys.executable if local else "python"
         self._client: Any = None
         self._lock = threading.Lock()
-        self._capacity: tuple[float, dict[str, float]] | None = None
+        self._capacity: tuple[float, ClusterCapacity] | None = None
 
     @property
     def client(self) -> Any:
@@ -173,8 +175,8 @@ class RayLauncher:
         except httpx.HTTPError as error:
             raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
 
-    def capacity(self, max_age_s: float = 10.0) -> dict[str, float]:
-        """Total resources of the cluster's alive nodes (``CPU``, ``GPU``, …), cached briefly."""
+    def capacity(self, max_age_s: float = 10.0) -> ClusterCapacity:
+        """Resources (``CPU``, ``GPU``, …) of the cluster's alive nodes, cached briefly."""
         now = time.monotonic()
         if self._capacity is not None and now - self._capacity[0] < max_age_s:
             return self._capacity[1]
@@ -187,13 +189,15 @@ class RayLauncher:
                 f"cannot read the cluster's resources from {self.address}: {error}"
             ) from error
         totals: dict[str, float] = {}
+        largest: dict[str, float] = {}
         for node in nodes:
             if node.get("state") != "ALIVE":
                 continue
             for resource, amount in (node.get("resources_total") or {}).items():
                 totals[resource] = totals.get(resource, 0.0) + float(amount)
-        self._capacity = (now, totals)
-        return totals
+                largest[resource] = max(largest.get(resource, 0.0), float(amount))
+        self._capacity = (now, ClusterCapacity(totals, largest))
+        return self._capacity[1]
 
     def checkpoints(self, job_id: str) -> list[CheckpointInfo]:
         """The job's checkpoints that Ray Train registered (the ones a retry can resume from),

@@ -1,0 +1,62 @@
+"""Admission: refuse a job that could never be scheduled, instead of letting it wait forever.
+
+A job needs ``num_workers`` workers of ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs
+with ``use_gpu``). It can never run if the cluster has fewer in total, if no single node is big
+enough for one worker, or if it asks for GPUs on a cluster without any. An autoscaling limit
+(``HUTCH_MAX_CLUSTER_CPUS``/``_GPUS``) replaces the current total and lifts the per-node check
+for that resource, since new nodes may be bigger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class ClusterCapacity:
+    """Resources of the cluster's alive nodes: summed, and the largest single node's."""
+
+    total: dict[str, float]
+    largest_node: dict[str, float]
+
+
+class Unschedulable(ValueError):
+    """The job asks for more than the cluster has or can grow to; ``field`` names the spec part."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def check_fits(
+    spec: JobSpec, capacity: ClusterCapacity, max_cpus: float | None = None, max_gpus: float | None = None
+) -> None:
+    """Raise :class:`Unschedulable` if ``spec`` can never be scheduled on the cluster."""
+    s = spec.scaling
+    needs = [("CPU", s.cpus_per_worker, max_cpus, "scaling.cpus_per_worker")]
+    if s.use_gpu:
+        needs.append(("GPU", s.gpus_per_worker, max_gpus, "scaling.gpus_per_worker"))
+    for resource, per_worker, limit, field in needs:
+        hint = (
+            " even at its autoscaling limit"
+            if limit is not None
+            else f" (set HUTCH_MAX_CLUSTER_{resource}S if it autoscales)"
+        )
+        available = limit if limit is not None else capacity.total.get(resource, 0.0)
+        if resource == "GPU" and available == 0:
+            raise Unschedulable("scaling.use_gpu", f"the cluster has no GPUs{hint}; set use_gpu: false")
+        needed = s.num_workers * per_worker
+        if needed > available:
+            raise Unschedulable(
+                "scaling",
+                f"needs {needed:g} {resource}s ({s.num_workers} workers x {per_worker:g}) "
+                f"but the cluster has {available:g}{hint}",
+            )
+        largest = capacity.largest_node.get(resource, 0.0)
+        if limit is None and per_worker > largest:
+            raise Unschedulable(
+                field,
+                f"one worker needs {per_worker:g} {resource}s but the largest node has {largest:g}{hint}",
+            )

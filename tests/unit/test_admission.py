@@ -1,0 +1,77 @@
+"""Admission arithmetic: which jobs can never be scheduled on a cluster of given nodes.
+
+The cluster's resources are given as numbers here; the service reads them from Ray's nodes API
+(exercised with a real local Ray head in tests/e2e/test_service_ray.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from service.admission import ClusterCapacity, Unschedulable, check_fits
+from trainer.spec import validate_spec
+
+TWO_NODES = ClusterCapacity(total={"CPU": 8.0, "GPU": 2.0}, largest_node={"CPU": 4.0, "GPU": 1.0})
+CPU_ONLY = ClusterCapacity(total={"CPU": 8.0}, largest_node={"CPU": 4.0})
+
+
+def spec(**scaling: Any) -> Any:
+    batch = 8 * scaling.get("num_workers", 1)
+    return validate_spec(
+        {
+            "name": "a",
+            "model": "mlp",
+            "data": "digits",
+            "scaling": scaling,
+            "training": {"global_batch_size": batch},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("scaling", "capacity", "limits", "field", "fragment"),
+    [
+        ({"num_workers": 9}, CPU_ONLY, {}, "scaling", "needs 9 CPUs (9 workers x 1) but the cluster has 8"),
+        (
+            {"num_workers": 1, "cpus_per_worker": 6},
+            CPU_ONLY,
+            {},
+            "scaling.cpus_per_worker",
+            "largest node has 4",
+        ),
+        ({"use_gpu": True, "gpus_per_worker": 1}, CPU_ONLY, {}, "scaling.use_gpu", "no GPUs"),
+        ({"num_workers": 3, "use_gpu": True, "gpus_per_worker": 1}, TWO_NODES, {}, "scaling", "needs 3 GPUs"),
+        (
+            {"use_gpu": True, "gpus_per_worker": 2},
+            TWO_NODES,
+            {},
+            "scaling.gpus_per_worker",
+            "largest node has 1",
+        ),
+        ({"num_workers": 20}, CPU_ONLY, {"max_cpus": 16}, "scaling", "even at its autoscaling limit"),
+        ({"use_gpu": True, "gpus_per_worker": 1}, CPU_ONLY, {"max_gpus": 0}, "scaling.use_gpu", "no GPUs"),
+    ],
+)
+def test_jobs_that_can_never_run_are_refused(
+    scaling: dict, capacity: ClusterCapacity, limits: dict, field: str, fragment: str
+) -> None:
+    with pytest.raises(Unschedulable) as refused:
+        check_fits(spec(**scaling), capacity, **limits)
+    assert refused.value.field == field and fragment in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("scaling", "capacity", "limits"),
+    [
+        ({"num_workers": 8}, CPU_ONLY, {}),
+        ({"num_workers": 2, "use_gpu": True, "gpus_per_worker": 1}, TWO_NODES, {}),
+        ({"num_workers": 16}, CPU_ONLY, {"max_cpus": 16}),  # the cluster can grow to it
+        ({"cpus_per_worker": 6}, CPU_ONLY, {"max_cpus": 16}),  # bigger nodes may come
+        ({"num_workers": 4, "use_gpu": True, "gpus_per_worker": 1}, CPU_ONLY, {"max_gpus": 8}),
+    ],
+)
+def test_jobs_that_fit_now_or_after_scaling_are_admitted(
+    scaling: dict, capacity: ClusterCapacity, limits: dict
+) -> None:
+    check_fits(spec(**scaling), capacity, **limits)
