@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from trainer.backends import DDPBackend, StepStats
-from trainer.backends.deepspeed import DeepSpeedBackend
+from trainer.backends import DDPBackend, DeepSpeedBackend, StepStats
 from trainer.checkpoint import (
     DEEPSPEED_DIR,
     TrainingState,

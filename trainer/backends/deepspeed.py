@@ -155,6 +155,7 @@ class DeepSpeedBackend:
 
     @property
     def hessian_due(self) -> bool:
+        """Whether the next :meth:`train_step` takes Hessian products (never for first-order runs)."""
         return isinstance(self.optimizer, PartitionedAdaHessian) and self.optimizer.hessian_due
 
     def train_step(self, batch: Batch, chunk_size: int | None = None) -> StepStats:
