@@ -63,6 +63,7 @@ class ControlPlane:
     def close(self) -> None:
         """Stop following jobs; with a local head, stop it too and say so on the jobs it ran."""
         self.reconciler.stop()
+        self.launcher.close()
         if self.local_head is not None:
             stop_local_head(self.local_head, self.settings.resolved_data_dir)
             reason = (

@@ -13,7 +13,7 @@ import logging
 import threading
 from pathlib import Path
 
-from service.launcher import RayJob, RayLauncher, RayUnavailable
+from service.launcher import RayJob, RayLauncher, RayRefused, RayUnavailable
 from service.lifecycle import JobState
 from service.runfiles import last_record, tail_lines
 from service.store import JobRecord, JobStore
@@ -56,19 +56,20 @@ class Reconciler:
             self._wake.clear()
 
     def reconcile_once(self) -> None:
-        errors = []
+        error = None
         for job in self.store.in_states(UNFINISHED):
             if self._stop.is_set():
                 return
             try:
                 self._reconcile(job)
-            except RayUnavailable as error:
-                errors.append(str(error))
+            except RayUnavailable as unavailable:  # the same for every job: try again next tick
+                error = str(unavailable)
+                break
             except Exception:  # one bad job must not stop the others
                 log.exception("reconciling job %s failed", job.id)
-        if errors and errors[0] != self.last_error:
-            log.warning("Ray is unavailable; jobs wait: %s", errors[0])
-        self.last_error = errors[0] if errors else None
+        if error and error != self.last_error:
+            log.warning("Ray is unavailable; jobs wait: %s", error)
+        self.last_error = error
 
     def _reconcile(self, job: JobRecord) -> None:
         if job.state == JobState.QUEUED:
@@ -95,7 +96,14 @@ class Reconciler:
         submission_id = self.launcher.submission_id(job.id, job.attempt)
         if self.launcher.status(submission_id) is None:  # not submitted before a crash
             self._clear_outcome(job.id)
-            self.launcher.submit(job.id, job.attempt, job.spec, job.name)
+            try:
+                self.launcher.submit(job.id, job.attempt, job.spec, job.name)
+            except RayRefused as refused:
+                self.store.move(
+                    job.id, JobState.QUEUED, JobState.FAILED, attempt=job.attempt,
+                    message=str(refused), failure_reason=str(refused),
+                )  # fmt: skip
+                return
         moved = self.store.move(
             job.id, JobState.QUEUED, JobState.STARTING, attempt=job.attempt,
             message=f"submitted as Ray job {submission_id}", ray_job_id=submission_id,
