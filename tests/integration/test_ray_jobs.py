@@ -49,11 +49,15 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     gcs_port, metrics_port = _free_port(), _free_port()
     # Token authentication (Ray's default for `ray start`) is off for this loopback-only cluster.
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled"}
-    subprocess.run(
+    # In a session of its own: its process group is this cluster alone, so the teardown ends it
+    # without `ray stop`, which would end every Ray instance on the machine.
+    starter = subprocess.Popen(
         [str(RAY), "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--object-store-memory=200000000",
          f"--metrics-export-port={metrics_port}", "--include-dashboard=false", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=120,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
+    _, errors = starter.communicate(timeout=120)
+    assert starter.returncode == 0, errors.decode()[-2000:]
     try:
         yield {
             "address": f"127.0.0.1:{gcs_port}",
@@ -62,7 +66,22 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             "env": env,
         }
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _end_process_group(starter.pid)
+
+
+def _end_process_group(pgid: int, grace: float = 3) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def start_job(cluster: dict[str, Any], spec: dict[str, Any], run_dir: Path, job_id: str) -> subprocess.Popen:
