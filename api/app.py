@@ -8,7 +8,7 @@ the models of :mod:`api.schemas`. Every ``/v1`` route needs a bearer token; ``/h
 # No `from __future__ import annotations`: FastAPI must see route annotations that use local names.
 import hmac
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, plane: ControlPlane | None = No
     registry = CollectorRegistry()
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    _install_request_metrics(app, registry)
+    app.add_middleware(RequestMetrics, registry=registry)
     app.include_router(_v1_router(tokens, settings))
     _install_probes(app, registry)
     return app
@@ -290,23 +290,34 @@ def _install_probes(app: FastAPI, registry: CollectorRegistry) -> None:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _install_request_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
-    requests = Counter(
-        "hutch_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=registry
-    )
-    latency = Histogram(
-        "hutch_http_request_duration_seconds", "Time to answer (to the first byte)", ["method", "route"],
-        registry=registry,
-    )  # fmt: skip
+class RequestMetrics:
+    """Counts answered requests by method, route template and status, and times them to the
+    first byte. Plain ASGI: Starlette's ``@app.middleware`` wrapper costs more than the routes."""
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter(
+            "hutch_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "hutch_http_request_duration_seconds", "Time to answer (to the first byte)", ["method", "route"],
+            registry=registry,
+        )  # fmt: skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         began = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        requests.labels(request.method, route, str(response.status_code)).inc()
-        latency.labels(request.method, route).observe(time.perf_counter() - began)
-        return response
+
+        async def observe(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.requests.labels(scope["method"], route, str(message["status"])).inc()
+                self.latency.labels(scope["method"], route).observe(time.perf_counter() - began)
+            await send(message)
+
+        await self.app(scope, receive, observe)
 
 
 class BodyLimit:

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from api.client import Client
-from tests.e2e.conftest import TOKEN, ServiceProcess, free_port, stop_local_ray, wait_for
+from tests.e2e.conftest import TOKEN, ServiceProcess, stop_local_ray
 from tests.e2e.test_api_contract import spec_with
+from tests.support import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
@@ -79,7 +79,28 @@ def adahessian_update(
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in steps])
 
 
-class AdaHessian(Optimizer):
+class ScheduleInStateDict(Optimizer):
+    """Adds the Hessian schedule (steps done, Hessian estimates made, last trace) to torch's
+    optimizer state dict, so a resumed run makes its Hessian steps where the original would."""
+
+    _schedule_attributes: ClassVar[dict[str, str]]
+    """Key in ``state_dict()["schedule"]`` → the attribute holding it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["schedule"] = {key: getattr(self, name) for key, name in self._schedule_attributes.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        schedule = state_dict.pop("schedule", None)
+        super().load_state_dict(state_dict)
+        if schedule is not None:
+            for key, name in self._schedule_attributes.items():
+                setattr(self, name, schedule[key])
+
+
+class AdaHessian(ScheduleInStateDict):
     """AdaHessian with delayed, seeded Hutchinson estimates.
 
     Two ways to drive it:
@@ -100,6 +121,12 @@ class AdaHessian(Optimizer):
 
     After each Hessian step :attr:`hessian_trace` holds the Hutchinson estimate of tr(H).
     """
+
+    _schedule_attributes: ClassVar[dict[str, str]] = {
+        "steps_done": "_steps_done",
+        "hessian_steps_done": "_hessian_steps_done",
+        "hessian_trace": "hessian_trace",
+    }
 
     def __init__(
         self,
@@ -354,26 +381,6 @@ class AdaHessian(Optimizer):
                 hessian_power=group["hessian_power"],
             )
 
-    # -- checkpoints ------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Torch's optimizer state plus the schedule counters and last trace."""
-        state = super().state_dict()
-        state["schedule"] = {
-            "steps_done": self._steps_done,
-            "hessian_steps_done": self._hessian_steps_done,
-            "hessian_trace": self.hessian_trace,
-        }
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        schedule = state_dict.pop("schedule", None)
-        super().load_state_dict(state_dict)
-        if schedule is not None:
-            self._steps_done = int(schedule["steps_done"])
-            self._hessian_steps_done = int(schedule["hessian_steps_done"])
-            self.hessian_trace = schedule["hessian_trace"]
 
 
 def check_hyperparameters(

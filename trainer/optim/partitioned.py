@@ -27,12 +27,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from torch.optim import Optimizer
 
-from trainer.optim.adahessian import NonFiniteError, adahessian_update, check_hyperparameters
+from trainer.optim.adahessian import (
+    NonFiniteError,
+    ScheduleInStateDict,
+    adahessian_update,
+    check_hyperparameters,
+)
 from trainer.optim.hutchinson import hessian_diagonal
 
 
@@ -47,13 +51,20 @@ class Fragment:
     numel: int
 
 
-class PartitionedAdaHessian(Optimizer):
+class PartitionedAdaHessian(ScheduleInStateDict):
     """AdaHessian whose parameters are flat slices that cut across tensors (see the module doc).
 
     Construct it on the model's parameters and pass it to ``deepspeed.initialize`` as the
     optimizer; then :meth:`bind_partition` once, and per training step: on Hessian steps
     :meth:`set_hessian_products` before the engine's step, and :meth:`finish_step` after it.
     """
+
+    # DeepSpeed saves and loads this optimizer's state dict with its own checkpoints.
+    _schedule_attributes: ClassVar[dict[str, str]] = {
+        "steps_done": "steps_done",
+        "hessian_steps_done": "hessian_steps_done",
+        "hessian_trace": "hessian_trace",
+    }
 
     def __init__(
         self,
@@ -194,24 +205,3 @@ class PartitionedAdaHessian(Optimizer):
                 piece.param_start : piece.param_start + piece.numel
             ]
         return diagonal
-
-    # -- checkpoints (DeepSpeed saves and loads this dict with its own) -----------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Torch's optimizer state (per slice) plus the schedule counters and last trace."""
-        state = super().state_dict()
-        state["schedule"] = {
-            "steps_done": self.steps_done,
-            "hessian_steps_done": self.hessian_steps_done,
-            "hessian_trace": self.hessian_trace,
-        }
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        schedule = state_dict.pop("schedule", None)
-        super().load_state_dict(state_dict)
-        if schedule is not None:
-            self.steps_done = int(schedule["steps_done"])
-            self.hessian_steps_done = int(schedule["hessian_steps_done"])
-            self.hessian_trace = schedule["hessian_trace"]
