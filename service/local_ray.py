@@ -138,6 +138,19 @@ def stop_local_head(head: LocalRayHead, data_dir: Path | None = None, grace: flo
             break
     if data_dir is not None:
         (data_dir / "local-ray.json").unlink(missing_ok=True)
+    _forget_current_cluster(head)
+
+
+def _forget_current_cluster(head: LocalRayHead) -> None:
+    """Remove Ray's "current cluster" record if it names this head (as `ray stop` would), so a
+    later `ray.init()` on this machine does not try to join a cluster that is gone."""
+    import tempfile
+
+    record = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        port = head.gcs_address.rsplit(":", 1)[1]
+        if record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
 
 
 def _group_alive(pgid: int) -> bool:

@@ -48,7 +48,9 @@ def _connect_ray(spec: JobSpec) -> bool:
     )
     if os.environ.get("HUTCH_METRICS_EXPORT_PORT"):
         options["_metrics_export_port"] = int(os.environ["HUTCH_METRICS_EXPORT_PORT"])
-    ray.init(**options)
+    # address="local": a new cluster of our own, even if another one (or the stale record of
+    # one killed without `ray stop`) is on this machine.
+    ray.init(address="local", **options)
     return True
 
 

@@ -14,7 +14,9 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -207,3 +209,7 @@ def test_a_clean_stop_takes_the_local_ray_head_down(service: ServiceProcess) -> 
 
     wait_for(head_gone, 60, "the local Ray head to exit")
     assert not (service.data_dir / "local-ray.json").exists()
+    # Ray's record of "the current cluster" no longer names it, or a later ray.init() would try to join it
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    port = head["gcs_address"].rsplit(":", 1)[1]
+    assert not (current.exists() and current.read_text().strip().endswith(f":{port}"))

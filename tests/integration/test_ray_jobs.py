@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         }
     finally:
         _end_process_group(starter.pid)
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # as `ray stop` would
+        if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+            current.unlink()
 
 
 def _end_process_group(pgid: int, grace: float = 3) -> None:
