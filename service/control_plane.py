@@ -83,9 +83,13 @@ class ControlPlane:
 
     # -- jobs -----------------------------------------------------------------------------
     def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> Submitted:
+        """Queue a job; a key used before returns that job (even if the cluster has shrunk since)."""
+        body = spec.model_dump(mode="json")
+        if idempotency_key is not None and (earlier := self.store.replay(idempotency_key, body)) is not None:
+            return Submitted(earlier, created=False)
         self.check_fits(spec)
         job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
-        job, created = self.store.create(job_id, spec.model_dump(mode="json"), idempotency_key)
+        job, created = self.store.create(job_id, body, idempotency_key)
         if created:
             self.reconciler.wake()
         return Submitted(job, created)

@@ -76,8 +76,9 @@ class Reconciler:
             self._submit(job)
             return
         assert job.ray_job_id is not None
-        self._refresh_metrics(job)
         ray_job = self.launcher.status(job.ray_job_id)
+        # Read after Ray's answer: a job Ray calls finished has written its last record.
+        self._refresh_metrics(job)
         if ray_job is None:
             reason = f"the Ray job {job.ray_job_id} is gone (was the Ray cluster restarted?)"
             self._finish(job, JobState.FAILED, reason)
@@ -89,7 +90,6 @@ class Reconciler:
                 job.id, JobState.STARTING, JobState.RUNNING, attempt=job.attempt, message="running"
             )
         elif ray_job.status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            self._refresh_metrics(job)  # the last records, written just before the end
             self._finish_from_ray(job, ray_job)
 
     def _submit(self, job: JobRecord) -> None:

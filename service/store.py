@@ -220,10 +220,8 @@ class JobStore:
         different spec.
         """
         digest = request_hash(spec)
-        if idempotency_key is not None:
-            existing = self._by_key(idempotency_key)
-            if existing is not None:
-                return self._replayed(existing, digest), False
+        if idempotency_key is not None and (existing := self.replay(idempotency_key, spec)) is not None:
+            return existing, False
         now = utcnow()
         labels = dict(spec.get("labels") or {})
         row = JobRow(
@@ -250,20 +248,19 @@ class JobStore:
         except IntegrityError:
             if idempotency_key is None:
                 raise
-            existing = self._by_key(idempotency_key)  # a concurrent request with the same key won
+            existing = self.replay(idempotency_key, spec)  # a concurrent request with the same key won
             if existing is None:
                 raise
-            return self._replayed(existing, digest), False
+            return existing, False
         return record, True
 
-    def _by_key(self, key: str) -> JobRecord | None:
+    def replay(self, idempotency_key: str, spec: Mapping[str, Any]) -> JobRecord | None:
+        """The job an earlier request with this key made (None if none did); raises
+        :class:`IdempotencyConflict` if that request carried a different spec."""
         with self._session() as session:
-            row = session.scalar(select(JobRow).where(JobRow.idempotency_key == key))
-            return JobRecord.of(row) if row is not None else None
-
-    @staticmethod
-    def _replayed(existing: JobRecord, digest: str) -> JobRecord:
-        if existing.request_hash != digest:
+            row = session.scalar(select(JobRow).where(JobRow.idempotency_key == idempotency_key))
+            existing = JobRecord.of(row) if row is not None else None
+        if existing is not None and existing.request_hash != request_hash(spec):
             raise IdempotencyConflict(
                 f"Idempotency-Key was already used for job {existing.id} with a different spec"
             )
