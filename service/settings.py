@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -76,6 +76,13 @@ class Settings(TokenSettings):
         "http://raycluster-head-svc:8265 (falls back to RAY_ADDRESS). Unset: a local Ray head is "
         "started and stopped with the service.",
     )
+    ray_auth_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("HUTCH_RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN", "ray_auth_token"),
+        description="Token of a Ray cluster with token authentication (RAY_AUTH_MODE=token; KubeRay keeps "
+        "it in the Secret named after the cluster, key auth_token), sent on every call to Ray (falls back "
+        "to RAY_AUTH_TOKEN). Never logged or shown.",
+    )
     ray_dashboard_url: str | None = Field(
         default=None,
         description="Dashboard URL shown to users in job links, when it differs from the address the "
@@ -107,6 +114,13 @@ class Settings(TokenSettings):
     local_ray_dashboard_port: PositiveInt = Field(
         default=8265, description="Dashboard port of the local Ray head (a free one if taken)."
     )
+
+    @field_validator("ray_auth_token")
+    @classmethod
+    def _non_empty_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        return SecretStr(value.get_secret_value().strip())
 
     @field_validator("ray_address")
     @classmethod
