@@ -49,8 +49,13 @@ class ControlPlane:
                 settings.resolved_data_dir, settings.local_ray_num_cpus, settings.local_ray_dashboard_port
             )
             address = self.local_head.dashboard_url
+        token = settings.ray_auth_token
         self.launcher = RayLauncher(
-            address, self.layout, settings.ray_dashboard_url, local=self.local_head is not None
+            address,
+            self.layout,
+            settings.ray_dashboard_url,
+            local=self.local_head is not None,
+            auth_token=token.get_secret_value() if token else None,
         )
         self.reconciler = Reconciler(self.store, self.launcher, settings.reconcile_interval_s)
 

@@ -77,25 +77,57 @@ class RayUnavailable(RuntimeError):
     """The Ray cluster's job API cannot be reached, or cannot take jobs right now."""
 
 
+class RayAuthFailed(RayUnavailable):
+    """Ray answered 401 or 403: the cluster has token authentication on and our token is missing
+    or wrong. Not a refusal of one job: every call fails the same way until the token is fixed,
+    so jobs wait QUEUED, as in an outage."""
+
+
 class RayRefused(RuntimeError):
     """Ray refused this particular submission (a 4xx answer): retrying will not help."""
 
 
+TOKEN_HINT = "HUTCH_RAY_AUTH_TOKEN (on KubeRay: the Secret named after the RayCluster, key auth_token)"
+
+
+def auth_failure(address: str, status: int, token_sent: bool) -> RayAuthFailed:
+    """The error for a 401/403 from Ray, saying which of the two token problems it is."""
+    if status == 401 or not token_sent:
+        return RayAuthFailed(
+            f"Ray at {address} has token authentication on and refused the request ({status}): "
+            f"no Ray token is configured; set {TOKEN_HINT}"
+        )
+    return RayAuthFailed(
+        f"Ray at {address} rejected the Ray token ({status} Forbidden: invalid authentication token); "
+        f"check {TOKEN_HINT}"
+    )
+
+
 class RayLauncher:
-    """Submits, follows and stops the Ray Jobs of hutch jobs on one Ray cluster."""
+    """Submits, follows and stops the Ray Jobs of hutch jobs on one Ray cluster.
+
+    With ``auth_token`` every call carries ``Authorization: Bearer <token>``: Ray's job client
+    and the dashboard calls made here alike (Ray's client would only find a token in this
+    process's own ``RAY_AUTH_*`` environment, and the dashboard calls would carry none)."""
 
     def __init__(
-        self, address: str, layout: RunLayout, dashboard_url: str | None = None, local: bool = False
+        self,
+        address: str,
+        layout: RunLayout,
+        dashboard_url: str | None = None,
+        local: bool = False,
+        auth_token: str | None = None,
     ):
         self.address = address
         self.layout = layout
         self.dashboard_url = (dashboard_url or address).rstrip("/")
         # A local head runs this very interpreter; a remote cluster's image has `python` with hutch.
         self.python = sys.executable if local else "python"
+        self._headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         self._client: Any = None
         self._lock = threading.Lock()
         # One HTTP client for the dashboard calls: a new one per call costs ~35 ms of CPU (TLS setup).
-        self._http = httpx.Client(base_url=self.address, timeout=10)
+        self._http = httpx.Client(base_url=self.address, headers=self._headers, timeout=10)
         self._capacity: tuple[float, ClusterCapacity | RayUnavailable] | None = None
 
     @property
@@ -106,10 +138,21 @@ class RayLauncher:
                 from ray.job_submission import JobSubmissionClient
 
                 try:
-                    self._client = JobSubmissionClient(self.address)
+                    self._client = JobSubmissionClient(self.address, headers=dict(self._headers))
                 except Exception as error:
-                    raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
+                    raise self._unavailable(error) from error
             return self._client
+
+    def _unavailable(self, error: Exception) -> RayUnavailable:
+        """What a failed call to Ray means: a token problem, or Ray out of reach."""
+        from ray.exceptions import AuthenticationError
+
+        if isinstance(error, AuthenticationError):
+            status = 403 if "Forbidden" in str(error) or "invalid" in str(error) else 401
+            return auth_failure(self.address, status, bool(self._headers))
+        if isinstance(error, httpx.HTTPStatusError) and error.response.status_code in (401, 403):
+            return auth_failure(self.address, error.response.status_code, bool(self._headers))
+        return RayUnavailable(f"Ray at {self.address} is not reachable: {error}")
 
     @staticmethod
     def submission_id(job_id: str, attempt: int) -> str:
@@ -138,7 +181,8 @@ class RayLauncher:
             self.client.submit_job(
                 entrypoint=self.entrypoint(job_id, attempt),
                 submission_id=submission_id,
-                metadata={"hutch_job_id": job_id, "hutch_attempt": str(attempt), "hutch_job_name": name},
+                # `job_name` is the key the Ray dashboard's Jobs page shows in its "Job name" column.
+                metadata={"job_name": name, "hutch_job_id": job_id, "hutch_attempt": str(attempt)},
                 runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_COLOR_PREFIX": "0"}},
             )
         except RuntimeError as error:
@@ -147,8 +191,8 @@ class RayLauncher:
             if re.search(r"status code 4\d\d", str(error)):
                 raise RayRefused(f"Ray refused the submission: {error}") from error
             raise RayUnavailable(f"Ray cannot take the submission now: {error}") from error
-        except Exception as error:  # requests' ConnectionError and friends
-            raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
+        except Exception as error:  # requests' ConnectionError, a token problem, and friends
+            raise self._unavailable(error) from error
         return submission_id
 
     def status(self, submission_id: str) -> RayJob | None:
@@ -160,7 +204,7 @@ class RayLauncher:
                 return None
             raise RayUnavailable(str(error)) from error
         except Exception as error:
-            raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
+            raise self._unavailable(error) from error
         return RayJob(str(info.status.value if hasattr(info.status, "value") else info.status), info.message)
 
     def stop(self, submission_id: str) -> None:
@@ -171,7 +215,7 @@ class RayLauncher:
             if "does not exist" not in str(error):
                 raise RayUnavailable(str(error)) from error
         except Exception as error:
-            raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
+            raise self._unavailable(error) from error
 
     def delete(self, submission_id: str) -> None:
         """Forget a finished submission in Ray (best effort)."""
@@ -186,7 +230,7 @@ class RayLauncher:
             response = self._http.get("/api/version", timeout=3)
             response.raise_for_status()
         except httpx.HTTPError as error:
-            raise RayUnavailable(f"Ray at {self.address} is not reachable: {error}") from error
+            raise self._unavailable(error) from error
 
     def capacity(self, max_age_s: float = 10.0) -> ClusterCapacity:
         """Resources (``CPU``, ``GPU``, …) of the cluster's alive nodes. The answer, or the
@@ -204,6 +248,10 @@ class RayLauncher:
             response = self._http.get("/api/v0/nodes", params={"detail": "true"})
             response.raise_for_status()
             nodes = response.json()["data"]["result"]["result"]
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code in (401, 403):
+                return self._unavailable(error)
+            return RayUnavailable(f"cannot read the cluster's resources from {self.address}: {error}")
         except (httpx.HTTPError, ValueError, KeyError) as error:
             return RayUnavailable(f"cannot read the cluster's resources from {self.address}: {error}")
         totals: dict[str, float] = {}

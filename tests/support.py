@@ -1,10 +1,17 @@
-"""Helpers for tests that drive real processes: a free port, and waiting on a condition."""
+"""Helpers for tests that drive real processes: a free port, waiting on a condition, Ray heads
+in process groups of their own."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -23,3 +30,43 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def end_process_group(pgid: int, grace: float = 3) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def forget_current_cluster(gcs_port: int) -> None:
+    """Remove Ray's "current cluster" record if it names this head, as `ray stop` would."""
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
+
+
+def start_ray_head(env: dict[str, str], *options: str, timeout: float = 120) -> int:
+    """`ray start --head` in a session of its own; returns its process group id.
+
+    The group is this cluster alone, so :func:`end_process_group` ends it without `ray stop`,
+    which would end every Ray instance on the machine."""
+    ray = Path(sys.executable).with_name("ray")
+    starter = subprocess.Popen(
+        [str(ray), "start", "--head", *options, "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    _, errors = starter.communicate(timeout=timeout)
+    if starter.returncode != 0:
+        end_process_group(starter.pid)
+        raise AssertionError(f"ray start failed:\n{errors.decode()[-2000:]}")
+    return starter.pid

@@ -112,6 +112,7 @@ def test_digits_job_over_curl_to_success(service: ServiceProcess) -> None:
 
     info = ray_jobs(service).get_job_info(final["ray_job_id"])
     assert str(info.status.value) == "SUCCEEDED" and info.metadata["hutch_job_id"] == job_id
+    assert info.metadata["job_name"] == "e2e-digits"  # what the dashboard's Jobs page shows as its name
 
 
 def test_cancel_a_running_job_then_retry_resumes_from_its_checkpoint(

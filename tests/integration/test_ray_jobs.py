@@ -12,8 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.support import free_port, wait_for
+from tests.support import end_process_group, forget_current_cluster, free_port, start_ray_head, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY = Path(sys.executable).with_name("ray")
 pytestmark = pytest.mark.slow
 
 
@@ -34,15 +31,10 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     gcs_port, metrics_port = free_port(), free_port()
     # Token authentication (Ray's default for `ray start`) is off for this loopback-only cluster.
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled"}
-    # In a session of its own: its process group is this cluster alone, so the teardown ends it
-    # without `ray stop`, which would end every Ray instance on the machine.
-    starter = subprocess.Popen(
-        [str(RAY), "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--object-store-memory=200000000",
-         f"--metrics-export-port={metrics_port}", "--include-dashboard=false", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    pgid = start_ray_head(
+        env, f"--port={gcs_port}", "--num-cpus=2", "--object-store-memory=200000000",
+        f"--metrics-export-port={metrics_port}", "--include-dashboard=false",
     )  # fmt: skip
-    _, errors = starter.communicate(timeout=120)
-    assert starter.returncode == 0, errors.decode()[-2000:]
     try:
         yield {
             "address": f"127.0.0.1:{gcs_port}",
@@ -51,25 +43,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             "env": env,
         }
     finally:
-        _end_process_group(starter.pid)
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # as `ray stop` would
-        if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
-            current.unlink()
-
-
-def _end_process_group(pgid: int, grace: float = 3) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
+        end_process_group(pgid)
+        forget_current_cluster(gcs_port)
 
 
 def start_job(cluster: dict[str, Any], spec: dict[str, Any], run_dir: Path, job_id: str) -> subprocess.Popen:

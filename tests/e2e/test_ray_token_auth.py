@@ -1,0 +1,179 @@
+"""The service against a Ray cluster with token authentication on, as KubeRay's
+``authOptions: {mode: token}`` makes it: a real Ray head started with ``RAY_AUTH_MODE=token``,
+real `hutch serve` processes pointed at its job API, jobs trained on it.
+
+With a wrong or a missing token, `/readyz` says which (503, the reason in the body), and a
+submitted job waits QUEUED; restarted with the right token, the same service on the same store
+runs that job to SUCCEEDED, refuses a job larger than the cluster, and stops a running one.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api.client import Client, InvalidRequest
+from tests.e2e.conftest import TOKEN, ServiceProcess
+from tests.e2e.test_api_contract import spec_with
+from tests.support import end_process_group, forget_current_cluster, free_port, start_ray_head, wait_for
+
+pytestmark = pytest.mark.slow
+
+RAY_TOKEN = secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A 2-CPU Ray head with token auth on; its job drivers find hutch's `python` on PATH, as in
+    the Ray image."""
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": RAY_TOKEN,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    # Every port of its own, so that other Ray instances on the machine do not collide with it.
+    own_ports = [
+        f"--{name}={free_port()}"
+        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                     "metrics-export-port", "ray-client-server-port", "node-manager-port",
+                     "object-manager-port")
+    ]  # fmt: skip
+    pgid = start_ray_head(
+        env, f"--port={gcs_port}", "--num-cpus=2", "--object-store-memory=200000000",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *own_ports,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        auth = {"Authorization": f"Bearer {RAY_TOKEN}"}
+        wait_for(lambda: _job_api_up(address, auth), 120, "the token-protected Ray job API", 0.5)
+        yield {"address": address, "storage": tmp_path_factory.mktemp("token-storage")}
+    finally:
+        end_process_group(pgid)
+        forget_current_cluster(gcs_port)
+
+
+def _job_api_up(address: str, headers: dict[str, str]) -> bool:
+    try:
+        nodes = httpx.get(f"{address}/api/v0/nodes", headers=headers, timeout=5).json()
+        jobs = httpx.get(f"{address}/api/jobs/", headers=headers, timeout=5)
+        return bool(nodes["data"]["result"]["total"]) and jobs.status_code == 200
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+
+
+def service_on(cluster: dict[str, Any], data_dir: Path, ray_token: str | None) -> ServiceProcess:
+    env = {"HUTCH_RAY_ADDRESS": cluster["address"], "HUTCH_STORAGE_PATH": str(cluster["storage"])}
+    if ray_token is not None:
+        env["HUTCH_RAY_AUTH_TOKEN"] = ray_token
+    service = ServiceProcess(data_dir, env)
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "HUTCH_RAY_AUTH_TOKEN"):
+        if name not in env:
+            service.env.pop(name, None)  # only what this test sets reaches the service
+    return service
+
+
+def readiness(service: ServiceProcess) -> httpx.Response:
+    return httpx.get(f"{service.url}/readyz", timeout=10)
+
+
+def test_token_auth_wrong_then_missing_then_right(
+    token_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    data_dir = tmp_path_factory.mktemp("token-service")
+    small = spec_with(
+        name="token-digits",
+        **{"training.steps": 30, "training.checkpoint_every": 15, "training.eval_every": 30,
+           "training.log_every": 5, "scaling.num_workers": 1, "training.global_batch_size": 32},
+    )  # fmt: skip
+
+    # A wrong token: not ready, saying so; a submission is kept, QUEUED.
+    wrong = service_on(token_cluster, data_dir, "not-the-token")
+    wrong.start(ready_path="/healthz")
+    try:
+        with Client(wrong.url, TOKEN) as client:
+            job = client.submit(small)  # admission cannot ask Ray: accepted, waits
+            assert job.state == "QUEUED"
+
+            def refused() -> dict[str, str] | None:
+                response = readiness(wrong)
+                checks = response.json()["checks"]
+                return checks if response.status_code == 503 and checks["job_submission"] != "ok" else None
+
+            checks = wait_for(refused, 60, "/readyz to report the rejected token")
+            assert checks["database"] == "ok"
+            for check in ("ray", "job_submission"):
+                assert "rejected the Ray token" in checks[check] and "HUTCH_RAY_AUTH_TOKEN" in checks[check]
+            assert "not-the-token" not in readiness(wrong).text
+            assert client.get(job.id).state == "QUEUED"
+        assert "not-the-token" not in wrong.log_tail(400)
+    finally:
+        wrong.stop()
+
+    # No token at all: the other message; the job still waits.
+    missing = service_on(token_cluster, data_dir, None)
+    missing.start(ready_path="/healthz")
+    try:
+        response = wait_for(
+            lambda: (r := readiness(missing)).status_code == 503 and "no Ray token" in r.text and r, 60,
+            "/readyz to report the missing token",
+        )
+        assert "no Ray token is configured" in response.json()["checks"]["ray"]
+        with Client(missing.url, TOKEN) as client:
+            assert client.get(job.id).state == "QUEUED"
+    finally:
+        missing.stop()
+
+    # The right token: ready; the queued job runs; admission, logs, checkpoints and stop work.
+    right = service_on(token_cluster, data_dir, RAY_TOKEN)
+    right.start()  # /readyz answers 200
+    try:
+        assert readiness(right).json()["checks"] == {"database": "ok", "ray": "ok", "job_submission": "ok"}
+        with Client(right.url, TOKEN) as client:
+            huge = spec_with(name="token-huge", **{"scaling.num_workers": 4, "training.global_batch_size": 8})
+            with pytest.raises(InvalidRequest) as refused_job:
+                client.submit(huge)
+            assert refused_job.value.code == "unschedulable"
+            assert "the cluster has 2" in refused_job.value.message
+
+            final = client.wait(job.id, timeout=300, poll_interval=0.5)
+            assert final.state == "SUCCEEDED", final.failure_reason
+            assert [e.state for e in client.events(job.id)] == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+            assert [c.step for c in client.checkpoints(job.id).checkpoints] == [15, 30]
+            assert any(f"job {job.id} succeeded" in line for line in client.logs(job.id, tail=5))
+            info = _ray_job_info(token_cluster["address"], final.ray_job_id)
+            assert info["status"] == "SUCCEEDED"
+            assert info["metadata"]["job_name"] == "token-digits"  # the dashboard's "Job name" column
+            assert RAY_TOKEN not in str(info)  # the token travels in headers, never in the job
+
+            long = client.submit(spec_with(
+                name="token-stop",
+                **{"training.steps": 100_000, "training.log_every": 5, "training.eval_every": 100_000,
+                   "training.checkpoint_every": 100_000, "scaling.num_workers": 1},
+            ))  # fmt: skip
+            wait_for(lambda: client.get(long.id).latest_metrics, 300, "the long job's first metrics", 0.5)
+            client.cancel(long.id)
+            stopped = client.wait(long.id, timeout=120, poll_interval=0.5)
+            assert stopped.state == "CANCELLED"
+            assert _ray_job_info(token_cluster["address"], stopped.ray_job_id)["status"] == "STOPPED"
+    finally:
+        right.stop()
+
+
+def _ray_job_info(address: str, submission_id: str | None) -> dict[str, Any]:
+    """What the Ray dashboard's Jobs page reads for one job (its REST API, with the token)."""
+    response = httpx.get(
+        f"{address}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {RAY_TOKEN}"}, timeout=10
+    )
+    response.raise_for_status()
+    return response.json()
