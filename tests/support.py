@@ -4,6 +4,7 @@ in process groups of their own."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,3 +71,18 @@ def start_ray_head(env: dict[str, str], *options: str, timeout: float = 120) -> 
         end_process_group(starter.pid)
         raise AssertionError(f"ray start failed:\n{errors.decode()[-2000:]}")
     return starter.pid
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def rendered_dom(url: str, user_data_dir: Path, budget_ms: int = 20_000) -> str:
+    """The page at ``url`` as headless Chromium renders it, scripts run (what a person would see)."""
+    if CHROMIUM is None:
+        raise AssertionError("chromium is not installed (.ci/run installs Debian's chromium)")
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={user_data_dir}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout

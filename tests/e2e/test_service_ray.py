@@ -9,6 +9,7 @@ job runs; jobs that can never fit the cluster; the clean stop taking the local R
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import pytest
 from api.client import Client
 from tests.e2e.conftest import TOKEN, ServiceProcess, stop_local_ray
 from tests.e2e.test_api_contract import spec_with
-from tests.support import free_port, wait_for
+from tests.support import CHROMIUM, free_port, rendered_dom, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +114,32 @@ def test_digits_job_over_curl_to_success(service: ServiceProcess) -> None:
     info = ray_jobs(service).get_job_info(final["ray_job_id"])
     assert str(info.status.value) == "SUCCEEDED" and info.metadata["hutch_job_id"] == job_id
     assert info.metadata["job_name"] == "e2e-digits"  # what the dashboard's Jobs page shows as its name
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it when it can)")
+def test_the_ray_dashboard_jobs_page_shows_each_jobs_name(
+    service: ServiceProcess, client: Client, tmp_path: Path
+) -> None:
+    """The Jobs page of the Ray dashboard, rendered in headless Chromium: the row of the job's Ray
+    submission shows hutch's job name in the "Name" column (Ray reads metadata ``job_name``)."""
+    spec = spec_with(name="e2e-dashboard-name", **{"training.steps": 10, "scaling.num_workers": 1})
+    final = client.wait(client.submit(spec).id, timeout=300, poll_interval=0.5)
+    assert final.state == "SUCCEEDED", final.failure_reason
+    dashboard = json.loads((service.data_dir / "local-ray.json").read_text())["dashboard_url"]
+    columns, *rows = table_rows(rendered_dom(f"{dashboard}/#/jobs", tmp_path / "chromium"))
+    row = next((r for r in rows if final.ray_job_id in r), None)
+    assert row is not None, f"no row for {final.ray_job_id} on the Jobs page: {rows}"
+    assert row[columns.index("Name")] == "e2e-dashboard-name", dict(zip(columns, row))
+
+
+def table_rows(dom: str) -> list[list[str]]:
+    """The text of every cell of every table row in a page, header cells included."""
+
+    def text(cell: str) -> str:
+        return html.unescape(re.sub(r"<[^>]+>", "", cell)).strip()
+
+    rows = re.findall(r"<tr\b.*?</tr>", dom, re.S)
+    return [[text(cell) for cell in re.findall(r"<t[hd]\b.*?</t[hd]>", row, re.S)] for row in rows]
 
 
 def test_cancel_a_running_job_then_retry_resumes_from_its_checkpoint(
