@@ -53,6 +53,17 @@ def _free_port(preferred: int | None = None) -> int:
     raise LocalRayError("no free port")
 
 
+def own_port_options() -> list[str]:
+    """``ray start`` options giving a head every port of its own: Ray's fixed defaults (agent
+    52365, client server 10001, …) collide with any other Ray on the machine, and a head whose
+    agent cannot bind accepts no jobs."""
+    names = (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+    )  # fmt: skip
+    return [f"--{name}={_free_port()}" for name in names]
+
+
 def _dashboard_up(url: str) -> bool:
     try:
         return httpx.get(f"{url}/api/version", timeout=2).status_code == 200
@@ -70,13 +81,6 @@ def ensure_local_head(
         if head.alive():
             return head
     gcs_port, port = _free_port(), _free_port(dashboard_port)
-    # Every port of its own: Ray's fixed defaults (agent 52365, client server 10001, …) collide
-    # with any other Ray on the machine, and a head whose agent cannot bind accepts no jobs.
-    port_options = (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
-    )  # fmt: skip
-    own_ports = [f"--{name}={_free_port()}" for name in port_options]
     cpus = num_cpus or os.cpu_count() or 1
     ray = Path(sys.executable).with_name("ray")
     env = {
@@ -90,7 +94,7 @@ def ensure_local_head(
     process = subprocess.Popen(
         [str(ray) if ray.exists() else "ray", "start", "--head", "--block", f"--port={gcs_port}",
          f"--num-cpus={cpus}", "--object-store-memory=300000000", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={port}", *own_ports, "--disable-usage-stats"],
+         f"--dashboard-port={port}", *own_port_options(), "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     head = LocalRayHead(process.pid, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{port}")

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from api.client import Client, InvalidRequest
+from service.local_ray import own_port_options
 from tests.e2e.conftest import TOKEN, ServiceProcess
 from tests.e2e.test_api_contract import spec_with
 from tests.support import end_process_group, forget_current_cluster, free_port, start_ray_head, wait_for
@@ -42,16 +43,9 @@ def token_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     env.pop("RAY_ADDRESS", None)
-    # Every port of its own, so that other Ray instances on the machine do not collide with it.
-    own_ports = [
-        f"--{name}={free_port()}"
-        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                     "metrics-export-port", "ray-client-server-port", "node-manager-port",
-                     "object-manager-port")
-    ]  # fmt: skip
     pgid = start_ray_head(
         env, f"--port={gcs_port}", "--num-cpus=2", "--object-store-memory=200000000",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *own_ports,
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *own_port_options(),
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
