@@ -10,9 +10,11 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -26,7 +28,7 @@ from service.lifecycle import JobState
 from service.runfiles import follow_lines, records_after, tail_lines
 from service.settings import Settings
 from service.store import JobRecord
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, displayed_spec
 
 ERRORS = {
     401: {"model": schemas.ErrorResponse, "description": "Missing or wrong bearer token"},
@@ -62,7 +64,8 @@ def create_app(settings: Settings | None = None, plane: ControlPlane | None = No
     tokens = [token.encode() for token in settings.accepted_tokens()]
     registry = CollectorRegistry()
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    limits = {"/v1/packages": (settings.max_package_bytes, "HUTCH_MAX_PACKAGE_BYTES")}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, per_path=limits)
     app.add_middleware(RequestMetrics, registry=registry)
     app.include_router(_v1_router(tokens, settings))
     _install_probes(app, registry)
@@ -113,6 +116,40 @@ def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
             response.status_code = 200
             response.headers["Idempotent-Replayed"] = "true"
         return _job(plane, submitted.job)
+
+    zip_body = {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}}
+
+    @router.post(
+        "/packages",
+        status_code=201,
+        response_model=schemas.Package,
+        responses={200: {"model": schemas.Package, "description": "This content was uploaded before"},
+                   413: {"model": schemas.ErrorResponse}, 415: {"model": schemas.ErrorResponse},
+                   422: ERRORS[422]},
+        openapi_extra={"requestBody": {"required": True, **zip_body}},
+        summary="Upload a working directory",
+    )  # fmt: skip
+    async def upload_package(request: Request, response: Response, plane: Plane) -> schemas.Package:
+        """Keep a zip archive of a job's code (what `hutch submit --working-dir` sends) and name it:
+        put the answer's ``uri`` in a spec's ``runtime_env.working_dir``. Content already kept
+        answers 200 with the same ``uri``; a refused or interrupted upload leaves nothing behind."""
+        media_type = request.headers.get("content-type", "").split(";")[0].strip()
+        if media_type not in ("application/zip", "application/octet-stream"):
+            raise ApiError(415, "send the zip archive as the body, with Content-Type: application/zip")
+        spooled = plane.packages.spool()
+        path = Path(spooled.name)
+        try:
+            with spooled:
+                async for chunk in request.stream():
+                    spooled.write(chunk)
+            package, created = await run_in_threadpool(plane.keep_package, path)
+        finally:
+            path.unlink(missing_ok=True)
+        if not created:
+            response.status_code = 200
+        return schemas.Package(
+            uri=package.uri, sha256=package.sha256, size_bytes=package.size_bytes, files=package.files
+        )
 
     @router.get("/jobs", response_model=schemas.JobPage, responses={422: ERRORS[422]}, summary="List jobs")
     def list_jobs(
@@ -253,7 +290,7 @@ def _job(plane: ControlPlane, job: JobRecord) -> schemas.Job:
         latest_metrics=job.latest_metrics,
         ray_job_id=job.ray_job_id,
         ray_dashboard_url=plane.dashboard_url(job),
-        spec=job.spec,
+        spec=displayed_spec(job.spec),
     )
 
 
@@ -321,20 +358,25 @@ class RequestMetrics:
 
 
 class BodyLimit:
-    """Refuses request bodies over ``max_bytes`` with a JSON 413: at once when Content-Length
-    says so, else as soon as the body read so far is too large (chunked uploads)."""
+    """Refuses request bodies over ``max_bytes`` (or a path's own limit in ``per_path``: path ->
+    (bytes, setting)) with a JSON 413: at once when Content-Length says so, else as soon as the
+    body read so far is too large (chunked uploads)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, per_path: dict[str, tuple[int, str]] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"the request body is larger than {self.max_bytes} bytes (HUTCH_MAX_REQUEST_BYTES)"
+        max_bytes, setting = self.per_path.get(scope["path"], (self.max_bytes, "HUTCH_MAX_REQUEST_BYTES"))
+        message = f"the request body is larger than {max_bytes} bytes ({setting})"
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        if declared.isdigit() and int(declared) > max_bytes:
             await error_response(413, "payload_too_large", message)(scope, receive, send)
             return
         received = 0
@@ -344,7 +386,7 @@ class BodyLimit:
             chunk = await receive()
             if chunk["type"] == "http.request":
                 received += len(chunk.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     raise HTTPException(413, message)  # FastAPI lets it through its body parsing
             return chunk
 

@@ -31,6 +31,7 @@ from api.client import (
     PayloadTooLarge,
     settings_problems,
 )
+from api.packing import PackingError
 from api.schemas import Job
 from service.lifecycle import JobState
 from service.settings import settings_table
@@ -97,7 +98,7 @@ def _client(ctx: typer.Context) -> Iterator[Client]:
     try:
         with Client(target.url, target.token) as client:
             yield client
-    except SpecError as error:
+    except (SpecError, PackingError) as error:
         _fail(str(error), 2)
     except (InvalidRequest, PayloadTooLarge, Conflict) as error:
         _fail(str(error), 2)
@@ -217,6 +218,14 @@ def submit(
         str | None,
         typer.Option(help="Submitting again with the same key returns the first job, not a new one."),
     ] = None,
+    working_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--working-dir",
+            help="Ship this directory with the job (packed and uploaded; .hutchignore and .gitignore "
+            "are honoured): its modules can be named in the spec, e.g. model: mynet:build.",
+        ),
+    ] = None,
 ) -> None:
     """Validate a job spec here, submit it, and print the new job's id."""
     labels = _parse_labels(label)
@@ -224,7 +233,7 @@ def submit(
         job_spec = load_spec(spec)
         if labels:
             job_spec = job_spec.model_copy(update={"labels": {**job_spec.labels, **labels}})
-        job = client.submit(job_spec, idempotency_key=idempotency_key)
+        job = client.submit(job_spec, idempotency_key=idempotency_key, working_dir=working_dir)
         typer.echo(job.id)
         if wait:
             _report_outcome(client, job.id)

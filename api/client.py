@@ -34,6 +34,7 @@ from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from api.packing import DEFAULT_MAX_PACKAGE_BYTES, pack_directory
 from api.schemas import (
     CheckpointList,
     ErrorDetail,
@@ -43,6 +44,7 @@ from api.schemas import (
     JobEvent,
     JobPage,
     MetricRecords,
+    Package,
 )
 from service.settings import TokenSettings
 from trainer.spec import JobSpec, load_spec
@@ -191,16 +193,33 @@ class Client:
 
     # -- jobs ------------------------------------------------------------------------------------
 
+    def upload_package(self, directory: str | Path, max_bytes: int = DEFAULT_MAX_PACKAGE_BYTES) -> Package:
+        """Pack a working directory (see :mod:`api.packing`) and upload it; the answer's ``uri``
+        goes in a spec's ``runtime_env.working_dir``. Uploading the same files again is free.
+        Raises :class:`~api.packing.PackingError` for a directory that cannot be packed."""
+        archive = pack_directory(directory, max_bytes)
+        headers = {"Content-Type": "application/zip"}
+        response = self._send("POST", "/v1/packages", content=archive, headers=headers, retry=True)
+        return _parse(Package, response)
+
     def submit(
-        self, spec: JobSpec | Mapping[str, Any] | str | Path, idempotency_key: str | None = None
+        self,
+        spec: JobSpec | Mapping[str, Any] | str | Path,
+        idempotency_key: str | None = None,
+        working_dir: str | Path | None = None,
     ) -> Job:
         """Submit a job; returns it QUEUED. A path is loaded and validated here first, so a bad
         file raises :class:`~trainer.spec.SpecError` before any request. Without an
         ``idempotency_key`` a fresh one is made, so the automatic retry can never submit twice;
-        give your own to make resubmitting the same job from elsewhere safe too."""
+        give your own to make resubmitting the same job from elsewhere safe too. With
+        ``working_dir`` the directory is uploaded first (:meth:`upload_package`) and becomes the
+        job's ``runtime_env.working_dir``: its modules are importable on the workers."""
         if isinstance(spec, (str, Path)):
             spec = load_spec(spec)
         body = spec.model_dump(mode="json") if isinstance(spec, JobSpec) else dict(spec)
+        if working_dir is not None:
+            package = self.upload_package(working_dir)
+            body["runtime_env"] = {**(body.get("runtime_env") or {}), "working_dir": package.uri}
         key = idempotency_key or uuid.uuid4().hex
         response = self._send("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}, retry=True)
         return _parse(Job, response)

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.schemas import ErrorBody, ErrorDetail, ErrorResponse
 from service.admission import Unschedulable
 from service.control_plane import JobNotFound, WrongState
+from service.packages import BadPackage, UnknownPackage
 from service.store import BadCursor, IdempotencyConflict
 from trainer.spec import validation_problem
 
@@ -115,6 +116,16 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _too_big(_: Request, exc: Unschedulable) -> JSONResponse:
         detail = ErrorDetail(field=exc.field, message=str(exc))
         return error_response(422, "unschedulable", f"the job can never be scheduled: {exc}", [detail])
+
+    @app.exception_handler(BadPackage)
+    async def _bad_package(_: Request, exc: BadPackage) -> JSONResponse:
+        detail = ErrorDetail(field="body", message=str(exc))
+        return error_response(422, "bad_package", f"the package is refused: {exc}", [detail])
+
+    @app.exception_handler(UnknownPackage)
+    async def _unknown_package(_: Request, exc: UnknownPackage) -> JSONResponse:
+        detail = ErrorDetail(field="runtime_env.working_dir", message=str(exc))
+        return error_response(422, "unknown_package", f"runtime_env.working_dir: {exc}", [detail])
 
     @app.exception_handler(BadCursor)
     async def _cursor(_: Request, exc: BadCursor) -> JSONResponse:

@@ -34,6 +34,15 @@ class Job(BaseModel):
     spec: dict[str, Any] = Field(description="The job spec, with defaults filled in.")
 
 
+class Package(BaseModel):
+    """An uploaded working directory, kept by content."""
+
+    uri: str = Field(description="Name it as runtime_env.working_dir in a job spec.")
+    sha256: str = Field(description="SHA-256 of the zip archive.")
+    size_bytes: int
+    files: int = Field(description="Files in the archive.")
+
+
 class JobPage(BaseModel):
     """One page of ``GET /v1/jobs``, newest first."""
 

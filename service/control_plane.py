@@ -7,15 +7,17 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.admission import check_fits
 from service.launcher import RayLauncher, RayUnavailable, RunLayout
 from service.lifecycle import ACTIVE_STATES, RETRYABLE_STATES, TERMINAL_STATES, JobState
 from service.local_ray import LocalRayHead, ensure_local_head, stop_local_head
+from service.packages import Package
 from service.reconciler import Reconciler
 from service.settings import Settings
 from service.store import JobRecord, JobStore
-from trainer.spec import JobSpec
+from trainer.spec import PACKAGE_URI, JobSpec
 
 log = logging.getLogger("hutch.control_plane")
 
@@ -57,6 +59,7 @@ class ControlPlane:
             local=self.local_head is not None,
             auth_token=token.get_secret_value() if token else None,
         )
+        self.packages = self.launcher.packages
         self.reconciler = Reconciler(self.store, self.launcher, settings.reconcile_interval_s)
 
     @classmethod
@@ -92,6 +95,9 @@ class ControlPlane:
         body = spec.model_dump(mode="json")
         if idempotency_key is not None and (earlier := self.store.replay(idempotency_key, body)) is not None:
             return Submitted(earlier, created=False)
+        working_dir = spec.runtime_env.working_dir if spec.runtime_env else None
+        if working_dir is not None and PACKAGE_URI.fullmatch(working_dir):
+            self.packages.path(working_dir)  # raises UnknownPackage: refused now, not failed later
         self.check_fits(spec)
         job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
         job, created = self.store.create(job_id, body, idempotency_key)
@@ -140,6 +146,11 @@ class ControlPlane:
         for attempt in range(1, job.attempt + 1):
             self.launcher.delete(self.launcher.submission_id(job_id, attempt))
         self.layout.remove(job_id)
+
+    # -- packages -------------------------------------------------------------------------
+    def keep_package(self, spooled: Path) -> tuple[Package, bool]:
+        """Check an uploaded working directory and keep it by content; ``(package, created)``."""
+        return self.packages.adopt(spooled)
 
     # -- admission ------------------------------------------------------------------------
     def check_fits(self, spec: JobSpec) -> None:

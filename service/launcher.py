@@ -10,6 +10,7 @@ by every Ray node)::
 
     STORAGE/runs/<job id>/           spec.json, metrics.jsonl, result.json, logs/attempt-<n>.log
     STORAGE/checkpoints/<job id>/    Ray Train's run: checkpoint_* directories
+    STORAGE/packages/<sha256>.zip    uploaded working directories (service.packages)
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 import httpx
 
 from service.admission import ClusterCapacity
+from service.packages import PackageStore, UnknownPackage
+from trainer.spec import PACKAGE_URI
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class RunLayout:
 
     def checkpoint_dir(self, job_id: str) -> Path:
         return self.checkpoint_root / job_id
+
+    @property
+    def package_root(self) -> Path:
+        return self.storage / "packages"
 
     def remove(self, job_id: str) -> None:
         shutil.rmtree(self.run_dir(job_id), ignore_errors=True)
@@ -120,6 +127,7 @@ class RayLauncher:
     ):
         self.address = address
         self.layout = layout
+        self.packages = PackageStore(layout.package_root)
         self.dashboard_url = (dashboard_url or address).rstrip("/")
         # A local head runs this very interpreter; a remote cluster's image has `python` with hutch.
         self.python = sys.executable if local else "python"
@@ -171,19 +179,40 @@ class RayLauncher:
         ]  # fmt: skip
         return shlex.join(words)
 
+    def runtime_env(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """Ray's ``runtime_env`` for a job: the spec's (an uploaded package as its file, which
+        Ray's job client uploads to the cluster) and the variables every hutch job runs with."""
+        user = dict(spec.get("runtime_env") or {})
+        hutch_vars = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_COLOR_PREFIX": "0"}
+        env: dict[str, Any] = {"env_vars": {**user.get("env_vars", {}), **hutch_vars}}
+        working_dir = user.get("working_dir")
+        if working_dir:
+            is_package = PACKAGE_URI.fullmatch(working_dir)
+            env["working_dir"] = str(self.packages.path(working_dir)) if is_package else working_dir
+        for field in ("py_modules", "pip"):
+            if user.get(field):
+                env[field] = list(user[field])
+        return env
+
     def submit(self, job_id: str, attempt: int, spec: Mapping[str, Any], name: str) -> str:
         """Start attempt ``attempt`` of a job (resuming from its checkpoints, if any); idempotent."""
         run_dir = self.layout.run_dir(job_id)
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+        # The trainer does not need the runtime_env (Ray applies it), and its env_vars may be secrets.
+        trainer_spec = {key: value for key, value in spec.items() if key != "runtime_env"}
+        (run_dir / "spec.json").write_text(json.dumps(trainer_spec, indent=2))
         submission_id = self.submission_id(job_id, attempt)
+        try:
+            runtime_env = self.runtime_env(spec)
+        except UnknownPackage as missing:  # removed from the storage after the job was accepted
+            raise RayRefused(str(missing)) from missing
         try:
             self.client.submit_job(
                 entrypoint=self.entrypoint(job_id, attempt),
                 submission_id=submission_id,
                 # `job_name` is the key the Ray dashboard's Jobs page shows in its "Job name" column.
                 metadata={"job_name": name, "hutch_job_id": job_id, "hutch_attempt": str(attempt)},
-                runtime_env={"env_vars": {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_COLOR_PREFIX": "0"}},
+                runtime_env=runtime_env,
             )
         except RuntimeError as error:
             if "already exists" in str(error):  # submitted before a crash: that one is ours

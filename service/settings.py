@@ -96,6 +96,11 @@ class Settings(TokenSettings):
     max_request_bytes: PositiveInt = Field(
         default=1_048_576, description="Largest request body accepted; larger ones get 413."
     )
+    max_package_bytes: PositiveInt = Field(
+        default=100 * 1024 * 1024,
+        description="Largest working-directory package POST /v1/packages accepts (zip bytes); larger ones "
+        "get 413. Ray's job API takes packages up to 100 MiB.",
+    )
     max_page_size: PositiveInt = Field(default=200, description="Largest page GET /v1/jobs returns.")
     max_cluster_cpus: PositiveFloat | None = Field(
         default=None,

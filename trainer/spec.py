@@ -34,6 +34,7 @@ import inspect
 import json
 import math
 import re
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -106,6 +107,16 @@ def check_component_name(name: str, kind: str, builtins: tuple[str, ...]) -> str
             "dotted identifiers, one colon, then the factory's name"
         )
     raise ValueError(f"unknown {kind}: use a built-in ({', '.join(builtins)}) or 'package.module:factory'")
+
+
+def check_function_path(path: str) -> str:
+    """Return ``path`` if it is a well-formed ``"package.module:function"``, else raise ``ValueError``."""
+    if not IMPORT_PATH.fullmatch(path):
+        raise ValueError(
+            "malformed import path, expected 'package.module:function': "
+            "dotted identifiers, one colon, then the function's name"
+        )
+    return path
 
 
 class _ComponentSpec(_Strict):
@@ -228,6 +239,21 @@ class TrainingSpec(_Strict):
     most examples one forward/backward pass takes: a worker's share is processed in chunks of
     that size with gradient accumulation (less memory; and with the same ``chunk_size`` a run on
     1 worker does bitwise the same sums as one on 2 when the share is split in two).
+
+    ``loss`` and ``metrics`` name the user's own functions, ``"package.module:function"``
+    (imported on the workers):
+
+    - ``loss(model, batch) -> scalar tensor``: the mean loss over the batch's examples, for
+      any batch structure the data set returns (a tensor, tuples, lists or dicts of tensors).
+      AdaHessian differentiates it twice (Hessian-vector products), so every operation in it
+      and in the model must support double backward. Left out, the data set's ``task`` picks
+      the built-in cross-entropy (``custom`` data sets must name one). Evaluation then reports
+      ``eval_loss`` (this loss on the held-out split) and the metrics below, not the built-in
+      accuracy.
+    - ``metrics(model, batch) -> dict[str, float]``: run on every held-out batch, in
+      ``torch.no_grad()`` and eval mode; each name is reported as ``eval_<name>``, the mean over
+      all held-out examples (each batch's value weighted by its number of examples, over all
+      ranks).
     """
 
     steps: PositiveInt = 200
@@ -237,6 +263,13 @@ class TrainingSpec(_Strict):
     eval_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 50
     log_every: PositiveInt = 10
+    loss: str | None = None
+    metrics: str | None = None
+
+    @field_validator("loss", "metrics")
+    @classmethod
+    def _function_path(cls, path: str | None) -> str | None:
+        return None if path is None else check_function_path(path)
 
 
 class ScalingSpec(_Strict):
@@ -287,6 +320,119 @@ class BackendSpec(_Strict):
         return precision
 
 
+PACKAGE_URI = re.compile(r"hutch://packages/(?P<sha256>[0-9a-f]{64})\.zip")
+"""A working directory uploaded to the control plane (``POST /v1/packages``), by content hash."""
+
+REMOTE_URI_SCHEMES: tuple[str, ...] = ("https", "http", "s3", "gs", "gcs", "azure", "abfss", "file")
+"""Ray's remote package protocols: such URIs go to Ray untouched, and Ray fetches them."""
+
+RESERVED_ENV_VARS: frozenset[str] = frozenset(
+    {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_JOB_ID"}
+)
+"""Variables Ray and hutch set for a job themselves; a job that overrode them would lose its cluster."""
+
+_CREDENTIAL_NAME = re.compile(
+    r"TOKEN|SECRET|PASSW(OR)?D|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|AUTH", re.IGNORECASE
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+REDACTED = "***"
+
+RAY_ONLY_FIELDS: dict[str, str] = {
+    **dict.fromkeys(
+        ("conda", "uv", "container", "image_uri"),
+        "jobs run in the cluster image's Python environment, which the trainer needs; use pip",
+    ),
+    "excludes": "a package is packed by the client (hutch submit --working-dir honours .hutchignore "
+    "and .gitignore)",
+}
+"""Ray ``runtime_env`` fields hutch refuses, and why (the answer names the reason)."""
+
+
+def looks_like_credential(name: str) -> bool:
+    """Whether an environment variable's name says it holds a secret (its value is never shown)."""
+    return bool(_CREDENTIAL_NAME.search(name))
+
+
+def _remote_uri(value: str, suffixes: tuple[str, ...]) -> str:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in REMOTE_URI_SCHEMES or not rest:
+        raise ValueError(
+            f"must be a remote URI ({', '.join(s + '://' for s in REMOTE_URI_SCHEMES)}) "
+            "or an uploaded package (hutch submit --working-dir)"
+        )
+    if not rest.split("?", 1)[0].endswith(suffixes):
+        raise ValueError(f"a remote package must be a {' or '.join(suffixes)} file")
+    return value
+
+
+class RuntimeEnvSpec(_Strict):
+    """Code and dependencies shipped with the job: Ray's ``runtime_env``, with Ray's field names
+    and meanings, for the four fields a training job needs.
+
+    - ``working_dir``: the job's code, the current directory of its driver and workers and on
+      their ``sys.path``; an uploaded package (``hutch://packages/<sha256>.zip``, what
+      ``hutch submit --working-dir DIR`` makes) or a remote ``.zip`` URI (``https://``,
+      ``s3://``, ``gs://``, …) passed to Ray untouched.
+    - ``py_modules``: remote ``.zip``/``.whl`` URIs of more importable packages.
+    - ``pip``: requirement strings installed into the job's environment on top of the image's.
+    - ``env_vars``: environment variables of the driver and workers; values whose names look
+      like credentials (``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``, ``*KEY*``, …) are shown as
+      ``***`` in every answer of the API.
+
+    Ray's other fields (``conda``, ``uv``, ``container``/``image_uri``, ``excludes``, …) are
+    refused: jobs run in the cluster image's Python, which the trainer needs, and a local path
+    means nothing on the control plane.
+    """
+
+    working_dir: str | None = None
+    py_modules: Annotated[list[str], Field(max_length=32)] = Field(default_factory=list)
+    pip: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=64)] = Field(
+        default_factory=list
+    )
+    env_vars: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64)] = Field(
+        default_factory=dict
+    )
+
+    @field_validator("working_dir")
+    @classmethod
+    def _package_or_remote_zip(cls, value: str | None) -> str | None:
+        if value is None or PACKAGE_URI.fullmatch(value):
+            return value
+        return _remote_uri(value, (".zip",))
+
+    @field_validator("py_modules")
+    @classmethod
+    def _remote_modules(cls, values: list[str]) -> list[str]:
+        return [_remote_uri(value, (".zip", ".whl")) for value in values]
+
+    @field_validator("pip")
+    @classmethod
+    def _requirements_only(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if value.startswith("-") or any(c in value for c in "\n\r"):
+                raise ValueError(f"{value!r}: only requirement strings (e.g. 'humanize==4.9.0'), no options")
+        return values
+
+    @field_validator("env_vars")
+    @classmethod
+    def _names(cls, values: dict[str, str]) -> dict[str, str]:
+        for name in values:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name (letters, digits, '_')")
+            if name in RESERVED_ENV_VARS:
+                raise ValueError(f"{name} is set by Ray and hutch for every job and cannot be overridden")
+        return values
+
+
+def displayed_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec (as stored, a mapping) as API answers show it: credential-like ``env_vars`` as ``***``."""
+    runtime_env = spec.get("runtime_env")
+    if not isinstance(runtime_env, Mapping) or not runtime_env.get("env_vars"):
+        return dict(spec)
+    env_vars = {k: REDACTED if looks_like_credential(k) else v for k, v in runtime_env["env_vars"].items()}
+    return {**spec, "runtime_env": {**runtime_env, "env_vars": env_vars}}
+
+
 class JobSpec(_Strict):
     """One training job: everything the trainer needs, with defaults for all but name, model and data."""
 
@@ -298,6 +444,7 @@ class JobSpec(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     backend: BackendSpec = Field(default_factory=BackendSpec)
+    runtime_env: RuntimeEnvSpec | None = None
     max_failures: Annotated[StrictInt, Field(ge=-1)] = 0
     """Worker-group restarts Ray Train may make after a failure; -1 means unlimited (FailureConfig)."""
 
@@ -358,6 +505,9 @@ def _section(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     for part in loc:
         field = cls.model_fields.get(part) if isinstance(part, str) else None
         annotation = field.annotation if field else None
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1:  # an optional section, e.g. runtime_env
+            annotation = members[0]
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         cls = annotation
@@ -381,6 +531,8 @@ def validation_problem(error: Mapping[str, Any]) -> tuple[str, str]:
         loc = tuple(ctx["field"].split("."))
         got = ctx.get("got")
         reason = error["msg"]
+    elif kind == "extra_forbidden" and loc[:-1] == ("runtime_env",) and loc[-1] in RAY_ONLY_FIELDS:
+        reason, show_got = f"not supported by hutch: {RAY_ONLY_FIELDS[str(loc[-1])]}", False
     elif kind == "extra_forbidden":
         section = _section(loc[:-1])
         allowed = list(section.model_fields) if section else []
@@ -396,6 +548,8 @@ def validation_problem(error: Mapping[str, Any]) -> tuple[str, str]:
         reason = error["msg"].removeprefix("Value error, ")
         if reason.startswith("Input should be "):
             reason = "must be " + reason.removeprefix("Input should be ")
+    if loc[:2] == ("runtime_env", "env_vars"):
+        show_got = False  # values may be credentials: never echoed
     return _path(loc), reason + (f" (got {_shown(got)})" if show_got else "")
 
 

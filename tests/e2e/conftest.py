@@ -102,7 +102,7 @@ def lite_service(
     Once on its default SQLite file, once on a real Postgres server.
 
     For what needs only the API and the store (validation, auth, idempotency, paging)."""
-    env = {"HUTCH_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"}
+    env = {"HUTCH_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "HUTCH_MAX_PACKAGE_BYTES": "4000000"}
     if request.param == "postgres":
         env["HUTCH_DATABASE_URL"] = request.getfixturevalue("postgres_url")
     service = ServiceProcess(tmp_path_factory.mktemp(f"lite-{request.param}"), env)

@@ -9,15 +9,20 @@ test_service_ray.py).
 from __future__ import annotations
 
 import copy
+import io
 import json
+import stat
 import subprocess
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
 
+from api.client import Client
 from tests.e2e.conftest import ROOT, TOKEN, ServiceProcess
 
 SPEC: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "digits-adahessian.yaml").read_text())
@@ -263,3 +268,130 @@ def test_a_chunked_body_over_the_limit_is_refused_while_read(lite_service: Servi
         response = http.post("/v1/jobs", content=chunks, headers={"Content-Type": "application/json"})
     assert "content-length" not in response.request.headers
     assert_error(response, 413, "payload_too_large", "larger than 1048576 bytes")
+
+
+# -- uploaded working directories -------------------------------------------------------------
+
+
+def _zip(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+        if symlink is not None:
+            link = zipfile.ZipInfo(symlink)
+            link.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(link, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def _corrupted(archive: bytes) -> bytes:
+    """The archive with one byte of its first file's data flipped: its CRC no longer matches."""
+    broken = bytearray(archive)
+    offset = 30 + len("model.py")  # local file header, then the name, then the data
+    broken[offset] ^= 0xFF
+    return bytes(broken)
+
+
+def _packages_left(service: ServiceProcess) -> list[str]:
+    root = service.data_dir / "storage" / "packages"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def test_a_working_directory_is_uploaded_once_and_named_in_a_spec(
+    lite_service: ServiceProcess, tmp_path: Path
+) -> None:
+    (tmp_path / "mynet.py").write_text("def build(**kwargs):\n    return None\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "big.bin").write_bytes(b"x" * 1000)
+    (tmp_path / ".hutchignore").write_text("data/\n")
+    with Client(lite_service.url, TOKEN) as client:
+        first = client.upload_package(tmp_path)
+        again = client.upload_package(tmp_path)  # unchanged files: the same bytes, kept once
+        assert first == again and first.files == 1 and first.uri == f"hutch://packages/{first.sha256}.zip"
+        assert _packages_left(lite_service) == [f"{first.sha256}.zip"]
+        with zipfile.ZipFile(lite_service.data_dir / "storage" / "packages" / f"{first.sha256}.zip") as kept:
+            assert kept.namelist() == ["mynet.py"]  # .hutchignore's data/ and itself are left out
+
+        env_vars = {"WANDB_API_KEY": "s3cr3t-value", "HF_TOKEN": "hf_abc", "LOG_LEVEL": "debug"}
+        spec = spec_with(name="own-code", runtime_env={"env_vars": env_vars, "pip": ["humanize==4.9.0"]})
+        job = client.submit(spec, working_dir=tmp_path)
+        shown = job.spec["runtime_env"]
+        assert shown["working_dir"] == first.uri and shown["pip"] == ["humanize==4.9.0"]
+        assert shown["env_vars"] == {"WANDB_API_KEY": "***", "HF_TOKEN": "***", "LOG_LEVEL": "debug"}
+    with lite_service.client() as http:
+        for path in (f"/v1/jobs/{job.id}", "/v1/jobs?limit=200"):
+            text = http.get(path).text
+            assert "s3cr3t-value" not in text and "hf_abc" not in text and '"***"' in text
+    assert "s3cr3t-value" not in lite_service.log_tail(10_000)
+
+
+UNKNOWN_PACKAGE = "hutch://packages/" + "0" * 64 + ".zip"
+
+
+@pytest.mark.parametrize(
+    ("case", "runtime_env", "code", "field", "fragment"),
+    [
+        ("unknown key", {"conda": "env.yaml"}, "invalid_spec", "runtime_env.conda", "cluster image's Python"),
+        ("typo", {"working_directory": "x"}, "invalid_spec", "runtime_env.working_directory", "working_dir"),
+        ("local path", {"working_dir": "./src"}, "invalid_spec", "runtime_env.working_dir", "remote URI"),
+        ("not a zip URI", {"working_dir": "s3://b/c.tar"}, "invalid_spec", "runtime_env.working_dir", ".zip"),
+        ("pip option", {"pip": ["--index-url=http://x"]}, "invalid_spec", "runtime_env.pip", "no options"),
+        ("reserved env var", {"env_vars": {"RAY_ADDRESS": "x"}}, "invalid_spec", "runtime_env.env_vars",
+         "set by Ray and hutch"),
+        ("not uploaded", {"working_dir": UNKNOWN_PACKAGE}, "unknown_package", "runtime_env.working_dir",
+         "no uploaded package"),
+    ],
+)  # fmt: skip
+def test_bad_runtime_envs_are_refused_with_the_field(
+    lite_service: ServiceProcess, case: str, runtime_env: dict, code: str, field: str, fragment: str
+) -> None:
+    with lite_service.client() as http:
+        response = http.post("/v1/jobs", json=spec_with(name="bad-env", runtime_env=runtime_env))
+    error = assert_error(response, 422, code)
+    assert any(d["field"] == field and fragment in d["message"] for d in error["details"]), error
+
+
+def test_an_env_var_value_is_never_echoed_in_an_error(lite_service: ServiceProcess) -> None:
+    runtime_env = {"env_vars": {"MY_SECRET": "hunter2-" + "x" * 5000}}
+    with lite_service.client() as http:
+        response = http.post("/v1/jobs", json=spec_with(name="bad-env", runtime_env=runtime_env))
+    error = assert_error(response, 422, "invalid_spec")
+    assert error["details"][0]["field"] == "runtime_env.env_vars.MY_SECRET" and "hunter2" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "fragment"),
+    [
+        ("not a zip", b"this is not an archive", "not a readable zip archive"),
+        ("truncated", _zip({"model.py": b"x = 1\n" * 100})[:-30], "not a readable zip archive"),
+        ("corrupt data", _corrupted(_zip({"model.py": b"x = 1\n" * 100})), "fails its CRC check"),
+        ("path escape", _zip({"../../evil.py": b"x = 1\n"}), "outside the working directory"),
+        ("absolute path", _zip({"/etc/cron.d/evil": b"x"}), "outside the working directory"),
+        ("symbolic link", _zip({"model.py": b"x = 1\n"}, symlink="passwd"), "symbolic link"),
+        ("empty", _zip({}), "no files"),
+    ],
+)
+def test_bad_packages_are_refused_and_leave_nothing_behind(
+    lite_service: ServiceProcess, case: str, body: bytes, fragment: str
+) -> None:
+    before = _packages_left(lite_service)
+    with lite_service.client() as http:
+        response = http.post("/v1/packages", content=body, headers={"Content-Type": "application/zip"})
+    error = assert_error(response, 422, "bad_package", fragment)
+    assert error["details"][0]["field"] == "body"
+    assert _packages_left(lite_service) == before
+
+
+def test_package_uploads_over_the_limit_or_of_another_type_are_refused(lite_service: ServiceProcess) -> None:
+    before = _packages_left(lite_service)
+    headers = {"Content-Type": "application/zip"}
+    with lite_service.client() as http:
+        declared = http.post("/v1/packages", content=b"x" * 4_000_001, headers=headers)
+        assert_error(declared, 413, "payload_too_large", "than 4000000 bytes", "HUTCH_MAX_PACKAGE_BYTES")
+        chunks = iter([b"PK" + b"x" * 2_000_000, b"x" * 2_000_000, b"x" * 100])  # no Content-Length
+        streamed = http.post("/v1/packages", content=chunks, headers=headers)
+        assert_error(streamed, 413, "payload_too_large", "HUTCH_MAX_PACKAGE_BYTES")
+        typed = http.post("/v1/packages", json={"not": "a zip"})
+        assert_error(typed, 415, "unsupported_media_type", "application/zip")
+    assert _packages_left(lite_service) == before
