@@ -169,10 +169,13 @@ class RayLauncher:
     def dashboard_job_url(self, submission_id: str) -> str:
         return f"{self.dashboard_url}/#/jobs/{submission_id}"
 
-    def entrypoint(self, job_id: str, attempt: int) -> str:
+    def entrypoint(self, job_id: str, attempt: int, spec: Mapping[str, Any] | None = None) -> str:
         run_dir = self.layout.run_dir(job_id)
+        # With a pip runtime_env, Ray activates a virtualenv (on top of the image's packages) for
+        # the entrypoint: its `python` sees the job's packages, this interpreter would not.
+        pip = bool(((spec or {}).get("runtime_env") or {}).get("pip"))
         words = [
-            self.python, "-m", "trainer", str(run_dir / "spec.json"),
+            "python" if pip else self.python, "-m", "trainer", str(run_dir / "spec.json"),
             "--run-dir", str(run_dir), "--job-id", job_id,
             "--storage-path", str(self.layout.checkpoint_root),
             "--log-file", str(self.layout.log_file(job_id, attempt)),
@@ -208,7 +211,7 @@ class RayLauncher:
             raise RayRefused(str(missing)) from missing
         try:
             self.client.submit_job(
-                entrypoint=self.entrypoint(job_id, attempt),
+                entrypoint=self.entrypoint(job_id, attempt, spec),
                 submission_id=submission_id,
                 # `job_name` is the key the Ray dashboard's Jobs page shows in its "Job name" column.
                 metadata={"job_name": name, "hutch_job_id": job_id, "hutch_attempt": str(attempt)},

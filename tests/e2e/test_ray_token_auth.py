@@ -119,7 +119,8 @@ def test_token_auth_wrong_then_missing_then_right(
     missing.start(ready_path="/healthz")
     try:
         response = wait_for(
-            lambda: (r := readiness(missing)).status_code == 503 and "no Ray token" in r.text and r, 60,
+            lambda: (r := readiness(missing)).status_code == 503 and "no Ray token" in r.text and r,
+            60,
             "/readyz to report the missing token",
         )
         assert "no Ray token is configured" in response.json()["checks"]["ray"]
@@ -140,16 +141,7 @@ def test_token_auth_wrong_then_missing_then_right(
             assert refused_job.value.code == "unschedulable"
             assert "the cluster has 2" in refused_job.value.message
 
-            final = client.wait(job.id, timeout=300, poll_interval=0.5)
-            assert final.state == "SUCCEEDED", final.failure_reason
-            assert [e.state for e in client.events(job.id)] == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
-            assert [c.step for c in client.checkpoints(job.id).checkpoints] == [15, 30]
-            assert any(f"job {job.id} succeeded" in line for line in client.logs(job.id, tail=5))
-            info = _ray_job_info(token_cluster["address"], final.ray_job_id)
-            assert info["status"] == "SUCCEEDED"
-            assert info["metadata"]["job_name"] == "token-digits"  # the dashboard's "Job name" column
-            assert RAY_TOKEN not in str(info)  # the token travels in headers, never in the job
-
+            # A second job, run beside the first (one worker each on the 2 CPUs), to be stopped.
             long = client.submit(spec_with(
                 name="token-stop",
                 **{"training.steps": 100_000, "training.log_every": 5, "training.eval_every": 100_000,
@@ -160,6 +152,16 @@ def test_token_auth_wrong_then_missing_then_right(
             stopped = client.wait(long.id, timeout=120, poll_interval=0.5)
             assert stopped.state == "CANCELLED"
             assert _ray_job_info(token_cluster["address"], stopped.ray_job_id)["status"] == "STOPPED"
+
+            final = client.wait(job.id, timeout=300, poll_interval=0.5)
+            assert final.state == "SUCCEEDED", final.failure_reason
+            assert [e.state for e in client.events(job.id)] == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+            assert [c.step for c in client.checkpoints(job.id).checkpoints] == [15, 30]
+            assert any(f"job {job.id} succeeded" in line for line in client.logs(job.id, tail=5))
+            info = _ray_job_info(token_cluster["address"], final.ray_job_id)
+            assert info["status"] == "SUCCEEDED"
+            assert info["metadata"]["job_name"] == "token-digits"  # the dashboard's "Job name" column
+            assert RAY_TOKEN not in str(info)  # the token travels in headers, never in the job
     finally:
         right.stop()
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from api.client import Client
-from tests.e2e.conftest import TOKEN, ServiceProcess, stop_local_ray
+from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, stop_local_ray
 from tests.e2e.test_api_contract import spec_with
 from tests.support import CHROMIUM, free_port, rendered_dom, wait_for
 
@@ -63,7 +64,10 @@ def curl(service: ServiceProcess, *args: str, timeout: float = 60) -> str:
     return subprocess.run(command, capture_output=True, text=True, check=True, timeout=timeout).stdout
 
 
-def test_digits_job_over_curl_to_success(service: ServiceProcess) -> None:
+@pytest.fixture(scope="module")
+def digits_job(service: ServiceProcess) -> dict[str, Any]:
+    """A digits job submitted with curl and followed to its end (its log followed from the start):
+    the submission's answer, the final job, and the followed log."""
     spec = spec_with(
         name="e2e-digits",
         **{
@@ -77,26 +81,32 @@ def test_digits_job_over_curl_to_success(service: ServiceProcess) -> None:
         curl(service, "-X", "POST", f"{service.url}/v1/jobs", "-H", "Content-Type: application/json",
              "-d", json.dumps(spec))
     )  # fmt: skip
-    job_id = job["id"]
-    assert job["state"] == "QUEUED" and job["steps"] == 60
-    follow_url = f"{service.url}/v1/jobs/{job_id}/logs?follow=true"
+    follow_url = f"{service.url}/v1/jobs/{job['id']}/logs?follow=true"
     follower = subprocess.Popen(  # follows the log from the start; must end by itself with the job
         ["curl", "-sS", "-N", "-H", f"Authorization: Bearer {TOKEN}", follow_url],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
 
     def state() -> str | None:
-        current = json.loads(curl(service, f"{service.url}/v1/jobs/{job_id}"))
+        current = json.loads(curl(service, f"{service.url}/v1/jobs/{job['id']}"))
         return current if current["state"] in ("SUCCEEDED", "FAILED", "CANCELLED") else None
 
     final = wait_for(state, 300, "the digits job to finish", interval=1)
+    followed, _ = follower.communicate(timeout=60)  # returns only because the stream ended
+    return {"submitted": job, "final": final, "followed": followed, "follower_rc": follower.returncode}
+
+
+def test_digits_job_over_curl_to_success(service: ServiceProcess, digits_job: dict[str, Any]) -> None:
+    job, final = digits_job["submitted"], digits_job["final"]
+    job_id = job["id"]
+    assert job["state"] == "QUEUED" and job["steps"] == 60
     assert final["state"] == "SUCCEEDED", final["failure_reason"]
     assert final["attempt"] == 1 and final["started_at"] and final["finished_at"]
     assert final["latest_metrics"]["step"] == 60 and final["latest_metrics"]["eval_accuracy"] > 0.8
     assert final["ray_dashboard_url"].endswith(f"/#/jobs/{final['ray_job_id']}")
 
-    followed, _ = follower.communicate(timeout=60)  # returns only because the stream ended
-    assert follower.returncode == 0
+    followed = digits_job["followed"]
+    assert digits_job["follower_rc"] == 0
     assert "[hutch] step 60/60" in followed and f"job {job_id} succeeded" in followed
 
     records = json.loads(curl(service, f"{service.url}/v1/jobs/{job_id}/metrics"))["records"]
@@ -118,18 +128,16 @@ def test_digits_job_over_curl_to_success(service: ServiceProcess) -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it when it can)")
 def test_the_ray_dashboard_jobs_page_shows_each_jobs_name(
-    service: ServiceProcess, client: Client, tmp_path: Path
+    service: ServiceProcess, digits_job: dict[str, Any], tmp_path: Path
 ) -> None:
     """The Jobs page of the Ray dashboard, rendered in headless Chromium: the row of the job's Ray
     submission shows hutch's job name in the "Name" column (Ray reads metadata ``job_name``)."""
-    spec = spec_with(name="e2e-dashboard-name", **{"training.steps": 10, "scaling.num_workers": 1})
-    final = client.wait(client.submit(spec).id, timeout=300, poll_interval=0.5)
-    assert final.state == "SUCCEEDED", final.failure_reason
+    ray_job_id = digits_job["final"]["ray_job_id"]
     dashboard = json.loads((service.data_dir / "local-ray.json").read_text())["dashboard_url"]
     columns, *rows = table_rows(rendered_dom(f"{dashboard}/#/jobs", tmp_path / "chromium"))
-    row = next((r for r in rows if final.ray_job_id in r), None)
-    assert row is not None, f"no row for {final.ray_job_id} on the Jobs page: {rows}"
-    assert row[columns.index("Name")] == "e2e-dashboard-name", dict(zip(columns, row))
+    row = next((r for r in rows if ray_job_id in r), None)
+    assert row is not None, f"no row for {ray_job_id} on the Jobs page: {rows}"
+    assert row[columns.index("Name")] == "e2e-digits", dict(zip(columns, row))
 
 
 def table_rows(dom: str) -> list[list[str]]:
@@ -183,6 +191,102 @@ def test_cancel_a_running_job_then_retry_resumes_from_its_checkpoint(
     ]  # fmt: skip
     first_attempt_log = list(client.logs(job.id, attempt=1, tail=200))
     assert not any("resumed from the checkpoint" in line for line in first_attempt_log)
+
+
+OWN_DATA = """
+import inflection  # from the job's runtime_env pip: importable only inside the job
+import torch
+from sklearn.datasets import load_iris
+
+
+class Iris:
+    task = "classification"
+
+    def __init__(self, holdout: int = 30):
+        assert inflection.underscore("IrisData") == "iris_data"
+        x, y = load_iris(return_X_y=True)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        x = torch.tensor(x, dtype=torch.float32)[order]
+        x = (x - x.mean(0)) / x.std(0)
+        y = torch.tensor(y)[order]
+        self.train_x, self.train_y = x[holdout:], y[holdout:]
+        self.eval_x, self.eval_y = x[:holdout], y[:holdout]
+
+    def train_batch(self, step, seed, batch_size):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        index = torch.randint(len(self.train_y), (batch_size,), generator=generator)
+        return self.train_x[index], self.train_y[index]
+
+    def eval_batches(self, batch_size):
+        for start in range(0, len(self.eval_y), batch_size):
+            yield self.eval_x[start:start + batch_size], self.eval_y[start:start + batch_size]
+
+    def model_args(self):
+        return {"num_classes": 3, "in_features": 4}
+"""
+
+OWN_MODEL = """
+from torch import nn
+
+
+def build(num_classes, in_features, hidden=16):
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, num_classes))
+"""
+
+
+def test_own_code_shipped_with_working_dir_trains_and_resumes_with_the_same_package(
+    service: ServiceProcess, client: Client, tmp_path: Path
+) -> None:
+    """A data set and a model of the user's, in a directory the Ray head has never seen, with a
+    pip dependency: submitted with `hutch submit --working-dir`, cancelled, retried, finished."""
+    code = tmp_path / "own"
+    (code / "tabular").mkdir(parents=True)
+    (code / "tabular" / "__init__.py").write_text("")
+    (code / "tabular" / "data.py").write_text(OWN_DATA)
+    (code / "tabular" / "model.py").write_text(OWN_MODEL)
+    (code / "checkpoints-from-my-laptop").mkdir()
+    (code / "checkpoints-from-my-laptop" / "huge.pt").write_bytes(b"0" * 100_000)
+    (code / ".gitignore").write_text("checkpoints-from-my-laptop/\n")
+    spec = spec_with(
+        name="e2e-own-code",
+        model={"name": "tabular.model:build", "args": {"hidden": 32}},
+        data={"name": "tabular.data:Iris", "args": {}},
+        runtime_env={"pip": ["inflection==0.5.1"]},
+        **{"training.steps": 600, "training.checkpoint_every": 100, "training.eval_every": 300,
+           "training.log_every": 50, "training.global_batch_size": 32, "scaling.num_workers": 1,
+           "optimizer.lr": 0.1, "optimizer.warmup_steps": 10},
+    )  # fmt: skip
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "HUTCH_URL": service.url, "HUTCH_TOKEN": TOKEN}
+    submitted = subprocess.run(
+        [str(HUTCH), "submit", str(spec_file), "--working-dir", str(code)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    package = client.get(job_id).spec["runtime_env"]["working_dir"]
+    assert package.startswith("hutch://packages/")
+
+    wait_for(lambda: client.checkpoints(job_id).checkpoints, 300, "a first checkpoint", interval=1)
+    first_ray_job = client.get(job_id).ray_job_id
+    client.cancel(job_id)
+    assert client.wait(job_id, timeout=120, poll_interval=0.5).state == "CANCELLED"
+    saved = max(c.step for c in client.checkpoints(job_id).checkpoints)
+
+    client.retry(job_id)
+    final = client.wait(job_id, timeout=300, poll_interval=0.5)
+    assert final.state == "SUCCEEDED", final.failure_reason
+    assert final.attempt == 2 and final.latest_metrics["step"] == 600
+    assert final.latest_metrics["eval_accuracy"] >= 0.9, final.latest_metrics
+    log = "\n".join(client.logs(job_id, tail=400))
+    assert f"resumed from the checkpoint at step {saved}" in log
+    ray = ray_jobs(service)
+    first, second = ray.get_job_info(first_ray_job), ray.get_job_info(final.ray_job_id)
+    # Both attempts ran the same package: Ray names an uploaded package by its content.
+    assert first.runtime_env["working_dir"] == second.runtime_env["working_dir"]
+    assert first.runtime_env["working_dir"].startswith("gcs://_ray_pkg_")
+    assert second.runtime_env["pip"]["packages"] == ["inflection==0.5.1"]
 
 
 def test_sigkill_of_the_service_loses_nothing(service: ServiceProcess, client: Client) -> None:
