@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.data import Dataset, build_dataset, epoch_indices, mix_seed
+from trainer.batches import concat_batches
+from trainer.data import Dataset, build_dataset, epoch_indices, is_indexed, mix_seed, rank_batch, step_indices
 from trainer.data.text_chars import VOCAB_SIZE, corpus_text, decode, encode
 from trainer.models.registry import build_model
 from trainer.spec import SpecError
@@ -112,6 +113,67 @@ def test_text_corpus_is_large_and_the_vocabulary_fixed() -> None:
     assert held_out > 0.09 * len(text) - 16 and len(ds.train_tokens) == int(len(text) * 0.9)
 
 
+# -- a rank's share ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(SMALL_ARGS))
+def test_built_ins_load_only_a_ranks_share_and_the_shares_make_the_global_batch(name: str) -> None:
+    ds = _dataset(name)
+    assert is_indexed(ds)
+    for step in (0, 5):
+        whole = ds.train_batch(step, 3, 16)  # what every rank used to build and slice
+        for world in (1, 2, 4):
+            shares = [rank_batch(ds, step, 3, 16, rank, world) for rank in range(world)]
+            joined = concat_batches(shares)
+            assert all(torch.equal(a, b) for a, b in zip(joined, whole))
+
+
+class Regression:
+    """A user's data set in the original protocol: whole global batches, a dict per batch."""
+
+    def __init__(self, task: str = "custom") -> None:
+        self.task = task
+
+    def train_batch(self, step: int, seed: int, batch_size: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 1000 + step)
+        return {"x": torch.randn(batch_size, 3, generator=g), "y": torch.randn(batch_size, generator=g)}
+
+    def eval_batches(self, batch_size: int):
+        yield self.train_batch(10**6, 0, batch_size)
+
+
+class SizelessDataset:
+    def train_examples(self, indices: torch.Tensor) -> torch.Tensor:
+        return indices.float()
+
+    def eval_batches(self, batch_size: int):
+        yield torch.zeros(batch_size)
+
+
+class Shorted(Regression):
+    def train_batch(self, step: int, seed: int, batch_size: int) -> dict[str, torch.Tensor]:
+        return super().train_batch(step, seed, batch_size - 1)
+
+
+def test_original_protocol_data_sets_keep_working_sliced_by_rank() -> None:
+    ds = build_dataset("tests.unit.test_data:Regression")
+    assert not is_indexed(ds)
+    whole = ds.train_batch(2, 0, 8)
+    shares = [rank_batch(ds, 2, 0, 8, rank, 2) for rank in range(2)]
+    assert torch.equal(shares[1]["x"], whole["x"][4:]) and torch.equal(shares[0]["y"], whole["y"][:4])
+    with pytest.raises(ValueError, match=r"Shorted.train_batch returned 7 examples for step 0, expected 8"):
+        rank_batch(Shorted(), 0, 0, 8, 0, 2)
+
+
+def test_own_index_sampling_is_validated() -> None:
+    class Sampler(SizelessDataset):
+        def train_indices(self, step: int, seed: int, batch_size: int) -> torch.Tensor:
+            return torch.arange(batch_size + 1)
+
+    with pytest.raises(ValueError, match=r"train_indices must return 4 integer indices, got .* shape \(5,\)"):
+        step_indices(Sampler(), 0, 0, 4)
+
+
 # -- building by name or import path ---------------------------------------------------------
 
 
@@ -151,7 +213,9 @@ def test_build_model_errors(name: str, args: dict, message: str) -> None:
             "data set 'digits': does not accept argument 'bogus'; it takes: test_fraction",
         ),
         ("cifar10", {}, "unknown data set: use a built-in (digits, synthetic_images, text_chars)"),
-        ("trainer.models.small:mlp", {}, "without train_batch, eval_batches, model_args"),
+        ("trainer.models.small:mlp", {}, "returned a Sequential, which is not a data set"),
+        ("tests.unit.test_data:SizelessDataset", {}, "with train_examples needs train_size"),
+        ("tests.unit.test_data:Regression", {"task": "regression"}, "its task must be one of"),
         ("synthetic_images", {"num_classes": 1}, "num_classes must be an integer >= 2"),
         ("text_chars", {"block_size": 0}, "block_size must be an integer >= 1"),
     ],

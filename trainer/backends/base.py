@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-Batch = Sequence[torch.Tensor]
-"""One rank's micro-batch: the tensors the loss function takes."""
+from trainer.batches import Batch
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-"""Computes the mean loss of a micro-batch: ``loss_fn(model, batch)``."""
+"""Computes the mean loss over the examples of a (micro-)batch: ``loss_fn(model, batch)``.
+
+A batch is a tensor or a tuple/list/dict of tensors (:mod:`trainer.batches`); backends split it
+into chunks along dim 0 and weight each chunk's loss by its share of the examples, so the loss
+must be a mean over examples for chunked and distributed runs to equal one run on the whole
+batch."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.backends.base import Batch, LossFn, StepStats
+from trainer.backends.base import LossFn, StepStats
+from trainer.batches import Batch, batch_size, split_batch
 from trainer.optim.replicated import ReplicatedOptimizer
 from trainer.optim.sharded import ShardedAdaHessian
 
@@ -58,11 +59,9 @@ class DDPBackend:
         hessian_step = self.optimizer.hessian_due
         self.model.train()
         self.optimizer.zero_grad()
-        size = len(batch[0])
-        chunk_size = chunk_size or size
-        for start in range(0, size, chunk_size):
-            chunk = [t[start : start + chunk_size] for t in batch]
-            weight = len(chunk[0]) / size
+        size = batch_size(batch)
+        for chunk in split_batch(batch, chunk_size):
+            weight = batch_size(chunk) / size
             loss = self.loss_fn(self.model, chunk)
             self.optimizer.backward(loss if weight == 1.0 else loss * weight)
         self.optimizer.step()

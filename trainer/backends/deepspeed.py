@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.backends.base import Batch, LossFn, StepStats
+from trainer.backends.base import LossFn, StepStats
+from trainer.batches import Batch, batch_size, map_tensors, split_batch
 from trainer.optim.adahessian import NonFiniteError
 from trainer.optim.hutchinson import ProbeSource, hutchinson_products
 from trainer.optim.partitioned import Fragment, PartitionedAdaHessian
@@ -166,11 +167,10 @@ class DeepSpeedBackend:
         """
         hessian_step = self.hessian_due
         self.model.train()
-        batch = [t.to(self.dtype) if t.is_floating_point() else t for t in batch]
-        size = len(batch[0])
-        chunk_size = chunk_size or size
-        chunks = [[t[start : start + chunk_size] for t in batch] for start in range(0, size, chunk_size)]
-        weights = [len(chunk[0]) / size for chunk in chunks]
+        batch = map_tensors(lambda t: t.to(self.dtype) if t.is_floating_point() else t, batch)
+        size = batch_size(batch)
+        chunks = split_batch(batch, chunk_size)
+        weights = [batch_size(chunk) / size for chunk in chunks]
         if hessian_step:
             loss_sum, products = self._hessian_backward(chunks, weights)
         else:
@@ -206,7 +206,7 @@ class DeepSpeedBackend:
             hessian_trace=getattr(self.optimizer, "hessian_trace", None),
         )
 
-    def _plain_backward(self, chunks: list[list[torch.Tensor]], weights: list[float]) -> torch.Tensor:
+    def _plain_backward(self, chunks: list[Batch], weights: list[float]) -> torch.Tensor:
         """DeepSpeed's own forward and backward per chunk; its reduction runs at the last one."""
         loss_sum = torch.zeros((), device=self.params[0].device)
         for k, (chunk, weight) in enumerate(zip(chunks, weights)):
@@ -219,7 +219,7 @@ class DeepSpeedBackend:
         return loss_sum
 
     def _hessian_backward(
-        self, chunks: list[list[torch.Tensor]], weights: list[float]
+        self, chunks: list[Batch], weights: list[float]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Gradients and local Hutchinson products on the unwrapped module; the gradient then
         goes through DeepSpeed's reduction by the surrogate backward (see the module doc)."""

@@ -49,10 +49,18 @@ class DigitsDataset:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.split = load_digits_split(test_fraction, split_seed)
 
+    @property
+    def train_size(self) -> int:
+        """Training images (1,438 with the defaults)."""
+        return len(self.split.train_y)
+
+    def train_examples(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (len(indices), 1, 8, 8) float32 and their labels int64."""
+        return self.split.train_x[indices], self.split.train_y[indices]
+
     def train_batch(self, step: int, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global batch of ``step``: images (B, 1, 8, 8) float32 and labels (B,) int64."""
-        idx = epoch_indices(len(self.split.train_y), step, seed, batch_size)
-        return self.split.train_x[idx], self.split.train_y[idx]
+        """The global batch of ``step`` (what every rank's shares of it concatenate to)."""
+        return self.train_examples(epoch_indices(self.train_size, step, seed, batch_size))
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The held-out images in a fixed order."""

@@ -115,9 +115,18 @@ class SyntheticImages:
 
     # -- Dataset protocol -------------------------------------------------------------------
 
+    @property
+    def train_size(self) -> int:
+        """``num_train``."""
+        return self.num_train
+
+    def train_examples(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (len(indices), 3, 32, 32) float32 and labels int64, generated for just these indices."""
+        return self._examples(_TRAIN, indices)
+
     def train_batch(self, step: int, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global batch of ``step``: images (B, 3, 32, 32) float32 and labels (B,) int64."""
-        return self._examples(_TRAIN, epoch_indices(self.num_train, step, seed, batch_size))
+        """The global batch of ``step`` (what every rank's shares of it concatenate to)."""
+        return self.train_examples(epoch_indices(self.num_train, step, seed, batch_size))
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The held-out images in a fixed order (generated once, then kept: 12 MB per 1,000)."""

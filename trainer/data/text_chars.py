@@ -7,7 +7,8 @@ standard-library modules (about 0.58 MB with Python 3.11): code, comments and do
 Vocabulary (97 tokens, fixed whatever the text): newline, the 95 printable ASCII characters
 (space to ``~``), and one token for everything else (tabs, non-ASCII). The last 10% of the corpus
 is the held-out split. Training batches are random windows of ``block_size + 1`` characters from
-the first 90%, drawn from a generator keyed by ``(seed, step)``.
+the first 90%, their starts drawn from a generator keyed by ``(seed, step)`` (``train_indices``);
+each rank then cuts out only its own share of the windows (``train_examples``).
 """
 
 from __future__ import annotations
@@ -98,14 +99,25 @@ class TextChars:
             raise ValueError(f"block_size {block_size} is longer than the held-out split")
         self.block_size = block_size
 
-    def train_batch(self, step: int, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The global batch of ``step``: inputs and next-character targets, both (B, block_size) int64."""
+    @property
+    def train_size(self) -> int:
+        """Training examples: the windows' possible start positions."""
+        return len(self.train_tokens) - self.block_size
+
+    def train_indices(self, step: int, seed: int, batch_size: int) -> torch.Tensor:
+        """Window starts of the global batch of ``step``: uniform, with replacement, keyed by (seed, step)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        last_start = len(self.train_tokens) - self.block_size - 1
-        starts = torch.randint(0, last_start + 1, (batch_size,), generator=generator(seed, 1, step))
-        windows = self.train_tokens[starts[:, None] + torch.arange(self.block_size + 1)]
+        return torch.randint(0, self.train_size, (batch_size,), generator=generator(seed, 1, step))
+
+    def train_examples(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-character targets of the windows starting at ``indices``, both (B, block_size)."""
+        windows = self.train_tokens[indices[:, None] + torch.arange(self.block_size + 1)]
         return windows[:, :-1], windows[:, 1:]
+
+    def train_batch(self, step: int, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch of ``step`` (what every rank's shares of it concatenate to)."""
+        return self.train_examples(self.train_indices(step, seed, batch_size))
 
     def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Consecutive, non-overlapping windows covering the held-out split, in order."""
