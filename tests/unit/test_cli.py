@@ -196,6 +196,18 @@ def test_submit_refuses_a_bad_spec_file_with_exit_2(cli: CliRunner, closed_url: 
     assert "model.name: unknown model" in done.stderr and "Traceback" not in done.output
 
 
+def test_submit_with_a_working_dir_that_cannot_be_packed_exits_2(
+    cli: CliRunner, closed_url: str, tmp_path: Path
+) -> None:
+    submit = ["--url", closed_url, "submit", str(EXAMPLE), "--working-dir"]
+    missing = cli.invoke(app, [*submit, str(tmp_path / "x")])
+    assert missing.exit_code == 2  # refused before connecting: an unreachable server would be 1
+    assert missing.stderr == f"error: --working-dir {tmp_path / 'x'}: not a directory\n"
+    (tmp_path / ".hutchignore").write_text("*\n")
+    empty = cli.invoke(app, [*submit, str(tmp_path)])
+    assert empty.exit_code == 2 and "no files to pack" in empty.stderr and "Traceback" not in empty.output
+
+
 @pytest.mark.parametrize("command", [["submit", str(EXAMPLE)], ["jobs"]])
 @pytest.mark.parametrize("label", ["team", "=ml"])
 def test_a_malformed_label_exits_2(cli: CliRunner, closed_url: str, command: list[str], label: str) -> None:
