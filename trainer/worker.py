@@ -1,10 +1,15 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Every rank builds the same model from the same seed, takes its equal slice of the global batch
-of each step (a pure function of seed and step), and calls the backend's ``train_step`` (``ddp``
-or ``deepspeed``, from the spec). Rank 0 writes metric records and checkpoints (under DeepSpeed
-every rank adds its own partition's files); every rank calls ``ray.train.report`` at the same
-steps, as Ray Train requires. A restarted group resumes from ``ray.train.get_checkpoint()``.
+Every rank builds the same model from the same seed, loads only its own equal share of the
+global batch of each step (a pure function of seed and step; :func:`trainer.data.rank_batch`),
+and calls the backend's ``train_step`` (``ddp`` or ``deepspeed``, from the spec) with the loss
+the spec names (:mod:`trainer.losses`). Rank 0 writes metric records and checkpoints (under
+DeepSpeed every rank adds its own partition's files); every rank reports at the same steps, as
+Ray Train requires. A restarted group resumes from the last checkpoint.
+
+The loop talks to its runner through a :class:`WorkerSession` (rank, world size, device, the
+checkpoint to resume from, reports): :class:`RaySession` under Ray Train, or any plain
+``torch.distributed`` group (tests run the same loop on gloo processes).
 """
 
 from __future__ import annotations
@@ -13,16 +18,19 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
 from trainer.backends import DDPBackend, DeepSpeedBackend, StepStats
+from trainer.backends.base import LossFn
+from trainer.batches import batch_size as examples_in
+from trainer.batches import to_device
 from trainer.checkpoint import (
     DEEPSPEED_DIR,
     TrainingState,
@@ -32,28 +40,70 @@ from trainer.checkpoint import (
     write_checkpoint,
     write_deepspeed_progress,
 )
-from trainer.data import Dataset, build_dataset
+from trainer.data import AnyDataset, build_dataset, dataset_model_args, dataset_task, rank_batch
+from trainer.losses import (
+    LOSS_FIELD,
+    MetricsFn,
+    build_loss,
+    build_metrics,
+    explain_double_backward,
+    reduce_weighted,
+)
 from trainer.metrics import MetricsSink, read_metrics
 from trainer.models.registry import build_model
 from trainer.optim.adahessian import NonFiniteError
-from trainer.spec import JobSpec
+from trainer.spec import JobSpec, SpecError
 
 Backend = DDPBackend | DeepSpeedBackend
 
 
-def loss_function(task: str):
-    """Mean cross-entropy over examples (classification) or tokens (language model)."""
+class WorkerSession(Protocol):
+    """What the loop needs from whatever runs it on each rank."""
 
-    def classification(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        inputs, targets = batch
-        return F.cross_entropy(model(inputs), targets)
+    rank: int
+    world: int
+    device: torch.device
+    export_metrics: bool
+    """Whether metric records are also Ray gauges."""
 
-    def language_model(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        inputs, targets = batch
-        logits = model(inputs)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+    def restored(self) -> AbstractContextManager[Path | None]:
+        """The directory of the checkpoint to resume from, or ``None`` for a fresh start."""
+        ...
 
-    return classification if task == "classification" else language_model
+    def report(self, metrics: dict[str, Any], directory: Path | None) -> None:
+        """Collective: hand over this rank's checkpoint files (or none) with the step's metrics."""
+        ...
+
+
+class RaySession:
+    """A Ray Train worker: its context, device, ``get_checkpoint`` and ``report``."""
+
+    export_metrics = True
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()  # the worker's GPU, or the CPU
+
+    @contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def report(self, metrics: dict[str, Any], directory: Path | None) -> None:
+        import ray.train
+
+        checkpoint = None if directory is None else ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def optimizer_options(spec: JobSpec) -> dict[str, Any]:
@@ -68,9 +118,9 @@ def optimizer_options(spec: JobSpec) -> dict[str, Any]:
     return dict(name=o.name, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def build_backend(spec: JobSpec, model: torch.nn.Module, task: str) -> Backend:
+def build_backend(spec: JobSpec, model: torch.nn.Module, loss_fn: LossFn) -> Backend:
     """The spec's backend around ``model``: ``ddp``, or ``deepspeed`` with its ZeRO stage and precision."""
-    loss_fn, options, b = loss_function(task), optimizer_options(spec), spec.backend
+    options, b = optimizer_options(spec), spec.backend
     if b.name == "deepspeed":
         return DeepSpeedBackend(model, loss_fn, options, zero_stage=b.zero_stage, precision=b.precision)
     return DDPBackend(model, loss_fn, options)
@@ -78,30 +128,56 @@ def build_backend(spec: JobSpec, model: torch.nn.Module, task: str) -> Backend:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, dataset: Dataset, rank: int, world: int, batch_size: int
+    model: torch.nn.Module,
+    dataset: AnyDataset,
+    rank: int,
+    world: int,
+    batch_size: int,
+    loss_fn: LossFn | None = None,
+    metrics_fn: MetricsFn | None = None,
 ) -> dict[str, float]:
-    """Held-out loss and accuracy (or perplexity), each rank taking every world-th batch."""
+    """Held-out metrics, each rank taking every world-th batch.
+
+    With the built-in loss (``loss_fn`` None): loss and accuracy (or perplexity) of the task.
+    With the user's loss: ``eval_loss`` is that loss, the mean over held-out examples. The
+    user's ``metrics_fn`` adds ``eval_<name>`` means over examples (:func:`reduce_weighted`).
+    """
     model.eval()
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for index, (inputs, targets) in enumerate(dataset.eval_batches(batch_size)):
+    weighted: dict[str, tuple[float, float]] = {}
+    for index, batch in enumerate(dataset.eval_batches(batch_size)):
         if index % world != rank:
             continue
-        logits = model(_to_model(inputs, device, dtype))
-        targets = targets.to(device)
-        flat_logits = logits.reshape(-1, logits.size(-1))
-        flat_targets = targets.reshape(-1)
-        totals[0] += F.cross_entropy(flat_logits, flat_targets, reduction="sum").double()
-        totals[1] += (flat_logits.argmax(dim=1) == flat_targets).sum().double()
-        totals[2] += flat_targets.numel()
+        batch = to_device(batch, device, dtype)
+        if loss_fn is None:
+            inputs, targets = batch
+            logits = model(inputs)
+            flat_logits = logits.reshape(-1, logits.size(-1))
+            flat_targets = targets.reshape(-1)
+            totals[0] += F.cross_entropy(flat_logits, flat_targets, reduction="sum").double()
+            totals[1] += (flat_logits.argmax(dim=1) == flat_targets).sum().double()
+            totals[2] += flat_targets.numel()
+        values = {} if loss_fn is None else {"loss": float(loss_fn(model, batch))}
+        if metrics_fn is not None:
+            values.update(metrics_fn(model, batch))
+        examples = float(examples_in(batch))
+        for name, value in values.items():
+            total, weight = weighted.get(name, (0.0, 0.0))
+            weighted[name] = (total + value * examples, weight + examples)
     model.train()
-    dist.all_reduce(totals)
-    loss = (totals[0] / totals[2]).item()
-    accuracy = (totals[1] / totals[2]).item()
-    if dataset.task == "language_model":
-        perplexity = float(torch.tensor(loss).exp())
-        return {"eval_loss": loss, "eval_perplexity": perplexity, "eval_accuracy": accuracy}
-    return {"eval_loss": loss, "eval_accuracy": accuracy}
+    out: dict[str, float] = {}
+    if loss_fn is None:
+        dist.all_reduce(totals)
+        loss = (totals[0] / totals[2]).item()
+        out = {"eval_loss": loss, "eval_accuracy": (totals[1] / totals[2]).item()}
+        if dataset_task(dataset) == "language_model":
+            out["eval_perplexity"] = float(torch.tensor(loss).exp())
+    if loss_fn is not None or metrics_fn is not None:
+        per_rank: list[Any] = [None] * world
+        dist.all_gather_object(per_rank, weighted)  # small, and only at evaluation steps
+        out.update({f"eval_{name}": value for name, value in reduce_weighted(per_rank).items()})
+    return out
 
 
 def _record(step: int, stats: StepStats, lr: float, seconds: float, batch_size: int) -> dict[str, Any]:
@@ -120,49 +196,73 @@ def _record(step: int, stats: StepStats, lr: float, seconds: float, batch_size: 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry on each worker: ``config`` holds the spec, run directory and job id."""
+    run_worker(config, RaySession())
+
+
+def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
+    """The loop on one rank of an initialised ``torch.distributed`` group (see the module doc)."""
     spec = JobSpec.model_validate(config["spec"])
     run_dir, job_id = Path(config["run_dir"]), config["job_id"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world, device = session.rank, session.world, session.device
     (run_dir / "workers").mkdir(parents=True, exist_ok=True)
     (run_dir / "workers" / f"rank-{rank}.pid").write_text(str(os.getpid()))
 
     t = spec.training
     torch.manual_seed(t.seed)
-    dataset = build_dataset(spec.data.name, spec.data.args)
-    device = ray.train.torch.get_device()  # the worker's GPU, or the CPU
-    model = build_model(spec.model.name, spec.model.args, dataset.model_args()).to(device)
-    backend = build_backend(spec, model, dataset.task)
+    try:  # the same on every rank, before any collective: every rank stops alike
+        dataset = build_dataset(spec.data.name, spec.data.args)
+        loss_fn = build_loss(t.loss, dataset_task(dataset))
+        metrics_fn = build_metrics(t.metrics)
+        model = build_model(spec.model.name, spec.model.args, dataset_model_args(dataset)).to(device)
+    except SpecError as error:
+        _stop(run_dir, rank, None, f"cannot start: {error}")
+        return
+    backend = build_backend(spec, model, loss_fn)
     model = backend.model  # DeepSpeed trains the same module, in bf16 if asked
     dtype = next(model.parameters()).dtype
+    eval_loss = loss_fn if t.loss is not None else None
+    computes_loss = LOSS_FIELD if t.loss is not None else "model"
 
     start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start = _restore(backend, model, Path(directory))
-        if rank == 0:
-            print(f"[hutch] resumed from the checkpoint at step {start}", flush=True)
-    sink = MetricsSink(run_dir / "metrics.jsonl", job_id, resume_step=start) if rank == 0 else None
+    with session.restored() as directory:
+        if directory is not None:
+            start = _restore(backend, model, directory)
+            if rank == 0:
+                print(f"[hutch] resumed from the checkpoint at step {start}", flush=True)
+    sink = None
+    if rank == 0:
+        path, export = run_dir / "metrics.jsonl", session.export_metrics
+        sink = MetricsSink(path, job_id, resume_step=start, export_to_ray=export)
 
-    micro = t.global_batch_size // world
     latest: dict[str, Any] = {}
     for step in range(start, t.steps):
         done = step + 1
         lr = spec.optimizer.lr_at(step, t.steps)
         for group in backend.optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = dataset.train_batch(step, t.seed, t.global_batch_size)
-        mine = slice(rank * micro, (rank + 1) * micro)
-        batch = (_to_model(inputs[mine], device, dtype), targets[mine].to(device))
+        try:
+            batch = rank_batch(dataset, step, t.seed, t.global_batch_size, rank, world)
+        except ValueError as error:
+            _stop(run_dir, rank, done, f"training stopped: data set {spec.data.name!r}: {error}")
+            return
+        batch = to_device(batch, device, dtype)
+        hessian_step = _hessian_due(backend)
         began = time.perf_counter()
+        # These errors are raised on every rank alike (the same code on equally shaped shares,
+        # before the step's first collective), so each rank stops without a retry.
         try:
             stats = backend.train_step(batch, t.chunk_size)
-        except NonFiniteError as error:  # raised on every rank alike: stop without retrying
-            if rank == 0:
-                reason = f"training stopped: {error}"
-                (run_dir / "failure.json").write_text(json.dumps({"step": done, "reason": reason}))
-                print(f"[hutch] {reason}", flush=True)
+        except NonFiniteError as error:
+            _stop(run_dir, rank, done, f"training stopped: {error}")
+            return
+        except SpecError as error:  # the user's loss returned something unusable
+            _stop(run_dir, rank, done, f"training stopped: {error}")
+            return
+        except RuntimeError as error:
+            reason = explain_double_backward(error, computes_loss) if hessian_step else None
+            if reason is None:
+                raise
+            _stop(run_dir, rank, done, f"training stopped: {reason}")
             return
         seconds = time.perf_counter() - began
 
@@ -173,13 +273,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         record = _record(done, stats, lr, seconds, t.global_batch_size)
         if eval_step:
-            record.update(evaluate(model, dataset, rank, world, t.global_batch_size))
+            try:
+                record.update(
+                    evaluate(model, dataset, rank, world, t.global_batch_size, eval_loss, metrics_fn)
+                )
+            except SpecError as error:  # the user's metrics returned something unusable
+                _stop(run_dir, rank, done, f"evaluation failed: {error}")
+                return
         latest.update({k: v for k, v in record.items() if v is not None})
         if sink is not None:
             sink.write(record)
             print(_progress_line(record, t.steps), flush=True)
         if checkpoint_step:
-            _save_checkpoint(record, backend, model, done, rank)
+            _save_checkpoint(session, record, backend, model, done, rank)
 
     if rank == 0:
         if not latest:  # resumed from the final checkpoint: nothing left to train
@@ -189,9 +295,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
 
 
-def _to_model(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Onto the model's device; floating inputs also in the model's dtype (bf16 under DeepSpeed)."""
-    return tensor.to(device, dtype) if tensor.is_floating_point() else tensor.to(device)
+def _hessian_due(backend: Backend) -> bool:
+    """Whether the coming step takes Hessian products (and so differentiates twice)."""
+    if isinstance(backend, DeepSpeedBackend):
+        return backend.hessian_due
+    return bool(getattr(backend.optimizer, "hessian_due", False))
+
+
+def _stop(run_dir: Path, rank: int, step: int | None, reason: str) -> None:
+    """Record why the run stopped (rank 0 writes; the job fails with this reason, no retry)."""
+    if rank == 0:
+        failure = {"reason": reason} if step is None else {"step": step, "reason": reason}
+        (run_dir / "failure.json").write_text(json.dumps(failure))
+        print(f"[hutch] {reason}", flush=True)
 
 
 def _restore(backend: Backend, model: torch.nn.Module, directory: Path) -> int:
@@ -209,14 +325,19 @@ def _restore(backend: Backend, model: torch.nn.Module, directory: Path) -> int:
 
 
 def _save_checkpoint(
-    record: dict[str, Any], backend: Backend, model: torch.nn.Module, done: int, rank: int
+    session: WorkerSession,
+    record: dict[str, Any],
+    backend: Backend,
+    model: torch.nn.Module,
+    done: int,
+    rank: int,
 ) -> None:
     """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint (``ddp``), or
     every rank attaches its own files and Ray merges them into one directory (``deepspeed``).
 
-    Only checkpoint steps go through ``ray.train.report``: each call waits for the controller to
-    take the previous one (about a second here), so per-step records go to ``metrics.jsonl``
-    and the Ray gauges instead.
+    Only checkpoint steps go through ``ray.train.report`` (``session.report``): each call waits
+    for the controller to take the previous one (about a second here), so per-step records go
+    to ``metrics.jsonl`` and the Ray gauges instead.
     """
     metrics = {k: v for k, v in record.items() if v is not None}
     if isinstance(backend, DeepSpeedBackend):
@@ -224,17 +345,17 @@ def _save_checkpoint(
             backend.save_checkpoint(Path(directory) / DEEPSPEED_DIR)
             if rank == 0:
                 write_deepspeed_progress(Path(directory), done, dist.get_world_size(), torch.get_rng_state())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            session.report(metrics, Path(directory))
         return
     shards: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(shards, backend.optimizer_state())
     with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
+        attached = None
         if rank == 0:
             state = TrainingState(done, model.state_dict(), shards, torch.get_rng_state())
             write_checkpoint(Path(directory), state)
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint)
+            attached = Path(directory)
+        session.report(metrics, attached)
 
 
 def _progress_line(record: dict[str, Any], total: int) -> str:
@@ -243,7 +364,7 @@ def _progress_line(record: dict[str, Any], total: int) -> str:
         parts.append(f"trace {record['hessian_trace']:.4g}")
     if record.get("samples_per_s"):
         parts.append(f"{record['samples_per_s']:.0f} samples/s")
-    for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
-        if key in record:
-            parts.append(f"{key} {record[key]:.4f}")
+    for key, value in record.items():
+        if key.startswith("eval_") and isinstance(value, float):
+            parts.append(f"{key} {value:.4f}")
     return "[hutch] " + "  ".join(parts)
