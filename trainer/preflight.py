@@ -27,3 +27,6 @@ def check_spec(spec: JobSpec) -> None:
         import_factory(spec.model.name, f"model {spec.model.name!r}")
     if spec.data.name not in BUILTIN_DATASETS:
         import_factory(spec.data.name, f"data {spec.data.name!r}")
+    for field, path in (("training.loss", spec.training.loss), ("training.metrics", spec.training.metrics)):
+        if path is not None:
+            import_factory(path, f"{field} {path!r}")

@@ -33,6 +33,8 @@ def _run(spec_path: Path) -> subprocess.CompletedProcess[str]:
         ({"model": {"name": "my..models:net"}}, "model.name"),
         ({"model": {"name": "no_such_package.models:net"}}, "model 'no_such_package.models:net'"),
         ({"data": {"name": "json:no_such_factory"}}, "data 'json:no_such_factory'"),
+        ({"training": {"loss": "no_such_pkg.losses:mine"}}, "training.loss 'no_such_pkg.losses:mine'"),
+        ({"training": {"metrics": "json:no_such_function"}}, "training.metrics 'json:no_such_function'"),
         (
             {"backend": {"name": "deepspeed"}, "optimizer": {"hessian_scope": "local"}},
             "optimizer.hessian_scope: the deepspeed backend supports 'global' only",
