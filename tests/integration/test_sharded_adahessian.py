@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
+from tests.support import spawn_ranks
 from trainer.backends import DDPBackend
 from trainer.optim import AdaHessian
 from trainer.optim.sharding import ShardPlan
@@ -130,7 +130,7 @@ def run_distributed(world: int, tmp_path: Path, name: str, **job: Any) -> dict[s
         port = s.getsockname()[1]
     out = str(tmp_path / f"{name}.pt")
     job.setdefault("start", 0)
-    mp.spawn(_worker, args=(world, port, job, out), nprocs=world, join=True)
+    spawn_ranks(_worker, (world, port, job, out), world)
     return torch.load(out, weights_only=False)
 
 
@@ -251,7 +251,7 @@ def test_local_scope_trains_without_hessian_traffic_and_errors_are_collective(tm
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "local.pt")
-    mp.spawn(_local_scope_worker, args=(2, port, out), nprocs=2, join=True)
+    spawn_ranks(_local_scope_worker, (2, port, out), 2)
     per_rank = torch.load(out, weights_only=False)
     for results in per_rank:
         glob, local = results["global"], results["local"]

@@ -18,11 +18,10 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
-from tests.support import free_port
+from tests.support import free_port, spawn_ranks
 from trainer.data import epoch_indices
 from trainer.spec import validate_spec
 
@@ -114,7 +113,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> Non
 def run_jobs(world: int, jobs: list[dict[str, Any]]) -> None:
     for job in jobs:
         Path(job["run_dir"]).mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(world, free_port(), jobs), nprocs=world, join=True)
+    spawn_ranks(_worker, (world, free_port(), jobs), world)
 
 
 def job(tmp_path: Path, name: str, workers: int, **training: Any) -> dict[str, Any]:
