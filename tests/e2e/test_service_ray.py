@@ -268,7 +268,7 @@ def test_own_code_shipped_with_working_dir_trains_and_resumes_with_the_same_pack
     package = client.get(job_id).spec["runtime_env"]["working_dir"]
     assert package.startswith("hutch://packages/")
 
-    wait_for(lambda: client.checkpoints(job_id).checkpoints, 300, "a first checkpoint", interval=1)
+    wait_for(lambda: client.checkpoints(job_id).checkpoints, 300, "a first checkpoint", interval=0.5)
     first_ray_job = client.get(job_id).ray_job_id
     client.cancel(job_id)
     assert client.wait(job_id, timeout=120, poll_interval=0.5).state == "CANCELLED"
