@@ -131,6 +131,7 @@ def test_sigkilled_worker_resumes_from_checkpoint_and_matches(ray_cluster, two_w
     _, uninterrupted = two_worker_run
     run_dir = tmp_path / "killed"
     job = start_job(ray_cluster, short_digits(2), run_dir, "digits-killed")
+
     def past_first_checkpoint() -> bool:
         assert job.poll() is None, (run_dir / "driver.log").read_text()[-4000:]
         # A record past step 200 means report(200) returned, which waits until Ray took report(100):
