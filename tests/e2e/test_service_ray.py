@@ -194,6 +194,8 @@ def test_cancel_a_running_job_then_retry_resumes_from_its_checkpoint(
 
 
 OWN_DATA = """
+import time
+
 import inflection  # from the job's runtime_env pip: importable only inside the job
 import torch
 from sklearn.datasets import load_iris
@@ -213,6 +215,7 @@ class Iris:
         self.eval_x, self.eval_y = x[:holdout], y[:holdout]
 
     def train_batch(self, step, seed, batch_size):
+        time.sleep(0.01)  # paces the run, so the test's cancel lands well before the last step
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         index = torch.randint(len(self.train_y), (batch_size,), generator=generator)
         return self.train_x[index], self.train_y[index]
