@@ -37,9 +37,11 @@ def make_problem(seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], lis
 
 
 def ref_diagonal(a: np.ndarray, block: int | None) -> np.ndarray:
-    """D = |a| with the paper's spatial averaging (kernels over dims 2.., else flat blocks)."""
+    """D = |a| with the paper's spatial averaging: kernels over dims 2.., every other tensor over
+    flat blocks. The optimizer gets bare tensors, so only the 4-D one is a (Conv2d) kernel; the
+    3-D one is not (it could be a (1, T, D) embedding)."""
     d = np.abs(a)
-    if d.ndim >= 3:
+    if d.ndim == 4:
         return np.broadcast_to(d.mean(axis=tuple(range(2, d.ndim)), keepdims=True), d.shape).copy()
     if block is None:
         return d

@@ -9,6 +9,8 @@ import torch
 from torch.func import functional_call
 
 from trainer.optim import AdaHessian, ProbeSource, hessian_diagonal, hutchinson_products, probe_seed
+from trainer.optim.hutchinson import param_key
+from trainer.optim.partition import averaging_unit, conv_kernel_names
 
 
 def _model_and_loss() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -63,7 +65,7 @@ def test_optimizer_trace_is_probe_times_dense_hessian() -> None:
     model, x, y = _model_and_loss()
     hessian = _dense_hessian(model, x, y)
     probes = ProbeSource(seed=3)
-    z = torch.cat([probes.probe(p, 0, i).reshape(-1) for i, p in enumerate(model.parameters())])
+    z = torch.cat([probes.probe(p, 0, param_key(str(i))).reshape(-1) for i, p in enumerate(model.parameters())])
     opt = AdaHessian(model.parameters(), seed=3)
     opt.backward(torch.nn.functional.cross_entropy(model(x), y))
     opt.step()
@@ -96,7 +98,7 @@ def test_probes_are_rademacher_and_keyed() -> None:
     """±1 with mean ≈ 0 (not the constant −1 of `randint_like(p, 0, 1)`), a pure function of the key."""
     like = torch.empty(10_000)
     probes = ProbeSource(seed=11)
-    z = probes.probe(like, hessian_index=2, param_index=5)
+    z = probes.probe(like, hessian_index=2, key=5)
     assert set(z.unique().tolist()) == {-1.0, 1.0}
     assert abs(z.mean().item()) < 0.05
     torch.testing.assert_close(ProbeSource(11).probe(like, 2, 5), z, rtol=0, atol=0)
@@ -126,20 +128,45 @@ def test_n_samples_average_signed_before_abs() -> None:
 @pytest.mark.parametrize(
     ("shape", "block", "conv", "expected"),
     [
-        ((2, 3), None, True, [[1, 2, 3], [4, 5, 6]]),
-        ((6,), 2, True, [1.5, 1.5, 3.5, 3.5, 5.5, 5.5]),
-        ((2, 3), 4, True, [[2.5, 2.5, 2.5, 2.5], [5.5, 5.5]]),  # last short block: its own mean
+        ((2, 3), None, False, [[1, 2, 3], [4, 5, 6]]),
+        ((6,), 2, False, [1.5, 1.5, 3.5, 3.5, 5.5, 5.5]),
+        ((2, 3), 4, False, [[2.5, 2.5, 2.5, 2.5], [5.5, 5.5]]),  # last short block: its own mean
         ((1, 1, 2, 3), None, True, [[[[3.5] * 3] * 2]]),
-        ((1, 2, 3), None, True, [[[2, 2, 2], [5, 5, 5]]]),  # 3-D: a conv1d kernel
-        ((1, 2, 3), None, False, [[[1, 2, 3], [4, 5, 6]]]),
+        ((1, 2, 3), None, True, [[[2, 2, 2], [5, 5, 5]]]),  # a conv1d kernel
+        ((1, 2, 3), None, False, [[[1, 2, 3], [4, 5, 6]]]),  # a (1, T, D) embedding: not averaged
+        ((1, 2, 3), 2, False, [[[1.5, 1.5, 3.5], [3.5, 5.5, 5.5]]]),  # ... unless by blocks
     ],
 )
 def test_hessian_diagonal_spatial_averaging(shape, block, conv, expected) -> None:
     signed = torch.tensor([1.0, -2, 3, -4, 5, -6]).view(shape)
-    out = hessian_diagonal(signed, block, conv)
+    unit = averaging_unit(torch.Size(shape), conv_kernel=conv, average_conv_kernel=True, block_size=block)
+    out = hessian_diagonal(signed, unit)
     flat_expected = torch.tensor([v for row in _flatten(expected) for v in [row]])
     assert out.shape == signed.shape
     torch.testing.assert_close(out.reshape(-1), flat_expected)
+
+
+def test_only_convolution_kernels_are_spatially_averaged() -> None:
+    """The rule is the module type, not the number of dimensions: a 3-D position embedding keeps
+    its per-element curvature; Conv1d/2d/3d kernels are averaged over their spatial block."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.position = torch.nn.Parameter(torch.randn(1, 5, 4))
+            self.conv1 = torch.nn.Conv1d(2, 3, 3)
+            self.conv3 = torch.nn.Conv3d(1, 2, (2, 2, 2))
+            self.tconv = torch.nn.ConvTranspose2d(2, 2, 3)
+            self.linear = torch.nn.Linear(4, 4)
+
+    net = Net()
+    assert conv_kernel_names(net) == {"conv1.weight", "conv3.weight", "tconv.weight"}
+    opt = AdaHessian(net.named_parameters(), conv_kernels=conv_kernel_names(net))
+    units = {name: opt._units[p] for name, p in net.named_parameters()}
+    assert units == {"position": 1, "conv1.weight": 3, "conv1.bias": 1, "conv3.weight": 8, "conv3.bias": 1,
+                     "tconv.weight": 9, "tconv.bias": 1, "linear.weight": 1, "linear.bias": 1}
+    bare = AdaHessian(net.parameters())  # no names: only 4-D tensors count as kernels
+    assert [bare._units[p] for p in net.parameters()] == [1, 1, 1, 1, 1, 9, 1, 1, 1]
 
 
 def _flatten(nested) -> list[float]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from trainer.backends.base import LossFn, StepStats
 from trainer.batches import Batch, batch_size, split_batch
+from trainer.optim.partition import conv_kernel_names
 from trainer.optim.replicated import ReplicatedOptimizer
 from trainer.optim.sharded import ShardedAdaHessian
 
@@ -28,7 +29,9 @@ def build_optimizer(
     options = dict(options)
     name = options.pop("name", "adahessian")
     if name == "adahessian":
-        return ShardedAdaHessian(model.named_parameters(), group=group, **options)
+        return ShardedAdaHessian(
+            model.named_parameters(), group=group, conv_kernels=conv_kernel_names(model), **options
+        )
     return ReplicatedOptimizer(model.named_parameters(), name, options, group)
 
 

@@ -25,13 +25,14 @@ The math lives in :func:`adahessian_update`, a function over lists of tensors; t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
-from trainer.optim.hutchinson import ProbeSource, hessian_diagonal, hutchinson_products
+from trainer.optim.hutchinson import ProbeSource, hessian_diagonal, hutchinson_products, param_key
+from trainer.optim.partition import averaging_unit, is_conv_kernel
 
 
 class NonFiniteError(FloatingPointError):
@@ -120,6 +121,12 @@ class AdaHessian(ScheduleInStateDict):
           opt.step()
 
     After each Hessian step :attr:`hessian_trace` holds the Hutchinson estimate of tr(H).
+
+    Pass ``model.named_parameters()`` (as torch's optimizers accept) to key each parameter's
+    probe by its name, as the data-parallel paths do, so their runs equal this one; bare tensors
+    are keyed by their position over all groups. ``conv_kernels`` names the parameters whose
+    estimate is spatially averaged (:func:`trainer.optim.partition.conv_kernel_names` of the
+    model); without it, 4-D tensors are taken as convolution kernels.
     """
 
     _schedule_attributes: ClassVar[dict[str, str]] = {
@@ -141,6 +148,7 @@ class AdaHessian(ScheduleInStateDict):
         spatial_average_block_size: int | None = None,
         average_conv_kernel: bool = True,
         seed: int = 0,
+        conv_kernels: Collection[str] | None = None,
     ) -> None:
         check_hyperparameters(
             lr=lr,
@@ -161,6 +169,9 @@ class AdaHessian(ScheduleInStateDict):
             spatial_average_block_size=spatial_average_block_size,
             average_conv_kernel=average_conv_kernel,
         )
+        self.conv_kernels = None if conv_kernels is None else frozenset(conv_kernels)
+        self._keys: dict[torch.Tensor, int] = {}
+        self._units: dict[torch.Tensor, int] = {}
         super().__init__(params, defaults)
         self.hessian_update_freq = int(hessian_update_freq)
         self.n_samples = int(n_samples)
@@ -171,7 +182,23 @@ class AdaHessian(ScheduleInStateDict):
         self._hessian_steps_done = 0
         # Signed z⊙Hz from `backward`, keyed by parameter, consumed by the next `step`.
         self._pending_products: dict[torch.Tensor, torch.Tensor] = {}
-        self._loss_checked = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, plus each parameter's probe key and averaging unit; a tensor given twice is
+        refused."""
+        position = len(self._keys)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        refuse_duplicates(group["params"])
+        names = group.get("param_names") or [str(position + k) for k in range(len(group["params"]))]
+        for name, p in zip(names, group["params"]):
+            self._keys[p] = param_key(name)
+            self._units[p] = averaging_unit(
+                p.shape,
+                conv_kernel=is_conv_kernel(name, p.shape, self.conv_kernels),
+                average_conv_kernel=group["average_conv_kernel"],
+                block_size=group["spatial_average_block_size"],
+            )
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -186,15 +213,8 @@ class AdaHessian(ScheduleInStateDict):
         return self._steps_done
 
     def _indexed_params(self) -> list[tuple[int, torch.Tensor]]:
-        """Trainable parameters with their stable index over all groups (the probe key)."""
-        indexed = []
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    indexed.append((index, p))
-                index += 1
-        return indexed
+        """Parameters that require a gradient now, with their probe keys."""
+        return [(self._keys[p], p) for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     # -- gradients and Hessian products ------------------------------------------------------
 
@@ -210,7 +230,6 @@ class AdaHessian(ScheduleInStateDict):
                 f"loss is {loss.detach().float().sum().item()} at step {self._steps_done + 1}; "
                 "the weights were not updated"
             )
-        self._loss_checked = True
         if not self.hessian_due:
             loss.backward()
             return
@@ -297,13 +316,11 @@ class AdaHessian(ScheduleInStateDict):
             elif self._pending_products:
                 raise RuntimeError("Hessian products were taken on a step that is not a Hessian step")
             self._detach_grads()
-            if not self._loss_checked:
-                self._check_grads()
+            self._check_grads()
             for group in self.param_groups:
                 self._step_group(group, products)
         finally:
             self._pending_products = {}
-            self._loss_checked = False
 
         self._steps_done += 1
         if hessian_step:
@@ -330,9 +347,7 @@ class AdaHessian(ScheduleInStateDict):
                 f"a gradient is not finite at step {self._steps_done + 1}; the weights were not updated"
             )
 
-    def _step_group(
-        self, group: dict[str, Any], products: dict[torch.Tensor, torch.Tensor] | None
-    ) -> None:
+    def _step_group(self, group: dict[str, Any], products: dict[torch.Tensor, torch.Tensor] | None) -> None:
         """Update one group: parameters with a fresh Hessian product, then those without."""
         fresh: dict[str, list] = {k: [] for k in ("params", "grads", "m", "v", "d", "t", "k")}
         stale: dict[str, list] = {k: [] for k in ("params", "grads", "m", "v", "t", "k")}
@@ -355,8 +370,7 @@ class AdaHessian(ScheduleInStateDict):
             if product is not None:
                 state["hessian_step"] += 1
                 bucket = fresh
-                block, conv = group["spatial_average_block_size"], group["average_conv_kernel"]
-                fresh["d"].append(hessian_diagonal(product, block, conv))
+                fresh["d"].append(hessian_diagonal(product, self._units[p]))
             bucket["params"].append(p)
             bucket["grads"].append(p.grad)
             bucket["m"].append(state["exp_avg"])
@@ -381,6 +395,17 @@ class AdaHessian(ScheduleInStateDict):
                 hessian_power=group["hessian_power"],
             )
 
+
+def refuse_duplicates(params: Iterable[torch.Tensor]) -> None:
+    """Raise ``ValueError`` if one tensor is given twice (it would be updated twice per step)."""
+    seen: set[int] = set()
+    for p in params:
+        if id(p) in seen:
+            raise ValueError(
+                f"a parameter of shape {tuple(p.shape)} is given twice: pass each tensor once "
+                "(model.parameters() and named_parameters() already drop tied duplicates)"
+            )
+        seen.add(id(p))
 
 
 def check_hyperparameters(

@@ -4,25 +4,33 @@ The estimator is ``diag(H) ≈ E[z ⊙ (H z)]`` for Rademacher probes ``z``. Eve
 small function over lists of tensors so that the single-process optimizer and the sharded one
 share it: only *who* computes and *who* receives the products differs between them.
 
-Probes are drawn from a generator re-seeded from ``(seed, hessian_index, param_index, sample)``,
-so a given probe is the same on every rank, at every world size and after a resume from a
-checkpoint, without any communication.
+Probes are drawn from a generator re-seeded from ``(seed, hessian_index, key, sample)``, where
+``key`` is :func:`param_key` of the parameter's name, so a given probe is the same on every rank,
+at every world size, on every data-parallel path, after a resume from a checkpoint and after
+other parameters were frozen, without any communication.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
 
+from trainer.optim.partition import unit_mean_abs
 from trainer.seeding import mix_seed
 
 _PROBE_DOMAIN = 0x70726F6265000000  # "probe"
 
 
-def probe_seed(seed: int, hessian_index: int, param_index: int, sample: int = 0) -> int:
+def param_key(name: str) -> int:
+    """The probe key of a parameter: a stable 64-bit digest of its name."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def probe_seed(seed: int, hessian_index: int, key: int, sample: int = 0) -> int:
     """Seed of one probe, a pure function of its key (fits ``torch.Generator.manual_seed``)."""
-    return mix_seed(seed, hessian_index, param_index, sample, domain=_PROBE_DOMAIN)
+    return mix_seed(seed, hessian_index, key, sample, domain=_PROBE_DOMAIN)
 
 
 class ProbeSource:
@@ -32,15 +40,13 @@ class ProbeSource:
         self.seed = int(seed)
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def probe(
-        self, like: torch.Tensor, hessian_index: int, param_index: int, sample: int = 0
-    ) -> torch.Tensor:
+    def probe(self, like: torch.Tensor, hessian_index: int, key: int, sample: int = 0) -> torch.Tensor:
         """A tensor of ±1 shaped like ``like`` (same dtype and device)."""
         device = like.device
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)
-        generator.manual_seed(probe_seed(self.seed, hessian_index, param_index, sample))
+        generator.manual_seed(probe_seed(self.seed, hessian_index, key, sample))
         z = torch.randint(0, 2, like.shape, generator=generator, dtype=like.dtype, device=device)
         return z.mul_(2).sub_(1)
 
@@ -48,7 +54,7 @@ class ProbeSource:
 def hutchinson_products(
     grads: Sequence[torch.Tensor],
     params: Sequence[torch.Tensor],
-    param_indices: Sequence[int],
+    keys: Sequence[int],
     probes: ProbeSource,
     hessian_index: int,
     n_samples: int = 1,
@@ -67,7 +73,7 @@ def hutchinson_products(
     outputs = [grads[k] for k in live]
     products: list[torch.Tensor] = []
     for sample in range(n_samples):
-        zs = [probes.probe(p, hessian_index, i, sample) for p, i in zip(params, param_indices)]
+        zs = [probes.probe(p, hessian_index, key, sample) for p, key in zip(params, keys)]
         hzs = torch.autograd.grad(
             outputs,
             params,
@@ -85,32 +91,9 @@ def hutchinson_products(
     return products
 
 
-def hessian_diagonal(
-    signed_product: torch.Tensor,
-    block_size: int | None = None,
-    average_conv_kernel: bool = True,
-) -> torch.Tensor:
-    """``D = |z ⊙ Hz|`` with the paper's spatial averaging, on one whole tensor.
-
-    Tensors with three or more dimensions are convolution kernels ``(out, in, *spatial)``: with
-    ``average_conv_kernel`` their estimate is averaged over the spatial dimensions. One- and
-    two-dimensional tensors are averaged over contiguous blocks of ``block_size`` elements of
-    their flattened form (a last, shorter block is averaged over its own length).
-    Averaging happens *after* ``|·|``, as in the paper.
-    """
-    d = signed_product.abs()
-    if d.dim() >= 3:
-        if average_conv_kernel:
-            spatial = tuple(range(2, d.dim()))
-            d = d.mean(dim=spatial, keepdim=True).expand_as(signed_product)
-        return d
-    if block_size is None or block_size <= 1 or d.numel() <= 1:
-        return d
-    flat = d.reshape(-1)
-    full = (flat.numel() // block_size) * block_size
-    out = torch.empty_like(flat)
-    if full:
-        out[:full] = flat[:full].view(-1, block_size).mean(dim=1).repeat_interleave(block_size)
-    if full < flat.numel():
-        out[full:] = flat[full:].mean()
-    return out.view_as(signed_product)
+def hessian_diagonal(signed_product: torch.Tensor, unit: int = 1) -> torch.Tensor:
+    """``D = |z ⊙ Hz|`` of one whole tensor, averaged over consecutive blocks of ``unit`` elements
+    of its flattened form (:func:`trainer.optim.partition.averaging_unit` says which unit a
+    parameter has: its spatial block for a convolution kernel, ``spatial_average_block_size``
+    otherwise). Averaging happens *after* ``|·|``, as in the paper."""
+    return unit_mean_abs(signed_product.reshape(-1), unit).view_as(signed_product)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -37,18 +36,74 @@ from trainer.optim.adahessian import (
     adahessian_update,
     check_hyperparameters,
 )
-from trainer.optim.hutchinson import hessian_diagonal
+from trainer.optim.partition import Fragment
 
 
-@dataclass(frozen=True)
-class Fragment:
-    """``numel`` elements of parameter ``param_index`` (flattened, from ``param_start``) stored at
-    ``flat_start`` in a flat slice."""
+def advance_counts(
+    used: Sequence[bool], hessian_step: bool, steps: list[int], hessian_steps: list[int]
+) -> list[bool]:
+    """Advance each used parameter's step counts (in place) and say which ones move this step.
 
-    param_index: int
-    param_start: int
-    flat_start: int
-    numel: int
+    A parameter without a gradient this step is left alone; one that has never had a Hessian
+    estimate waits for the next Hessian step (as in :class:`~trainer.optim.AdaHessian`).
+    """
+    moving = []
+    for i, was_used in enumerate(used):
+        moves = was_used and (hessian_step or hessian_steps[i] > 0)
+        if moves:
+            steps[i] += 1
+            hessian_steps[i] += hessian_step
+        moving.append(moves)
+    return moving
+
+
+def update_fragments(
+    flat: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_hessian_diag_sq: torch.Tensor,
+    diagonal: torch.Tensor | None,
+    fragments: Sequence[Fragment],
+    moving: Sequence[bool],
+    steps: Sequence[int],
+    hessian_steps: Sequence[int],
+    group: Mapping[str, Any],
+) -> None:
+    """:func:`adahessian_update` on the moving fragments of one flat slice.
+
+    Consecutive moving fragments with equal step counts form one run, updated as one tensor
+    (usually the whole slice: one set of fused ops however many parameters it holds). Elements
+    between fragments are padding, zero in every buffer, so a run may span them.
+    """
+    runs: list[list[int]] = []  # [start, end, t, k]
+    for piece in fragments:
+        i = piece.param_index
+        if not moving[i]:
+            continue
+        start, end = piece.flat_start, piece.flat_start + piece.numel
+        if runs and runs[-1][2] == steps[i] and runs[-1][3] == hessian_steps[i] and runs[-1][1] <= start:
+            runs[-1][1] = end
+        else:
+            runs.append([start, end, steps[i], hessian_steps[i]])
+    if not runs:
+        return
+    cut = [slice(a, b) for a, b, _, _ in runs]
+    beta1, beta2 = group["betas"]
+    adahessian_update(
+        [flat[c] for c in cut],
+        [grad[c] for c in cut],
+        [exp_avg[c] for c in cut],
+        [exp_hessian_diag_sq[c] for c in cut],
+        None if diagonal is None else [diagonal[c] for c in cut],
+        steps=[t for _, _, t, _ in runs],
+        hessian_steps=[k for _, _, _, k in runs],
+        lr=group["lr"],
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        hessian_power=group["hessian_power"],
+    )
 
 
 class PartitionedAdaHessian(ScheduleInStateDict):

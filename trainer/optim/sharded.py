@@ -1,40 +1,50 @@
 """Sharded AdaHessian for a data-parallel group (ZeRO stage 1 over torch.distributed).
 
-Each rank owns whole parameter tensors (a :class:`~trainer.optim.sharding.ShardPlan`) and keeps
-m and v only for them, in a local :class:`~trainer.optim.AdaHessian`. One step:
+All trainable parameters live in one flat buffer (the parameters become views of it), cut
+into ``N`` equal chunks on averaging-unit boundaries (:class:`~trainer.optim.partition.FlatLayout`);
+rank r owns chunk r and keeps m and v for it only. Gradients (and, on Hessian steps, the signed
+Hutchinson products) accumulate into persistent buffers of the same layout, with ``.grad`` as
+views. One step:
 
-1. every rank runs forward/backward on its micro-batch (:meth:`ShardedAdaHessian.backward`);
-   on Hessian steps it also takes the Hutchinson products ``z⊙Hz`` for *all* parameters with
-   the shared probe (keyed by seed, Hessian-step index and parameter index), through
-   ``torch.autograd.grad`` on the bare module, so no DDP hook is involved;
-2. one ``reduce_scatter`` averages gradients (and, on Hessian steps, the signed products) and
-   leaves each rank with its own shard only;
-3. one small ``all_reduce`` of loss, trace and squared gradient norm, so every rank sees the
-   same statistics and raises the same error for non-finite values;
-4. the owner applies ``|·|``, spatial averaging and the AdaHessian update to its shard;
-5. one ``all_gather`` shares the updated parameters.
+1. every rank runs forward/backward on its micro-batch (:meth:`ShardedAdaHessian.backward`)
+   through ``torch.autograd.grad`` on the bare module, so no DDP hook is involved; on Hessian
+   steps it also takes ``z⊙Hz`` for every parameter with the shared probe (keyed by seed,
+   Hessian-step index and parameter name);
+2. ``reduce_scatter`` straight from the gradient buffer (and the product buffer) leaves each
+   rank the group average of its chunk;
+3. one small ``all_reduce`` of loss, trace, squared gradient norm and which parameters had a
+   gradient on any rank: the step's only host synchronisation, so every rank sees the same
+   statistics and raises the same error for non-finite values;
+4. the owner clips (``max_grad_norm``, by the global norm), applies ``|·|`` and the spatial
+   averaging to its chunk (no neighbour's data: the cuts lie between averaging units) and the
+   AdaHessian update to the parameters that had a gradient;
+5. ``all_gather`` of the chunks straight into the parameters' flat buffer.
 
 Because the products are averaged *signed* before ``|·|``, the estimate equals the
 single-process estimate on the global batch, at any world size. ``hessian_scope="local"``
-instead differentiates each rank's gradient only with respect to its own shard, on its own
-micro-batch, and sends no products: one collective less, a noisier estimate.
+instead averages no products: each owner uses its own micro-batch's products for its chunk
+(one collective less, a noisier estimate).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
-from trainer.optim.adahessian import AdaHessian, NonFiniteError
-from trainer.optim.hutchinson import ProbeSource, hutchinson_products
-from trainer.optim.sharding import ShardPlan
+from trainer.optim.adahessian import NonFiniteError, check_hyperparameters, refuse_duplicates
+from trainer.optim.hutchinson import ProbeSource, hutchinson_products, param_key
+from trainer.optim.partition import FlatLayout, average_blocks_, averaging_unit, is_conv_kernel
+from trainer.optim.partitioned import advance_counts, update_fragments
 
 HessianScope = Literal["global", "local"]
-STATE_FORMAT = "hutch.sharded_adahessian.v1"
+STATE_FORMAT = "hutch.sharded_adahessian.v2"
+"""v2: pieces of parameters (``start`` in the flattened tensor); v1 (whole tensors per owner)
+still loads."""
+_READABLE_FORMATS = (STATE_FORMAT, "hutch.sharded_adahessian.v1")
 
 
 class ShardedAdaHessian:
@@ -44,8 +54,11 @@ class ShardedAdaHessian:
 
         opt.zero_grad(); opt.backward(loss_fn(model(x_local), y_local)); opt.step()
 
+    Build it after the model is on its device: the parameters become views of one flat buffer.
     Every rank must call :meth:`backward` and :meth:`step` the same number of times. After a
-    step, :attr:`loss`, :attr:`grad_norm` and :attr:`hessian_trace` hold group-wide values.
+    step, :attr:`loss`, :attr:`grad_norm` (before clipping) and :attr:`hessian_trace` hold
+    group-wide values. ``conv_kernels`` names the parameters averaged over their spatial block
+    (:func:`~trainer.optim.partition.conv_kernel_names`); without it, 4-D tensors are.
     """
 
     def __init__(
@@ -53,7 +66,6 @@ class ShardedAdaHessian:
         named_params: Iterable[tuple[str, torch.nn.Parameter]],
         *,
         group: dist.ProcessGroup | None = None,
-        owners: Sequence[int] | None = None,
         hessian_scope: HessianScope = "global",
         lr: float = 0.15,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -65,32 +77,10 @@ class ShardedAdaHessian:
         spatial_average_block_size: int | None = None,
         average_conv_kernel: bool = True,
         seed: int = 0,
+        conv_kernels: Collection[str] | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
-        if hessian_scope not in ("global", "local"):
-            raise ValueError(f"hessian_scope={hessian_scope!r}: must be 'global' or 'local'")
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        named = [(name, p) for name, p in named_params if p.requires_grad]
-        if not named:
-            raise ValueError("ShardedAdaHessian got no trainable parameters")
-        dtypes = {p.dtype for _, p in named}
-        if len(dtypes) != 1:
-            raise ValueError(f"all parameters must share one dtype for the flat buffers, got {dtypes}")
-        self.names = [name for name, _ in named]
-        self.params = [p for _, p in named]
-        shapes = [(name, p.shape) for name, p in named]
-        self.plan = (
-            ShardPlan.balanced(shapes, self.world_size)
-            if owners is None
-            else ShardPlan.explicit(shapes, owners, self.world_size)
-        )
-        self.owned = self.plan.owned(self.rank)
-        self.hessian_scope: HessianScope = hessian_scope
-        self.hessian_update_freq = hessian_update_freq
-        self.n_samples = n_samples
-        self.local = AdaHessian(
-            [self.params[i] for i in self.owned] or [torch.nn.Parameter(torch.zeros(0))],
+        check_hyperparameters(
             lr=lr,
             betas=betas,
             eps=eps,
@@ -99,14 +89,83 @@ class ShardedAdaHessian:
             hessian_update_freq=hessian_update_freq,
             n_samples=n_samples,
             spatial_average_block_size=spatial_average_block_size,
-            average_conv_kernel=average_conv_kernel,
-            seed=seed,
         )
+        if hessian_scope not in ("global", "local"):
+            raise ValueError(f"hessian_scope={hessian_scope!r}: must be 'global' or 'local'")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be positive (or None: no clipping)")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        named = [(name, p) for name, p in named_params if p.requires_grad]
+        if not named:
+            raise ValueError("ShardedAdaHessian got no trainable parameters")
+        refuse_duplicates(p for _, p in named)
+        kinds = {(p.dtype, p.device) for _, p in named}
+        if len(kinds) != 1:
+            raise ValueError(f"all parameters must share one dtype and device (flat buffers), got {kinds}")
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self._keys = [param_key(name) for name in self.names]
+        units = [
+            averaging_unit(
+                p.shape,
+                conv_kernel=is_conv_kernel(name, p.shape, conv_kernels),
+                average_conv_kernel=average_conv_kernel,
+                block_size=spatial_average_block_size,
+            )
+            for name, p in named
+        ]
+        self.layout = FlatLayout.build(self.names, [p.shape for p in self.params], units, self.world_size)
+        self.fragments = self.layout.fragments(self.rank)
+        self._averaged = [  # (start, numel, unit) of the pieces whose estimate is block-averaged
+            (f.flat_start, f.numel, units[f.param_index]) for f in self.fragments if units[f.param_index] > 1
+        ]
+        self.hessian_scope: HessianScope = hessian_scope
+        self.hessian_update_freq = int(hessian_update_freq)
+        self.n_samples = int(n_samples)
+        self.param_groups: list[dict[str, Any]] = [
+            dict(
+                lr=lr,
+                betas=tuple(betas),
+                eps=eps,
+                weight_decay=weight_decay,
+                hessian_power=hessian_power,
+                max_grad_norm=max_grad_norm,
+            )
+        ]
+
+        p0, size, chunk = self.params[0], self.layout.size, self.layout.chunk
+        like = dict(dtype=p0.dtype, device=p0.device)
+        self._flat_params = torch.zeros(size, **like)
+        self._flat_grads = torch.zeros(size, **like)
+        self._flat_products: torch.Tensor | None = None  # allocated at the first Hessian step
+        self._product_views: list[torch.Tensor] = []
+        self._param_views, self._grad_views = [], []
+        with torch.no_grad():
+            for p, offset in zip(self.params, self.layout.offsets):
+                view = self._flat_params[offset : offset + p.numel()].view_as(p)
+                view.copy_(p)
+                p.data = view
+                self._param_views.append(view)
+                grad = self._flat_grads[offset : offset + p.numel()].view_as(p)
+                p.grad = grad
+                self._grad_views.append(grad)
+        self._grad_flat_views = self._views_of(self._flat_grads)
+        mine = slice(self.rank * chunk, (self.rank + 1) * chunk)
+        self._own_params = self._flat_params[mine]
+        self._own_grads = self._flat_grads if self.world_size == 1 else torch.zeros(chunk, **like)
+        self._exp_avg = torch.zeros(chunk, **like)
+        self._exp_hessian_diag_sq = torch.zeros(chunk, **like)
+        self._steps = [0] * len(self.params)  # per parameter, identical on every rank
+        self._hessian_steps = [0] * len(self.params)
+
         self._probes = ProbeSource(seed)
         self._steps_done = 0
         self._hessian_steps_done = 0
         self._loss_sum: torch.Tensor | None = None
-        self._products: list[torch.Tensor | None] = [None] * len(self.params)
+        self._used = [False] * len(self.params)
+        self._products_used = [False] * len(self.params)
         self.loss: float | None = None
         self.grad_norm: float | None = None
         self.hessian_trace: float | None = None
@@ -123,150 +182,178 @@ class ShardedAdaHessian:
     def steps_done(self) -> int:
         return self._steps_done
 
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The local optimizer's groups (learning-rate schedulers adjust ``lr`` here)."""
-        return self.local.param_groups
-
     def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
+        """Start a new step: the next :meth:`backward` overwrites the gradient buffer."""
+        self._loss_sum = None
 
     # -- local work -------------------------------------------------------------------------
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate this rank's micro-batch loss; take Hessian products when due."""
+        """Accumulate this rank's micro-batch gradients (and Hessian products when due)."""
+        first = self._loss_sum is None
         detached = loss.detach().float()
-        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
-        if not self.hessian_due:
-            loss.backward()
-            return
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
-        # global: every rank's products for every parameter, averaged later; local: own shard only.
-        indices = list(range(len(self.params))) if self.hessian_scope == "global" else self.owned
-        products = hutchinson_products(
-            [grads[i] for i in indices],
-            [self.params[i] for i in indices],
-            indices,
-            self._probes,
-            self._hessian_steps_done,
-            self.n_samples,
+        self._loss_sum = detached if first else self._loss_sum + detached
+        if first:
+            self._used = [False] * len(self.params)
+            self._products_used = [False] * len(self.params)
+        # Parameters frozen since construction (requires_grad_(False)) are left out: no gradient.
+        live = [i for i, p in enumerate(self.params) if p.requires_grad]
+        hessian = self.hessian_due
+        grads = torch.autograd.grad(
+            loss, [self.params[i] for i in live], create_graph=hessian, allow_unused=True
         )
-        for i, product in zip(indices, products):
-            pending = self._products[i]
-            self._products[i] = product if pending is None else pending.add_(product)
-        for p, g in zip(self.params, grads):
-            g = g.detach()
-            p.grad = g if p.grad is None else p.grad.add_(g)
+        got = [(i, g) for i, g in zip(live, grads) if g is not None]
+        if hessian:
+            if self.hessian_scope == "local":  # only the parameters this rank owns a piece of
+                touching = {f.param_index for f in self.fragments}
+                wanted = [(i, g) for i, g in got if i in touching]
+            else:
+                wanted = got
+            products = hutchinson_products(
+                [g for _, g in wanted],
+                [self.params[i] for i, _ in wanted],
+                [self._keys[i] for i, _ in wanted],
+                self._probes,
+                self._hessian_steps_done,
+                self.n_samples,
+            )
+            if self._flat_products is None:
+                self._flat_products = torch.zeros_like(self._flat_grads)
+                self._product_views = self._views_of(self._flat_products)
+            indices = [i for i, _ in wanted]
+            self._accumulate(self._product_views, self._products_used, indices, products, first)
+        detached = [g.detach() for _, g in got]
+        self._accumulate(self._grad_flat_views, self._used, [i for i, _ in got], detached, first)
+
+    def _views_of(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Each parameter's 1-D view of a buffer laid out like the parameters."""
+        return [flat[o : o + n] for o, n in zip(self.layout.offsets, self.layout.numels)]
+
+    def _accumulate(
+        self,
+        views: list[torch.Tensor],
+        used: list[bool],
+        indices: list[int],
+        values: list[torch.Tensor],
+        first: bool,
+    ) -> None:
+        """Copy (first micro-batch) or add ``values`` into their flat ``views``; on the first,
+        zero the views of parameters without a value, so nothing of the last step remains."""
+        flat_values = [v.reshape(-1) for v in values]
+        if first:
+            given = set(indices)
+            stale = [view for i, view in enumerate(views) if i not in given]
+            if stale:
+                torch._foreach_zero_(stale)
+            if indices:
+                torch._foreach_copy_([views[i] for i in indices], flat_values)
+        elif indices:
+            torch._foreach_add_([views[i] for i in indices], flat_values)
+        for i in indices:
+            used[i] = True
 
     # -- the collective step ----------------------------------------------------------------
 
     @torch.no_grad()
     def step(self) -> None:
-        """Average, update the owned shard, share parameters; see the module docstring."""
+        """Average, update the owned chunk, share parameters; see the module docstring."""
         if self._loss_sum is None:
             raise RuntimeError("step() without backward(): call opt.backward(loss) first")
         hessian_step = self.hessian_due
-        send_products = hessian_step and self.hessian_scope == "global"
-        plan, segment, world = self.plan, self.plan.segment, self.world_size
-        width = segment * (2 if send_products else 1)
-        p0 = self.params[0]
+        world, chunk = self.world_size, self.layout.chunk
+        element = self._flat_params.element_size()
 
-        # 1. reduce-scatter gradients (+ products) so each owner gets the group average.
-        send = torch.zeros(world, width, dtype=p0.dtype, device=p0.device)
-        for rank in range(world):
-            offset = 0
-            for i in plan.owned(rank):
-                n = plan.numels[i]
-                grad = self.params[i].grad
-                if grad is not None:
-                    send[rank, offset : offset + n] = grad.reshape(-1)
-                if send_products:
-                    send[rank, segment + offset : segment + offset + n] = self._products[i].reshape(-1)
-                offset += n
-        received = torch.empty(width, dtype=p0.dtype, device=p0.device)
-        dist.reduce_scatter_single(received, send.view(-1), group=self.group)
-        received.div_(world)
+        # 1. reduce-scatter gradients (and products) so each owner gets the group average.
+        grads = self._own_grads
+        products: torch.Tensor | None = None
+        if world > 1:
+            dist.reduce_scatter_single(grads, self._flat_grads, group=self.group)
+            grads.div_(world)
+        if hessian_step:
+            assert self._flat_products is not None
+            own = self._flat_products[self.rank * chunk : (self.rank + 1) * chunk]
+            if self.hessian_scope == "global" and world > 1:
+                products = torch.empty_like(own)
+                dist.reduce_scatter_single(products, self._flat_products, group=self.group)
+                products.div_(world)
+            else:
+                products = own
 
-        owned_grads: dict[torch.Tensor, torch.Tensor] = {}
-        owned_products: dict[torch.Tensor, torch.Tensor] = {}
-        offset = 0
-        for i in self.owned:
-            p, n = self.params[i], plan.numels[i]
-            owned_grads[p] = received[offset : offset + n].view_as(p)
-            if send_products:
-                owned_products[p] = received[segment + offset : segment + offset + n].view_as(p)
-            elif hessian_step:
-                owned_products[p] = self._products[i]
-            offset += n
-        for p in self.params:
-            p.grad = owned_grads.get(p)
-
-        # 2. group-wide statistics, and one verdict on finiteness for every rank.
-        trace_part = sum((t.sum(dtype=torch.float32) for t in owned_products.values()), torch.zeros(()))
-        norm_part = sum((g.float().pow(2).sum() for g in owned_grads.values()), torch.zeros(()))
-        stats = torch.stack([self._loss_sum.cpu().reshape(()), trace_part.cpu(), norm_part.cpu()])
-        stats = stats.to(p0.device)
-        dist.all_reduce(stats, group=self.group)
-        loss, trace, norm_sq = stats.tolist()
+        # 2. group-wide statistics and usage: the step's one host synchronisation.
+        flags = torch.tensor(self._used, dtype=torch.float32).to(grads.device, non_blocking=True)
+        zero = grads.new_zeros((), dtype=torch.float32)
+        trace = zero if products is None else products.sum(dtype=torch.float32)
+        norm_sq = torch.linalg.vector_norm(grads, dtype=torch.float32).square()
+        stats = torch.cat([torch.stack([self._loss_sum.to(grads.device).reshape(()), trace, norm_sq]), flags])
+        if world > 1:
+            dist.all_reduce(stats, group=self.group)
+        values = stats.tolist()
+        loss, trace_sum, norm_sq_sum = values[0] / world, values[1], values[2]
+        used = [flag > 0 for flag in values[3:]]
         self._loss_sum = None
-        self._products = [None] * len(self.params)
         untouched = f"at step {self._steps_done + 1}; the weights were not updated"
         if not math.isfinite(loss):
-            raise NonFiniteError(f"loss is {loss / world} {untouched}")
-        if not math.isfinite(norm_sq):
+            raise NonFiniteError(f"loss is {loss} {untouched}")
+        if not math.isfinite(norm_sq_sum):
             raise NonFiniteError(f"a gradient is not finite {untouched}")
-        if hessian_step and not math.isfinite(trace):
+        if hessian_step and not math.isfinite(trace_sum):
             raise NonFiniteError(f"the Hessian estimate is not finite {untouched}")
+        norm = math.sqrt(norm_sq_sum)
 
-        # 3. the owner's update (the local optimizer applies |·| and spatial averaging).
-        if owned_products:
-            self.local.add_hessian_products(owned_products)
-        self.local._loss_checked = True  # finiteness was checked collectively above
-        self.local.step()
+        # 3. the owner's update: clip, D = |·| with spatial averaging, AdaHessian on moving pieces.
+        group = self.param_groups[0]
+        max_norm = group["max_grad_norm"]
+        if max_norm is not None and norm > max_norm:
+            grads.mul_(max_norm / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_'s factor
+        if products is not None:
+            diagonal = products.abs_()
+            for start, numel, unit in self._averaged:
+                average_blocks_(diagonal[start : start + numel], unit)
+        else:
+            diagonal = None
+        moving = advance_counts(used, hessian_step, self._steps, self._hessian_steps)
+        update_fragments(
+            self._own_params,
+            grads,
+            self._exp_avg,
+            self._exp_hessian_diag_sq,
+            diagonal,
+            self.fragments,
+            moving,
+            self._steps,
+            self._hessian_steps,
+            group,
+        )
 
-        # 4. all-gather the updated shards into every rank's parameters.
-        mine = torch.zeros(segment, dtype=p0.dtype, device=p0.device)
-        offset = 0
-        for i in self.owned:
-            n = plan.numels[i]
-            mine[offset : offset + n] = self.params[i].reshape(-1)
-            offset += n
-        gathered = torch.empty(world * segment, dtype=p0.dtype, device=p0.device)
-        dist.all_gather_single(gathered, mine, group=self.group)
-        for rank in range(world):
-            offset = rank * segment
-            for i in plan.owned(rank):
-                n = plan.numels[i]
-                if rank != self.rank:
-                    self.params[i].copy_(gathered[offset : offset + n].view_as(self.params[i]))
-                offset += n
+        # 4. all-gather the updated chunks straight into the parameters' flat buffer.
+        if world > 1:
+            dist.all_gather_single(self._flat_params, self._own_params.clone(), group=self.group)
 
-        # Algorithmic bytes of ring collectives: (N-1) chunks in reduce-scatter and in all-gather,
-        # 2(N-1)/N of the stats in all-reduce. NCCL sends this; gloo's reduce-scatter sends as
-        # much as an all-reduce of its input (measured in benchmarks/sharded_cost.py).
-        element = p0.element_size()
-        stats_bytes = 2 * (world - 1) * 3 * 4 // world
-        self.bytes_sent_last_step = (world - 1) * (width + segment) * element + stats_bytes
-        self.loss = loss / world
-        self.grad_norm = math.sqrt(norm_sq)
+        # Algorithmic bytes of ring collectives: (N-1) chunks per reduce-scatter and all-gather,
+        # 2(N-1)/N of the statistics in the all-reduce.
+        collectives = 2 + (hessian_step and self.hessian_scope == "global")
+        stats_bytes = 2 * (world - 1) * stats.numel() * 4 // world
+        self.bytes_sent_last_step = (world - 1) * chunk * element * collectives + stats_bytes
+        self.loss, self.grad_norm = loss, norm
         if hessian_step:
-            self.hessian_trace = trace  # owners' partial traces add up to Σ z⊙Hz
+            self.hessian_trace = trace_sum
             self._hessian_steps_done += 1
         self._steps_done += 1
 
     # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's shard of the state, keyed by parameter name (world-size independent)."""
+        """This rank's pieces of the state, keyed by parameter name (loads at any world size)."""
         params = {}
-        for i in self.owned:
-            state = self.local.state.get(self.params[i])
-            if state:
-                params[self.names[i]] = {
-                    k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in state.items()
-                }
+        for piece in self.fragments:
+            i, where = piece.param_index, slice(piece.flat_start, piece.flat_start + piece.numel)
+            params[self.names[i]] = {
+                "start": piece.param_start,
+                "step": self._steps[i],
+                "hessian_step": self._hessian_steps[i],
+                "exp_avg": self._exp_avg[where].clone(),
+                "exp_hessian_diag_sq": self._exp_hessian_diag_sq[where].clone(),
+            }
         return {
             "format": STATE_FORMAT,
             "world_size": self.world_size,
@@ -276,47 +363,50 @@ class ShardedAdaHessian:
                 "hessian_steps_done": self._hessian_steps_done,
                 "hessian_trace": self.hessian_trace,
             },
-            "param_groups": [
-                {k: v for k, v in group.items() if k != "params"} for group in self.local.param_groups
-            ],
+            "param_groups": [dict(self.param_groups[0])],
+            "counts": {name: (self._steps[i], self._hessian_steps[i]) for i, name in enumerate(self.names)},
             "params": params,
         }
 
     def load_state_dict(self, shards: Sequence[Mapping[str, Any]]) -> None:
-        """Load from the shards of *all* ranks of a saved run, at any world size."""
+        """Load from the shards of *all* ranks of a saved run, at any world size (v1 or v2)."""
         if not shards:
             raise ValueError("no optimizer shards to load")
         for shard in shards:
-            if shard.get("format") != STATE_FORMAT:
-                raise ValueError(f"not a {STATE_FORMAT} shard: format={shard.get('format')!r}")
-        merged: dict[str, dict[str, Any]] = {}
+            if shard.get("format") not in _READABLE_FORMATS:
+                raise ValueError(
+                    f"optimizer state format {shard.get('format')!r} is not one this version reads "
+                    f"({', '.join(_READABLE_FORMATS)})"
+                )
+        pieces: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
         for shard in shards:
-            merged.update(shard["params"])
+            for name, saved in shard["params"].items():
+                pieces.setdefault(name, []).append((int(saved.get("start", 0)), saved))
         schedule = shards[0]["schedule"]
         self._steps_done = int(schedule["steps_done"])
         self._hessian_steps_done = int(schedule["hessian_steps_done"])
         self.hessian_trace = schedule["hessian_trace"]
-        self.local._steps_done = self._steps_done
-        self.local._hessian_steps_done = self._hessian_steps_done
-        self.local.hessian_trace = self.hessian_trace
-        for group, saved in zip(self.local.param_groups, shards[0]["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k in group})
-        self.local.state.clear()
-        for i in self.owned:
-            saved = merged.get(self.names[i])
-            if saved is None:
-                continue
-            p = self.params[i]
-            self.local.state[p] = {
-                k: (v.to(device=p.device, dtype=p.dtype).clone() if torch.is_tensor(v) else v)
-                for k, v in saved.items()
-            }
+        saved_group = shards[0]["param_groups"][0]
+        self.param_groups[0].update({k: v for k, v in saved_group.items() if k in self.param_groups[0]})
+        counts = shards[0].get("counts", {})
+        for i, name in enumerate(self.names):
+            found = counts.get(name) or next(
+                ((saved["step"], saved["hessian_step"]) for _, saved in pieces.get(name, [])), (0, 0)
+            )
+            self._steps[i], self._hessian_steps[i] = int(found[0]), int(found[1])
+        self._exp_avg.zero_()
+        self._exp_hessian_diag_sq.zero_()
+        for piece in self.fragments:
+            lo, hi = piece.param_start, piece.param_start + piece.numel
+            for start, saved in pieces.get(self.names[piece.param_index], []):
+                targets = (("exp_avg", self._exp_avg), ("exp_hessian_diag_sq", self._exp_hessian_diag_sq))
+                for key, target in targets:
+                    values = saved[key].reshape(-1)
+                    a, b = max(lo, start), min(hi, start + values.numel())
+                    if a < b:
+                        at = piece.flat_start + a - lo
+                        target[at : at + b - a] = values[a - start : b - start].to(target)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (m and v) held by this rank."""
-        return sum(
-            t.numel() * t.element_size()
-            for state in self.local.state.values()
-            for t in state.values()
-            if torch.is_tensor(t)
-        )
+        return (self._exp_avg.numel() + self._exp_hessian_diag_sq.numel()) * self._exp_avg.element_size()
