@@ -12,7 +12,7 @@ cannot do, the Hutchinson products, and leaves the rest to the engine. One step:
   through the engine's outputs runs them, so the loss is computed on the unwrapped module and
   differentiated with ``torch.autograd.grad(create_graph=True)`` (no hook runs), and the
   products ``z⊙Hz`` are taken for every parameter with the shared probe (keyed by seed,
-  Hessian-step index and parameter index, as on the DDP path). The gradient is then handed to
+  Hessian-step index and parameter name, as on the DDP path). The gradient is then handed to
   DeepSpeed's own reduction through ``engine.backward`` of the linear surrogate ``Σ⟨p, g⟩``,
   whose gradient is exactly ``g`` (a first-order backward of one multiply per element); the
   signed products of whole tensors are averaged with one all-reduce, so every rank can apply
@@ -41,15 +41,17 @@ from trainer.backends.base import LossFn, StepStats
 from trainer.batches import Batch, batch_size, map_tensors, split_batch
 from trainer.optim.adahessian import NonFiniteError
 from trainer.optim.hutchinson import ProbeSource, hutchinson_products
-from trainer.optim.partitioned import Fragment, PartitionedAdaHessian
+from trainer.optim.partition import Fragment, conv_kernel_names
+from trainer.optim.partitioned import PartitionedAdaHessian
 from trainer.optim.replicated import OPTIMIZERS
 
 CHECKPOINT_TAG = "hutch"
 """The tag (sub-directory) under which the engine's checkpoint files are written."""
 
 
-def deepspeed_config(zero_stage: int, precision: str) -> dict[str, Any]:
-    """The engine's configuration: ZeRO ``zero_stage`` (1 or 2), ``fp32`` or ``bf16``.
+def deepspeed_config(zero_stage: int, precision: str, max_grad_norm: float | None = None) -> dict[str, Any]:
+    """The engine's configuration: ZeRO ``zero_stage`` (1 or 2), ``fp32`` or ``bf16``, and
+    gradient clipping by the global norm (DeepSpeed's ``gradient_clipping``; 0 is off).
 
     Gradient accumulation over chunks is driven by the backend (one optimizer step per
     ``train_step``), so DeepSpeed's own count stays 1; its batch-size fields only feed its
@@ -62,7 +64,7 @@ def deepspeed_config(zero_stage: int, precision: str) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,
+        "gradient_clipping": float(max_grad_norm or 0.0),
         "zero_optimization": {"stage": zero_stage, "overlap_comm": False},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
@@ -83,7 +85,9 @@ def build_client_optimizer(
         scope = options.pop("hessian_scope", "global")
         if scope != "global":
             raise ValueError(f"hessian_scope={scope!r}: the deepspeed backend supports 'global' only")
-        return PartitionedAdaHessian(model.parameters(), **options)
+        return PartitionedAdaHessian(
+            model.named_parameters(), conv_kernels=conv_kernel_names(model), **options
+        )
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r}: must be 'adahessian' or one of {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad], **options)
@@ -110,11 +114,13 @@ class DeepSpeedBackend:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the progress
         self.loss_fn = loss_fn
-        self.optimizer = build_client_optimizer(model, optimizer_options)
+        options = dict(optimizer_options)
+        max_grad_norm = options.pop("max_grad_norm", None)
+        self.optimizer = build_client_optimizer(model, options)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=self.optimizer,
-            config=deepspeed_config(zero_stage, precision),
+            config=deepspeed_config(zero_stage, precision, max_grad_norm),
             dist_init_required=False,
         )
         if not isinstance(self.engine.optimizer, DeepSpeedZeroOptimizer):
@@ -128,15 +134,21 @@ class DeepSpeedBackend:
         self.dtype = self.params[0].dtype
         self.world_size = dist.get_world_size()
         self._probes: ProbeSource | None = None
+        self._used = [False] * len(self.params)
         if isinstance(self.optimizer, PartitionedAdaHessian):
             self._probes = ProbeSource(self.optimizer.seed)
             self.optimizer.bind_partition(self._fragments())
+            for i, p in enumerate(self.params):  # which parameters got a gradient this step
+                p.register_post_accumulate_grad_hook(lambda _, i=i: self._used.__setitem__(i, True))
 
     def _fragments(self) -> dict[torch.Tensor, list[Fragment]]:
         """Where each parameter's piece lies in this rank's flat slices, from DeepSpeed's
         ``_hp_mapping`` (the map behind its ``safe_get_full_*`` utilities)."""
         zero = self.engine.optimizer
         index = {id(p): i for i, p in enumerate(self.optimizer.model_params)}
+        assert list(index) == [id(p) for p in self.params], (
+            "the optimizer and the engine disagree on the parameters"
+        )
         fragments: dict[torch.Tensor, list[Fragment]] = {}
         for group, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
             pieces = fragments.setdefault(flat, [])
@@ -167,6 +179,7 @@ class DeepSpeedBackend:
         """
         hessian_step = self.hessian_due
         self.model.train()
+        self._used = [False] * len(self.params)
         batch = map_tensors(lambda t: t.to(self.dtype) if t.is_floating_point() else t, batch)
         size = batch_size(batch)
         chunks = split_batch(batch, chunk_size)
@@ -176,21 +189,25 @@ class DeepSpeedBackend:
         else:
             loss_sum, products = self._plain_backward(chunks, weights), None
 
-        # One all-reduce: the products (Hessian steps) and the loss, so every rank decides alike.
-        flat = torch.cat([*(t.reshape(-1).float() for t in products or ()), loss_sum.reshape(1)])
+        # One all-reduce: the products (Hessian steps), the loss and which parameters had a
+        # gradient on any rank, so every rank decides alike.
+        used = torch.tensor(self._used, dtype=torch.float32, device=loss_sum.device)
+        flat = torch.cat([*(t.reshape(-1).float() for t in products or ()), loss_sum.reshape(1), used])
         dist.all_reduce(flat)
         flat.div_(self.world_size)
-        loss = flat[-1].item()
+        tail = flat[-1 - len(self.params) :].tolist()
+        loss, used_anywhere = tail[0], [flag > 0 for flag in tail[1:]]
         untouched = f"at step {self.engine.global_steps + 1}; the weights were not updated"
         if not math.isfinite(loss):
             raise NonFiniteError(f"loss is {loss} {untouched}")
-        if products is not None:
-            assert isinstance(self.optimizer, PartitionedAdaHessian)
-            averaged, offset = [], 0
-            for p in self.params:
-                averaged.append(flat[offset : offset + p.numel()].view(p.shape))
-                offset += p.numel()
-            self.optimizer.set_hessian_products(averaged)
+        if isinstance(self.optimizer, PartitionedAdaHessian):
+            averaged, offset = None, 0
+            if products is not None:
+                averaged = []
+                for p in self.params:
+                    averaged.append(flat[offset : offset + p.numel()].view(p.shape))
+                    offset += p.numel()
+            self.optimizer.prepare_step(used_anywhere, averaged)
 
         self.engine.step()
         grad_norm = float(self.engine.get_global_grad_norm())
@@ -227,30 +244,38 @@ class DeepSpeedBackend:
         loss_sum = torch.zeros((), device=self.params[0].device)
         grads_sum: list[torch.Tensor] = []
         products_sum: list[torch.Tensor] = []
-        indices = list(range(len(self.params)))
+        got = [False] * len(self.params)
         for chunk, weight in zip(chunks, weights):
             loss = self.loss_fn(self.model, chunk)
             if weight != 1.0:
                 loss = loss * weight
             loss_sum += loss.detach().float()
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+            live = [i for i, p in enumerate(self.params) if p.requires_grad]  # frozen since: none
+            grads = torch.autograd.grad(
+                loss, [self.params[i] for i in live], create_graph=True, allow_unused=True
+            )
+            found = [(i, g) for i, g in zip(live, grads) if g is not None]
             products = hutchinson_products(
-                grads,
-                self.params,
-                indices,
+                [g for _, g in found],
+                [self.params[i] for i, _ in found],
+                [self.optimizer.keys[i] for i, _ in found],
                 self._probes,
                 self.optimizer.hessian_steps_done,
                 self.optimizer.n_samples,
             )
-            detached = [g.detach() for g in grads]
-            if grads_sum:
-                torch._foreach_add_(grads_sum, detached)
-                torch._foreach_add_(products_sum, products)
-            else:
-                grads_sum, products_sum = detached, products
+            if not grads_sum:
+                grads_sum = [torch.zeros_like(p) for p in self.params]
+                products_sum = [torch.zeros_like(p) for p in self.params]
+            if found:
+                torch._foreach_add_([grads_sum[i] for i, _ in found], [g.detach() for _, g in found])
+                torch._foreach_add_([products_sum[i] for i, _ in found], products)
+            for i, _ in found:
+                got[i] = True
         self.engine.set_gradient_accumulation_boundary(True)
-        surrogate = torch.stack([(p * g).sum() for p, g in zip(self.params, grads_sum)]).sum()
+        surrogate = sum(
+            ((self.params[i] * grads_sum[i]).sum() for i in range(len(self.params)) if got[i]),
+            torch.zeros((), device=loss_sum.device, dtype=self.dtype),
+        )
         self.engine.backward(surrogate)
         return loss_sum, products_sum
 

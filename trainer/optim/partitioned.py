@@ -6,26 +6,27 @@ slices, one per data-parallel rank, and gives the client optimizer only its own 
 holds the group-averaged gradient of that slice, and ``step()`` is called with no arguments,
 once per group. A slice may begin or end inside a tensor.
 
-AdaHessian needs whole tensors for one part of its math: ``|·|`` and spatial averaging of the
-Hutchinson estimate (a conv kernel's spatial mean, a block of b elements) must not stop at a
-slice edge. So the driver (:class:`trainer.backends.deepspeed.DeepSpeedBackend`) hands this
-optimizer the signed products ``z⊙Hz`` of whole tensors, already averaged over the group
-(:meth:`PartitionedAdaHessian.set_hessian_products`), and says which piece of which tensor lies
-where in each slice (:meth:`PartitionedAdaHessian.bind_partition`). The optimizer computes D on
-the tensors that touch its slice, cuts out its pieces and applies :func:`adahessian_update` to
-the flat slice. Its state is m and v as flat tensors the size of the slice, plus the step
-counts: nothing for parameters outside the slice.
+AdaHessian needs whole averaging units for one part of its math: ``|·|`` and spatial averaging
+of the Hutchinson estimate (a conv kernel's spatial mean, a block of b elements) must not stop at
+a slice edge, and DeepSpeed's cuts ignore them. So the driver
+(:class:`trainer.backends.deepspeed.DeepSpeedBackend`) hands this optimizer the signed products
+``z⊙Hz`` of whole tensors, already averaged over the group (:meth:`PartitionedAdaHessian.prepare_step`),
+and says which piece of which tensor lies where in each slice, as
+:class:`~trainer.optim.partition.Fragment`s (:meth:`PartitionedAdaHessian.bind_partition`). The
+optimizer widens each piece to whole units, takes ``D``, cuts out its piece and applies
+:func:`update_fragments` to the flat slice. Its state is m and v as flat tensors the size of the
+slice, plus per-parameter step counts.
 
-The elementwise math is the same as :class:`~trainer.optim.AdaHessian`'s, and the probes are
-keyed by the parameter's index among the model's trainable parameters, as in
-:class:`~trainer.optim.sharded.ShardedAdaHessian`, so both data-parallel paths follow the same
-trajectory.
+The DDP path (:class:`~trainer.optim.sharded.ShardedAdaHessian`) uses the same fragments, the
+same per-parameter counts (:func:`advance_counts`) and the same update (:func:`update_fragments`)
+on its own aligned chunks; probes are keyed by parameter name on every path, so all follow the
+single-process trajectory.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -35,8 +36,10 @@ from trainer.optim.adahessian import (
     ScheduleInStateDict,
     adahessian_update,
     check_hyperparameters,
+    refuse_duplicates,
 )
-from trainer.optim.partition import Fragment
+from trainer.optim.hutchinson import param_key
+from trainer.optim.partition import Fragment, averaging_unit, is_conv_kernel, unit_mean_abs
 
 
 def advance_counts(
@@ -109,9 +112,10 @@ def update_fragments(
 class PartitionedAdaHessian(ScheduleInStateDict):
     """AdaHessian whose parameters are flat slices that cut across tensors (see the module doc).
 
-    Construct it on the model's parameters and pass it to ``deepspeed.initialize`` as the
-    optimizer; then :meth:`bind_partition` once, and per training step: on Hessian steps
-    :meth:`set_hessian_products` before the engine's step, and :meth:`finish_step` after it.
+    Construct it on ``model.named_parameters()`` and pass it to ``deepspeed.initialize`` as the
+    optimizer; then :meth:`bind_partition` once, and per training step :meth:`prepare_step`
+    (which parameters had a gradient, and on Hessian steps the products) before the engine's
+    step, and :meth:`finish_step` after it.
     """
 
     # DeepSpeed saves and loads this optimizer's state dict with its own checkpoints.
@@ -119,11 +123,13 @@ class PartitionedAdaHessian(ScheduleInStateDict):
         "steps_done": "steps_done",
         "hessian_steps_done": "hessian_steps_done",
         "hessian_trace": "hessian_trace",
+        "param_steps": "_steps",
+        "param_hessian_steps": "_hessian_steps",
     }
 
     def __init__(
         self,
-        params: Iterable[torch.nn.Parameter],
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
         lr: float = 0.15,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-4,
@@ -134,6 +140,7 @@ class PartitionedAdaHessian(ScheduleInStateDict):
         spatial_average_block_size: int | None = None,
         average_conv_kernel: bool = True,
         seed: int = 0,
+        conv_kernels: Collection[str] | None = None,
     ) -> None:
         check_hyperparameters(
             lr=lr,
@@ -145,17 +152,24 @@ class PartitionedAdaHessian(ScheduleInStateDict):
             n_samples=n_samples,
             spatial_average_block_size=spatial_average_block_size,
         )
-        self.model_params = [p for p in params if p.requires_grad]
-        if not self.model_params:
+        named = [(name, p) for name, p in named_params if p.requires_grad]
+        if not named:
             raise ValueError("PartitionedAdaHessian got no trainable parameters")
+        refuse_duplicates(p for _, p in named)
+        self.model_names = [name for name, _ in named]
+        self.model_params = [p for _, p in named]
+        self.keys = [param_key(name) for name in self.model_names]
+        self.units = [
+            averaging_unit(
+                p.shape,
+                conv_kernel=is_conv_kernel(name, p.shape, conv_kernels),
+                average_conv_kernel=average_conv_kernel,
+                block_size=spatial_average_block_size,
+            )
+            for name, p in named
+        ]
         defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            hessian_power=hessian_power,
-            spatial_average_block_size=spatial_average_block_size,
-            average_conv_kernel=average_conv_kernel,
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power
         )
         super().__init__(self.model_params, defaults)
         self.hessian_update_freq = int(hessian_update_freq)
@@ -164,8 +178,11 @@ class PartitionedAdaHessian(ScheduleInStateDict):
         self.steps_done = 0
         self.hessian_steps_done = 0
         self.hessian_trace: float | None = None
+        self._steps = [0] * len(self.model_params)
+        self._hessian_steps = [0] * len(self.model_params)
         self._fragments: dict[torch.Tensor, list[Fragment]] = {}
-        self._products: list[torch.Tensor] | None = None
+        self._products: Sequence[torch.Tensor] | None = None
+        self._moving: list[bool] | None = None
 
     @property
     def hessian_due(self) -> bool:
@@ -182,28 +199,40 @@ class PartitionedAdaHessian(ScheduleInStateDict):
         unknown = [flat for flat in fragments if flat not in slices]
         if unknown:
             raise ValueError("bind_partition got a tensor that is not one of this optimizer's slices")
-        self._fragments = {flat: list(pieces) for flat, pieces in fragments.items()}
+        self._fragments = {
+            flat: sorted(pieces, key=lambda f: f.flat_start) for flat, pieces in fragments.items()
+        }
 
-    def set_hessian_products(self, products: Sequence[torch.Tensor]) -> None:
-        """The signed ``z⊙Hz`` of every model parameter (whole tensors, averaged over the group,
-        identical on every rank) for the coming step; raises :class:`NonFiniteError` before any
-        state changes if their sum, the trace estimate, is not finite."""
-        if len(products) != len(self.model_params):
-            raise ValueError(f"got {len(products)} Hessian products for {len(self.model_params)} parameters")
-        trace = torch.stack([t.sum(dtype=torch.float32) for t in products]).sum().item()
-        if not math.isfinite(trace):
-            raise NonFiniteError(
-                f"the Hessian estimate is not finite at step {self.steps_done + 1}; "
-                "the weights were not updated"
-            )
-        self.hessian_trace = trace
-        self._products = list(products)
+    def prepare_step(self, used: Sequence[bool], products: Sequence[torch.Tensor] | None) -> None:
+        """Before the engine's step: which model parameters had a gradient on any rank, and on
+        Hessian steps the signed ``z⊙Hz`` of every model parameter (whole tensors, averaged over
+        the group, identical on every rank). Raises :class:`NonFiniteError` before any state
+        changes if the trace estimate is not finite."""
+        if len(used) != len(self.model_params):
+            raise ValueError(f"got {len(used)} usage flags for {len(self.model_params)} parameters")
+        if self.hessian_due:
+            if products is None or len(products) != len(self.model_params):
+                raise ValueError(
+                    f"step {self.steps_done + 1} is a Hessian step: give one product per parameter"
+                )
+            trace = torch.stack([t.sum(dtype=torch.float32) for t in products]).sum().item()
+            if not math.isfinite(trace):
+                raise NonFiniteError(
+                    f"the Hessian estimate is not finite at step {self.steps_done + 1}; "
+                    "the weights were not updated"
+                )
+            self.hessian_trace = trace
+        elif products is not None:
+            raise ValueError(f"step {self.steps_done + 1} is not a Hessian step: no products expected")
+        self._products = products
+        self._moving = advance_counts(used, self.hessian_due, self._steps, self._hessian_steps)
 
     def finish_step(self) -> None:
         """Advance the schedule after the engine's step (which calls :meth:`step` once per group)."""
         if self._products is not None:
             self.hessian_steps_done += 1
         self._products = None
+        self._moving = None
         self.steps_done += 1
 
     @torch.no_grad()
@@ -211,52 +240,58 @@ class PartitionedAdaHessian(ScheduleInStateDict):
         """Update every slice that has a gradient (DeepSpeed calls this with one group at a time)."""
         if closure is not None:
             raise ValueError("PartitionedAdaHessian.step takes no closure (DeepSpeed never passes one)")
-        if self.hessian_due and self._products is None:
-            raise RuntimeError(f"step {self.steps_done + 1} is a Hessian step but no products were set")
+        if self._moving is None:
+            raise RuntimeError(f"step {self.steps_done + 1}: call prepare_step before the engine's step")
         for group in self.param_groups:
             for flat in group["params"]:
-                if flat.grad is not None:
-                    self._step_slice(flat, group)
+                if flat.grad is None:
+                    continue
+                state = self.state[flat]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+                    state["exp_hessian_diag_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+                pieces = self._fragments.get(flat, [])
+                update_fragments(
+                    flat,
+                    flat.grad,
+                    state["exp_avg"],
+                    state["exp_hessian_diag_sq"],
+                    None if self._products is None else self._slice_diagonal(flat, pieces),
+                    pieces,
+                    self._moving,
+                    self._steps,
+                    self._hessian_steps,
+                    group,
+                )
 
-    def _step_slice(self, flat: torch.Tensor, group: dict[str, Any]) -> None:
-        state = self.state[flat]
-        if not state:
-            state["step"] = 0
-            state["hessian_step"] = 0
-            state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-            state["exp_hessian_diag_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        diagonal = None if self._products is None else self._slice_diagonal(flat, group)
-        if diagonal is None and state["hessian_step"] == 0:
-            return  # no curvature seen yet: wait for the next Hessian step
-        state["step"] += 1
-        if diagonal is not None:
-            state["hessian_step"] += 1
-        beta1, beta2 = group["betas"]
-        adahessian_update(
-            [flat],
-            [flat.grad],
-            [state["exp_avg"]],
-            [state["exp_hessian_diag_sq"]],
-            None if diagonal is None else [diagonal],
-            steps=[state["step"]],
-            hessian_steps=[state["hessian_step"]],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            hessian_power=group["hessian_power"],
-        )
-
-    def _slice_diagonal(self, flat: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """D for this slice: ``|·|`` and spatial averaging on each whole tensor, then its piece."""
+    def _slice_diagonal(self, flat: torch.Tensor, pieces: Sequence[Fragment]) -> torch.Tensor:
+        """D for this slice. DeepSpeed cuts anywhere, so each piece is widened to whole averaging
+        units of its tensor's (averaged) product before ``|·|`` and averaging, then cut out."""
         assert self._products is not None
-        block, conv = group["spatial_average_block_size"], group["average_conv_kernel"]
         diagonal = torch.zeros_like(flat)  # padding keeps D = 0: its m stays 0, so it never moves
-        for piece in self._fragments.get(flat, ()):
-            product = self._products[piece.param_index].to(device=flat.device, dtype=flat.dtype)
-            whole = hessian_diagonal(product, block, conv)
-            diagonal[piece.flat_start : piece.flat_start + piece.numel] = whole.reshape(-1)[
-                piece.param_start : piece.param_start + piece.numel
-            ]
+        for piece in pieces:
+            unit = self.units[piece.param_index]
+            whole = self._products[piece.param_index].reshape(-1).to(device=flat.device, dtype=flat.dtype)
+            lo = (piece.param_start // unit) * unit
+            hi = min(whole.numel(), -(-(piece.param_start + piece.numel) // unit) * unit)
+            values = unit_mean_abs(whole[lo:hi], unit)
+            begin = piece.param_start - lo
+            diagonal[piece.flat_start : piece.flat_start + piece.numel] = values[begin : begin + piece.numel]
         return diagonal
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, plus the schedule; a state saved before per-parameter counts (each slice's own
+        ``step``/``hessian_step``) gives every parameter its slice's counts."""
+        state_dict = dict(state_dict)
+        schedule = dict(state_dict.get("schedule") or {})
+        if schedule and "param_steps" not in schedule:
+            slices = [s for s in state_dict.get("state", {}).values() if "step" in s]
+            t, k = (int(slices[0]["step"]), int(slices[0]["hessian_step"])) if slices else (0, 0)
+            schedule["param_steps"] = [t] * len(self.model_params)
+            schedule["param_hessian_steps"] = [k] * len(self.model_params)
+            state_dict["state"] = {
+                key: {n: v for n, v in s.items() if n not in ("step", "hessian_step")}
+                for key, s in state_dict.get("state", {}).items()
+            }
+            state_dict["schedule"] = schedule
+        super().load_state_dict(state_dict)
