@@ -117,6 +117,20 @@ def test_non_finite_hessian_raises_and_leaves_weights() -> None:
     assert not opt.state
 
 
+def test_efficient_path_refuses_an_infinite_gradient_of_a_finite_loss() -> None:
+    """sqrt(θ - θ₀) is 0 at θ₀ with an infinite slope: the loss is finite, the gradient is not."""
+    theta = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = AdaHessian([theta], hessian_update_freq=2)
+    opt.backward((theta - 3.0).pow(2).sum())
+    opt.step()  # a Hessian step
+    before = theta.detach().clone()
+    opt.zero_grad()
+    opt.backward(torch.sqrt(theta - theta.detach()).sum())  # a plain step: only the gradient
+    with pytest.raises(NonFiniteError, match="a gradient is not finite at step 2"):
+        opt.step()
+    assert torch.equal(theta.detach(), before) and opt.steps_done == 1
+
+
 def test_hessian_step_without_graph_is_a_clear_error() -> None:
     model = _cnn()
     opt = AdaHessian(model.parameters())

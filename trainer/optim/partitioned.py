@@ -79,15 +79,18 @@ def update_fragments(
     between fragments are padding, zero in every buffer, so a run may span them.
     """
     runs: list[list[int]] = []  # [start, end, t, k]
+    extend = False  # whether the last run ends at the previous fragment (nothing still in between)
     for piece in fragments:
         i = piece.param_index
         if not moving[i]:
+            extend = False
             continue
         start, end = piece.flat_start, piece.flat_start + piece.numel
-        if runs and runs[-1][2] == steps[i] and runs[-1][3] == hessian_steps[i] and runs[-1][1] <= start:
+        if extend and runs[-1][2] == steps[i] and runs[-1][3] == hessian_steps[i]:
             runs[-1][1] = end
         else:
             runs.append([start, end, steps[i], hessian_steps[i]])
+        extend = True
     if not runs:
         return
     cut = [slice(a, b) for a, b, _, _ in runs]

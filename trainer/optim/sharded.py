@@ -280,11 +280,11 @@ class ShardedAdaHessian:
                 products = own
 
         # 2. group-wide statistics and usage: the step's one host synchronisation.
-        flags = torch.tensor(self._used, dtype=torch.float32).to(grads.device, non_blocking=True)
-        zero = grads.new_zeros((), dtype=torch.float32)
-        trace = zero if products is None else products.sum(dtype=torch.float32)
-        norm_sq = torch.linalg.vector_norm(grads, dtype=torch.float32).square()
-        stats = torch.cat([torch.stack([self._loss_sum.to(grads.device).reshape(()), trace, norm_sq]), flags])
+        wide = torch.promote_types(grads.dtype, torch.float32)  # sums in fp32 at least
+        flags = torch.tensor(self._used, dtype=wide).to(grads.device, non_blocking=True)
+        trace = grads.new_zeros((), dtype=wide) if products is None else products.sum(dtype=wide)
+        norm_sq = torch.linalg.vector_norm(grads, dtype=wide).square()
+        stats = torch.cat([torch.stack([self._loss_sum.to(grads.device, wide).reshape(()), trace, norm_sq]), flags])
         if world > 1:
             dist.all_reduce(stats, group=self.group)
         values = stats.tolist()
