@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from tests.support import spawn_ranks
 from trainer.backends import DDPBackend
 from trainer.optim import AdaHessian
-from trainer.optim.partition import FlatLayout, conv_kernel_names
+from trainer.optim.partition import conv_kernel_names
 
 GLOBAL_BATCH = 8
 OPTIM = dict(lr=0.05, hessian_update_freq=3, weight_decay=0.01, spatial_average_block_size=4, seed=3)
@@ -115,7 +115,8 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out: str) -> 
                     "losses": losses,
                     "traces": traces,
                     "owned": [
-                        sorted({opt.names[f.param_index] for f in opt.layout.fragments(r)}) for r in range(world)
+                        sorted({opt.names[f.param_index] for f in opt.layout.fragments(r)})
+                        for r in range(world)
                     ],
                     "state_bytes": opt.state_bytes(),
                 },
@@ -146,9 +147,11 @@ def merged_state(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     merged = {}
     for name, parts in pieces.items():
         parts.sort(key=lambda saved: saved["start"])
-        assert [p["start"] for p in parts][0] == 0
-        joined = {key: torch.cat([p[key].reshape(-1) for p in parts]).view(shapes[name]) for key in
-                  ("exp_avg", "exp_hessian_diag_sq")}
+        assert parts[0]["start"] == 0
+        joined = {
+            key: torch.cat([p[key].reshape(-1) for p in parts]).view(shapes[name])
+            for key in ("exp_avg", "exp_hessian_diag_sq")
+        }
         joined.update(step=parts[0]["step"], hessian_step=parts[0]["hessian_step"])
         merged[name] = joined
     return merged

@@ -176,8 +176,12 @@ def test_resident_memory_stays_flat(mode: str) -> None:
     """200 steps of a small CNN: no graph kept alive from one step to the next (no cycle)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(16, 16, 3, padding=1),
-        torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(16 * 12 * 12, 10),
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(16, 16, 3, padding=1),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 12 * 12, 10),
     )
     opt = AdaHessian(model.parameters(), lr=0.01)
     x, y = torch.randn(16, 3, 12, 12), torch.randint(0, 10, (16,))

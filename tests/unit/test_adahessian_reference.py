@@ -52,8 +52,13 @@ def ref_diagonal(a: np.ndarray, block: int | None) -> np.ndarray:
 
 
 def ref_trajectory(
-    a: list[np.ndarray], c: list[np.ndarray], theta0: list[np.ndarray],
-    wd: float, power: float, block: int | None, freq: int,
+    a: list[np.ndarray],
+    c: list[np.ndarray],
+    theta0: list[np.ndarray],
+    wd: float,
+    power: float,
+    block: int | None,
+    freq: int,
 ) -> list[list[np.ndarray]]:
     """θ after each of N_STEPS steps, per the docstring's rule (v and k move on Hessian steps only,
     so D is sampled from s_t·a at steps 1, 1+f, ... and nowhere else)."""
@@ -113,14 +118,24 @@ def test_matches_float64_reference_every_step(wd: float, power: float, block: in
     """
     params, a_t, c_t = torch_problem(torch.float64)
     a, c, theta0 = make_problem()
-    opt = AdaHessian(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=wd, hessian_power=power,
-                     hessian_update_freq=freq, spatial_average_block_size=block, average_conv_kernel=True)
+    opt = AdaHessian(
+        params,
+        lr=LR,
+        betas=BETAS,
+        eps=EPS,
+        weight_decay=wd,
+        hessian_power=power,
+        hessian_update_freq=freq,
+        spatial_average_block_size=block,
+        average_conv_kernel=True,
+    )
     expected = ref_trajectory(a, c, theta0, wd, power, block, freq)
     for step, want in enumerate(expected, start=1):
         drive(opt, params, a_t, c_t, scale(step))
         for shape, p, w in zip(SHAPES, params, want, strict=True):
-            np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-6, atol=1e-9,
-                                       err_msg=f"step {step}, param {shape}")
+            np.testing.assert_allclose(
+                p.detach().numpy(), w, rtol=1e-6, atol=1e-9, err_msg=f"step {step}, param {shape}"
+            )
 
 
 def test_v_frozen_between_hessian_steps() -> None:

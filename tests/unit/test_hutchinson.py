@@ -65,7 +65,8 @@ def test_optimizer_trace_is_probe_times_dense_hessian() -> None:
     model, x, y = _model_and_loss()
     hessian = _dense_hessian(model, x, y)
     probes = ProbeSource(seed=3)
-    z = torch.cat([probes.probe(p, 0, param_key(str(i))).reshape(-1) for i, p in enumerate(model.parameters())])
+    params = list(model.parameters())
+    z = torch.cat([probes.probe(p, 0, param_key(str(i))).reshape(-1) for i, p in enumerate(params)])
     opt = AdaHessian(model.parameters(), seed=3)
     opt.backward(torch.nn.functional.cross_entropy(model(x), y))
     opt.step()
@@ -102,8 +103,12 @@ def test_probes_are_rademacher_and_keyed() -> None:
     assert set(z.unique().tolist()) == {-1.0, 1.0}
     assert abs(z.mean().item()) < 0.05
     torch.testing.assert_close(ProbeSource(11).probe(like, 2, 5), z, rtol=0, atol=0)
-    for other in (ProbeSource(12).probe(like, 2, 5), probes.probe(like, 3, 5), probes.probe(like, 2, 6),
-                  probes.probe(like, 2, 5, sample=1)):
+    for other in (
+        ProbeSource(12).probe(like, 2, 5),
+        probes.probe(like, 3, 5),
+        probes.probe(like, 2, 6),
+        probes.probe(like, 2, 5, sample=1),
+    ):
         assert (other != z).float().mean().item() > 0.4
     assert len({probe_seed(0, h, i) for h in range(50) for i in range(50)}) == 2500
 
@@ -163,8 +168,17 @@ def test_only_convolution_kernels_are_spatially_averaged() -> None:
     assert conv_kernel_names(net) == {"conv1.weight", "conv3.weight", "tconv.weight"}
     opt = AdaHessian(net.named_parameters(), conv_kernels=conv_kernel_names(net))
     units = {name: opt._units[p] for name, p in net.named_parameters()}
-    assert units == {"position": 1, "conv1.weight": 3, "conv1.bias": 1, "conv3.weight": 8, "conv3.bias": 1,
-                     "tconv.weight": 9, "tconv.bias": 1, "linear.weight": 1, "linear.bias": 1}
+    assert units == {
+        "position": 1,
+        "conv1.weight": 3,
+        "conv1.bias": 1,
+        "conv3.weight": 8,
+        "conv3.bias": 1,
+        "tconv.weight": 9,
+        "tconv.bias": 1,
+        "linear.weight": 1,
+        "linear.bias": 1,
+    }
     bare = AdaHessian(net.parameters())  # no names: only 4-D tensors count as kernels
     assert [bare._units[p] for p in net.parameters()] == [1, 1, 1, 1, 1, 9, 1, 1, 1]
 

@@ -284,7 +284,8 @@ class ShardedAdaHessian:
         flags = torch.tensor(self._used, dtype=wide).to(grads.device, non_blocking=True)
         trace = grads.new_zeros((), dtype=wide) if products is None else products.sum(dtype=wide)
         norm_sq = torch.linalg.vector_norm(grads, dtype=wide).square()
-        stats = torch.cat([torch.stack([self._loss_sum.to(grads.device, wide).reshape(()), trace, norm_sq]), flags])
+        loss_sum = self._loss_sum.to(grads.device, wide).reshape(())
+        stats = torch.cat([torch.stack([loss_sum, trace, norm_sq]), flags])
         if world > 1:
             dist.all_reduce(stats, group=self.group)
         values = stats.tolist()
