@@ -71,10 +71,16 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DEFAULT_OUT, machine_info, write_results
+from benchmarks.shapes import gpt2_small_shapes
 from trainer.backends import DDPBackend
 from trainer.models import resnet20, transformer_lm
+from trainer.optim import AdaHessian
+from trainer.optim.partition import FlatLayout
 
-STATE_TOLERANCE = 0.10  # |state bytes of a rank / (total / N) - 1|
+STATE_TOLERANCE = 0.05  # state bytes of a rank / (total / N) - 1
+TRAFFIC_TOLERANCE = 0.10  # bytes per rank per step / ZeRO-1 minimum - 1
+OVERHEAD_TARGET = 1.15  # sharded step at world 1 / single-process AdaHessian step
+GPT2_WORLDS = (2, 4, 8)
 BYTES_FREQ = 2  # hessian_update_freq of the traffic runs: steps 1, 3 are Hessian steps, 2, 4 are not
 ACCOUNTING_STEPS = 4
 OVERSUBSCRIPTION_NOTE = (
@@ -340,14 +346,14 @@ def accounting_run(
                 "seconds": seconds,
             }
         )
-    plan = opt.plan
+    layout = opt.layout
     return {
         "scope": scope,
         "state_bytes_after_first_step": state_bytes,
-        "owned_numel": plan.shard_numel(rank),
-        "segment": plan.segment,
-        "plan_describe": plan.describe(),
-        "shard_numels": [plan.shard_numel(r) for r in range(world)],
+        "owned_numel": layout.owned_numel(rank),
+        "segment": layout.chunk,
+        "plan_describe": layout.describe(),
+        "shard_numels": [layout.owned_numel(r) for r in range(world)],
         "steps": steps,
         "warnings": sorted(set(captured)),
     }
@@ -578,6 +584,117 @@ def summarize_world(world: int, ranks: list[dict[str, Any]], n_params: int, elem
     }
 
 
+def gpt2_small_accounting() -> list[dict[str, Any]]:
+    """State and bytes per rank per step of the GPT-2-small parameter set at N = 2, 4, 8, from the
+    layout the optimizer would build (no processes needed): the chunk is what every rank holds and
+    what each reduce-scatter/all-gather moves, plus the statistics all-reduce (3 + tensors floats)."""
+    names, shapes = zip(*gpt2_small_shapes())
+    total = sum(math.prod(s) for s in shapes)
+    element = 4
+    rows = []
+    for world in GPT2_WORLDS:
+        layout = FlatLayout.build(list(names), list(shapes), [1] * len(shapes), world)
+        stats = 2 * (world - 1) * (3 + len(shapes)) * 4 / world
+        fraction = (world - 1) / world
+        row = {
+            "world_size": world,
+            "chunk": layout.chunk,
+            "largest_share": max(layout.owned_numel(r) for r in range(world)),
+            "state_bytes_per_rank": 2 * layout.chunk * element,
+            "state_over_total_over_n": layout.chunk / (total / world),
+        }
+        for kind, collectives in (("ordinary", 2), ("hessian_global", 3)):
+            sent = collectives * (world - 1) * layout.chunk * element + stats
+            minimum = collectives * fraction * total * element
+            row[f"{kind}_bytes"] = sent
+            row[f"{kind}_zero1_minimum"] = minimum
+            row[f"{kind}_over_minimum"] = sent / minimum
+        row["targets_met"] = (
+            row["state_over_total_over_n"] <= 1 + STATE_TOLERANCE
+            and row["ordinary_over_minimum"] <= 1 + TRAFFIC_TOLERANCE
+            and row["hessian_global_over_minimum"] <= 1 + TRAFFIC_TOLERANCE
+        )
+        rows.append(row)
+    return rows
+
+
+class ManySmallTensors(nn.Module):
+    """150 Linear(8, 8) layers in a residual chain: 300 parameter tensors of 64 and 8 elements,
+    where per-parameter Python work, not arithmetic, dominates a step."""
+
+    def __init__(self, layers: int = 150) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + 0.1 * torch.tanh(layer(x))
+        return x
+
+
+def world_one_overhead(rounds: int, block: int) -> list[dict[str, Any]]:
+    """ms/step of the sharded AdaHessian (DDPBackend, a gloo group of one) against the
+    single-process AdaHessian on ManySmallTensors, interleaved rounds, at Hessian frequency 1 and
+    at a frequency so large that every timed step is an ordinary one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g)
+
+        def loss_fn(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+            return F.mse_loss(model(batch[0]), batch[1])
+
+        rows = []
+        for freq in (1, 10_000):
+            torch.manual_seed(0)
+            single_model, sharded_model = ManySmallTensors(), ManySmallTensors()
+            sharded_model.load_state_dict(single_model.state_dict())
+            single = AdaHessian(single_model.named_parameters(), lr=1e-3, hessian_update_freq=freq)
+            backend = DDPBackend(sharded_model, loss_fn, {"lr": 1e-3, "hessian_update_freq": freq})
+
+            def single_step(opt: AdaHessian = single, model: nn.Module = single_model) -> None:
+                opt.zero_grad()
+                opt.backward(loss_fn(model, [x, y]))
+                opt.step()
+
+            def sharded_step(backend: DDPBackend = backend) -> None:
+                backend.train_step([x, y])
+
+            for _ in range(3):
+                single_step()
+                sharded_step()
+            times: dict[str, list[float]] = {"single": [], "sharded": []}
+            for r in range(rounds):
+                order = [("single", single_step), ("sharded", sharded_step)]
+                for name, step in order if r % 2 == 0 else order[::-1]:
+                    gc.disable()
+                    start = time.perf_counter()
+                    for _ in range(block):
+                        step()
+                    times[name].append((time.perf_counter() - start) * 1000 / block)
+                    gc.enable()
+            single_ms, sharded_ms = statistics.median(times["single"]), statistics.median(times["sharded"])
+            rows.append(
+                {
+                    "hessian_update_freq": freq,
+                    "steps": "every step a Hessian step" if freq == 1 else "ordinary steps",
+                    "single_process_ms": single_ms,
+                    "sharded_world1_ms": sharded_ms,
+                    "ratio": sharded_ms / single_ms,
+                    "target_met": sharded_ms / single_ms <= OVERHEAD_TARGET,
+                }
+            )
+        return rows
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
 def loss_agreement(worlds: list[dict[str, Any]]) -> float:
     """Largest relative difference of the global-scope losses across world sizes (should be ~1e-6)."""
     ref = worlds[0]["accounting_losses"]["global"]
@@ -722,6 +839,32 @@ def print_report(report: dict[str, Any]) -> None:
                     cells.append(f"{t['ratio_to_ddp_adamw']:.2f}")
             table.add_row(*cells)
         console.print(table)
+    table = Table(title="4. GPT-2 small (124M) parameter set: state and bytes per rank, from the layout")
+    for col in ("N", "state / (total/N)", "ordinary step / ZeRO-1 min", "Hessian step / min", "targets"):
+        table.add_column(col, justify="right")
+    for row in report["gpt2_small"]:
+        table.add_row(
+            str(row["world_size"]),
+            f"{row['state_over_total_over_n']:.4f} (≤{1 + STATE_TOLERANCE:.2f})",
+            f"{row['ordinary_over_minimum']:.4f} (≤{1 + TRAFFIC_TOLERANCE:.2f})",
+            f"{row['hessian_global_over_minimum']:.4f} (≤{1 + TRAFFIC_TOLERANCE:.2f})",
+            _ok(row["targets_met"]),
+        )
+    console.print(table)
+    table = Table(
+        title="5. Sharded step at world 1 against the single-process AdaHessian (300 small tensors)"
+    )
+    for col in ("steps", "single-process ms", "sharded (world 1) ms", "ratio", f"≤{OVERHEAD_TARGET}"):
+        table.add_column(col, justify="right")
+    for row in report["world_one_overhead"]:
+        table.add_row(
+            row["steps"],
+            f"{row['single_process_ms']:.2f}",
+            f"{row['sharded_world1_ms']:.2f}",
+            f"{row['ratio']:.2f}",
+            _ok(row["target_met"]),
+        )
+    console.print(table)
     console.print(f"[yellow]Note:[/] {report['note']}")
 
 
@@ -855,7 +998,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ranks = run_world(world, settings, Path(tmp))
             log(f"  N={world}: done in {time.perf_counter() - begun:.0f} s")
             worlds.append(summarize_world(world, ranks, n_params, element))
+    log("GPT-2 small layout at N = 2, 4, 8; the world-1 overhead on 300 small tensors")
+    gpt2 = gpt2_small_accounting()
+    overhead = world_one_overhead(rounds=args.rounds, block=args.block_steps)
     summary = {
+        "gpt2_small_targets_met": all(row["targets_met"] for row in gpt2),
+        "world_one_overhead_target_met": all(row["target_met"] for row in overhead),
         "state_target": f"every rank within {STATE_TOLERANCE:.0%} of total/N",
         "state_target_met": all(w["state"]["target_met"] for w in worlds),
         "state_peak_deviation": max(w["state"]["max_deviation"] for w in worlds),
@@ -901,6 +1049,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "note": OVERSUBSCRIPTION_NOTE.format(cpus=os.cpu_count()),
         "summary": summary,
         "worlds": worlds,
+        "gpt2_small": gpt2,
+        "world_one_overhead": overhead,
     }
     report["wall_seconds"] = time.perf_counter() - started
 

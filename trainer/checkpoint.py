@@ -5,7 +5,10 @@ Layout with the ``ddp`` backend (what rank 0 hands to ``ray.train.report(checkpo
     model.pt            model state_dict (parameters and buffers), from rank 0
     optimizer-<r>.pt    the optimizer state of rank r, keyed by parameter name
     progress.json       {"step": completed steps, "world_size": N}
-    rng.pt              torch's CPU RNG state at the checkpoint
+
+No RNG state is kept: every step reseeds each rank from (seed, step, rank)
+(:func:`trainer.seeding.seed_step`), on the CPU and on every CUDA device alike. Checkpoints of
+earlier versions carry ``rng.pt``; it is ignored.
 
 Optimizer shards are keyed by parameter name, so a checkpoint written by N workers loads into
 a group of any size.
@@ -15,7 +18,6 @@ With the ``deepspeed`` backend every rank reports a directory and Ray merges the
     deepspeed/          the engine's ``save_checkpoint`` files: the model (rank 0) and every
                         rank's ZeRO partition, which carries the AdaHessian state
     progress.json       {"step": …, "world_size": N, "backend": "deepspeed"}   (rank 0)
-    rng.pt              (rank 0)
 
 DeepSpeed's partitions are laid out for one world size: such a checkpoint resumes a group of
 the same size (which a restarted Ray Train group is).
@@ -38,7 +40,6 @@ class TrainingState:
     step: int
     model: dict[str, torch.Tensor]
     optimizer_shards: list[dict[str, Any]]
-    rng_state: torch.Tensor
 
 
 def write_checkpoint(directory: Path, state: TrainingState) -> None:
@@ -46,7 +47,6 @@ def write_checkpoint(directory: Path, state: TrainingState) -> None:
     torch.save(state.model, directory / "model.pt")
     for rank, shard in enumerate(state.optimizer_shards):
         torch.save(shard, directory / f"optimizer-{rank}.pt")
-    torch.save(state.rng_state, directory / "rng.pt")
     progress = {"step": state.step, "world_size": len(state.optimizer_shards)}
     (directory / "progress.json").write_text(json.dumps(progress))
 
@@ -55,20 +55,19 @@ DEEPSPEED_DIR = "deepspeed"
 """Sub-directory of a checkpoint that holds the DeepSpeed engine's own files."""
 
 
-def write_deepspeed_progress(directory: Path, step: int, world_size: int, rng_state: torch.Tensor) -> None:
-    """Rank 0's part of a DeepSpeed checkpoint next to the engine's files: progress and RNG."""
+def write_deepspeed_progress(directory: Path, step: int, world_size: int) -> None:
+    """Rank 0's part of a DeepSpeed checkpoint next to the engine's files: the progress."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state, directory / "rng.pt")
     progress = {"step": step, "world_size": world_size, "backend": "deepspeed"}
     (directory / "progress.json").write_text(json.dumps(progress))
 
 
-def read_deepspeed_progress(directory: Path) -> tuple[int, torch.Tensor]:
-    """Completed steps and the RNG state of a DeepSpeed checkpoint (the engine reads the rest)."""
+def read_deepspeed_progress(directory: Path) -> int:
+    """Completed steps of a DeepSpeed checkpoint (the engine reads the rest)."""
     progress = json.loads((directory / "progress.json").read_text())
     if progress.get("backend") != "deepspeed":
         raise ValueError(f"{directory} is not a DeepSpeed checkpoint (backend {progress.get('backend')!r})")
-    return int(progress["step"]), torch.load(directory / "rng.pt", weights_only=True)
+    return int(progress["step"])
 
 
 def read_checkpoint(directory: Path) -> TrainingState:
@@ -81,7 +80,6 @@ def read_checkpoint(directory: Path) -> TrainingState:
         step=int(progress["step"]),
         model=torch.load(directory / "model.pt", weights_only=True),
         optimizer_shards=shards,
-        rng_state=torch.load(directory / "rng.pt", weights_only=True),
     )
 
 

@@ -25,3 +25,18 @@ def mix_seed(*parts: int, domain: int = 0) -> int:
     for part in parts:
         h = splitmix64(h ^ (int(part) & _MASK64))
     return h >> 1
+
+
+_STEP_DOMAIN = 0x7374657072616E6B  # "steprank"
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch's generators (CPU and every CUDA device) for ``step`` on ``rank``.
+
+    Dropout and any other randomness of the forward pass then differ between ranks (each draws
+    its own masks) and are a pure function of (seed, step, rank), so a resumed run draws what the
+    uninterrupted one drew without any RNG state in the checkpoint.
+    """
+    import torch  # the control plane imports this module without torch
+
+    torch.manual_seed(mix_seed(seed, step, rank, domain=_STEP_DOMAIN))

@@ -180,6 +180,12 @@ class OptimizerSpec(_Strict):
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
     min_lr_ratio: UnitFloat = 0.0
     momentum: Beta = 0.9
+    max_grad_norm: PositiveFloat | None = Field(
+        default=None,
+        description="Clip gradients to this global L2 norm (over the whole model and all workers, "
+        "as torch.nn.utils.clip_grad_norm_ does) before the optimizer uses them; none: no clipping. "
+        "Every optimizer and backend.",
+    )
 
     @model_validator(mode="before")
     @classmethod

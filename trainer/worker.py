@@ -52,6 +52,7 @@ from trainer.losses import (
 from trainer.metrics import MetricsSink, read_metrics
 from trainer.models.registry import build_model
 from trainer.optim.adahessian import NonFiniteError
+from trainer.seeding import seed_step
 from trainer.spec import JobSpec, SpecError
 
 Backend = DDPBackend | DeepSpeedBackend
@@ -109,13 +110,18 @@ class RaySession:
 def optimizer_options(spec: JobSpec) -> dict[str, Any]:
     """Keyword arguments for the backend's optimizer, from the spec."""
     o = spec.optimizer
+    clip = {"max_grad_norm": o.max_grad_norm}
     if o.name == "adahessian":
         return dict(
-            name="adahessian", hessian_scope=o.hessian_scope, seed=spec.training.seed, **o.adahessian_kwargs()
+            name="adahessian",
+            hessian_scope=o.hessian_scope,
+            seed=spec.training.seed,
+            **o.adahessian_kwargs(),
+            **clip,
         )
     if o.name == "sgd":
-        return dict(name="sgd", lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return dict(name=o.name, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return dict(name="sgd", lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **clip)
+    return dict(name=o.name, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, **clip)
 
 
 def build_backend(spec: JobSpec, model: torch.nn.Module, loss_fn: LossFn) -> Backend:
@@ -246,6 +252,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
             _stop(run_dir, rank, done, f"training stopped: data set {spec.data.name!r}: {error}")
             return
         batch = to_device(batch, device, dtype)
+        seed_step(t.seed, step, rank)  # each rank its own dropout masks, reproducibly
         hessian_step = _hessian_due(backend)
         began = time.perf_counter()
         # These errors are raised on every rank alike (the same code on equally shaped shares,
@@ -272,6 +279,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         if not (logging_step or eval_step or checkpoint_step):
             continue
         record = _record(done, stats, lr, seconds, t.global_batch_size)
+        backend.average_buffers()  # BatchNorm statistics: one set, for evaluation and checkpoints
         if eval_step:
             try:
                 record.update(
@@ -314,13 +322,12 @@ def _restore(backend: Backend, model: torch.nn.Module, directory: Path) -> int:
     """Load a checkpoint written by :func:`_save_checkpoint`; return its completed steps."""
     if isinstance(backend, DeepSpeedBackend):
         backend.load_checkpoint(directory / DEEPSPEED_DIR)
-        step, rng_state = read_deepspeed_progress(directory)
+        step = read_deepspeed_progress(directory)
     else:
         state = read_checkpoint(directory)
         model.load_state_dict(state.model)  # copies onto the model's device
         backend.load_optimizer_state(state.optimizer_shards)
-        step, rng_state = state.step, state.rng_state
-    torch.set_rng_state(rng_state)
+        step = state.step
     return step
 
 
@@ -344,15 +351,16 @@ def _save_checkpoint(
         with tempfile.TemporaryDirectory() as directory:
             backend.save_checkpoint(Path(directory) / DEEPSPEED_DIR)
             if rank == 0:
-                write_deepspeed_progress(Path(directory), done, dist.get_world_size(), torch.get_rng_state())
+                write_deepspeed_progress(Path(directory), done, dist.get_world_size())
             session.report(metrics, Path(directory))
         return
-    shards: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, backend.optimizer_state())
+    shards: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(backend.optimizer_state(), shards, dst=0)  # to rank 0 only, which writes
     with tempfile.TemporaryDirectory() as directory:
         attached = None
         if rank == 0:
-            state = TrainingState(done, model.state_dict(), shards, torch.get_rng_state())
+            assert shards is not None
+            state = TrainingState(done, model.state_dict(), shards)
             write_checkpoint(Path(directory), state)
             attached = Path(directory)
         session.report(metrics, attached)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.batches import Batch
@@ -31,6 +32,23 @@ class StepStats:
     hessian_trace: float | None
 
 
+def average_buffers(module: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Average the floating-point buffers (BatchNorm's running mean and variance) over the group,
+    so evaluation and checkpoints see one set; each rank's statistics come from its own
+    micro-batches. Integer buffers (``num_batches_tracked``) are equal on every rank already."""
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    world = dist.get_world_size(group)
+    if not buffers or world == 1:
+        return
+    with torch.no_grad():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        torch._foreach_copy_(
+            buffers, [piece.view_as(b) for piece, b in zip(flat.split([b.numel() for b in buffers]), buffers)]
+        )
+
+
 class TrainingBackend(Protocol):
     """Forward, backward, Hessian products when due, and the optimizer step, for one rank.
 
@@ -49,4 +67,8 @@ class TrainingBackend(Protocol):
     def train_step(self, batch: Batch, chunk_size: int | None = None) -> StepStats:
         """Run one step on this rank's micro-batch (in chunks of ``chunk_size`` examples if given);
         collective: every rank calls it."""
+        ...
+
+    def average_buffers(self) -> None:
+        """Collective: make the model's floating-point buffers equal on every rank (their mean)."""
         ...

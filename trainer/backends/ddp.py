@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.backends.base import LossFn, StepStats
+from trainer.backends.base import LossFn, StepStats, average_buffers
 from trainer.batches import Batch, batch_size, split_batch
 from trainer.optim.partition import conv_kernel_names
 from trainer.optim.replicated import ReplicatedOptimizer
@@ -32,7 +32,8 @@ def build_optimizer(
         return ShardedAdaHessian(
             model.named_parameters(), group=group, conv_kernels=conv_kernel_names(model), **options
         )
-    return ReplicatedOptimizer(model.named_parameters(), name, options, group)
+    max_grad_norm = options.pop("max_grad_norm", None)
+    return ReplicatedOptimizer(model.named_parameters(), name, options, group, max_grad_norm=max_grad_norm)
 
 
 class DDPBackend:
@@ -75,6 +76,9 @@ class DDPBackend:
             hessian_step=hessian_step,
             hessian_trace=self.optimizer.hessian_trace,
         )
+
+    def average_buffers(self) -> None:
+        average_buffers(self.model, self.group)
 
     def optimizer_state(self) -> dict[str, Any]:
         return self.optimizer.state_dict()

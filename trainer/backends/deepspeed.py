@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.backends.base import LossFn, StepStats
+from trainer.backends.base import LossFn, StepStats, average_buffers
 from trainer.batches import Batch, batch_size, map_tensors, split_batch
 from trainer.optim.adahessian import NonFiniteError
 from trainer.optim.hutchinson import ProbeSource, hutchinson_products
@@ -278,6 +278,9 @@ class DeepSpeedBackend:
         )
         self.engine.backward(surrogate)
         return loss_sum, products_sum
+
+    def average_buffers(self) -> None:
+        average_buffers(self.model)
 
     # -- checkpoints ---------------------------------------------------------------------------
 

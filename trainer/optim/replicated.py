@@ -38,6 +38,7 @@ class ReplicatedOptimizer:
         name: str,
         options: Mapping[str, Any],
         group: dist.ProcessGroup | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if name not in OPTIMIZERS:
             raise ValueError(f"optimizer {name!r}: must be one of {sorted(OPTIMIZERS)}")
@@ -48,6 +49,7 @@ class ReplicatedOptimizer:
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.optimizer = OPTIMIZERS[name](self.params, **options)
+        self.max_grad_norm = max_grad_norm
         self._steps_done = 0
         self._loss_sum: torch.Tensor | None = None
         self.loss: float | None = None
@@ -90,6 +92,8 @@ class ReplicatedOptimizer:
             raise NonFiniteError(f"loss is {loss} {untouched}")
         if not math.isfinite(norm):
             raise NonFiniteError(f"a gradient is not finite {untouched}")
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            flat[:-1].mul_(self.max_grad_norm / (norm + 1e-6))  # clip_grad_norm_'s factor; .grad are views
         self.optimizer.step()
         self.loss, self.grad_norm = loss, norm
         self._steps_done += 1
