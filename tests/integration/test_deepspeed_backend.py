@@ -24,6 +24,13 @@ from test_sharded_adahessian import (
     micro_batch,
     reference_run,
 )
+from test_sharded_parameters import FREEZE_AT, before_step
+from test_sharded_parameters import OPTIM as ODD_OPTIM
+from test_sharded_parameters import STEPS as ODD_STEPS
+from test_sharded_parameters import global_batch as odd_batch
+from test_sharded_parameters import loss_fn as odd_loss
+from test_sharded_parameters import make_model as make_odd_model
+from test_sharded_parameters import reference as odd_reference
 from torch.nn import functional as F
 
 from trainer.backends import DDPBackend
@@ -97,6 +104,18 @@ def _worker(rank: int, port: int, directory: str) -> None:
         backend = DeepSpeedBackend(make_model(), loss_fn, adamw, zero_stage=1)
         results["zero1_adamw"] = _train(backend, 0, 5, rank, freq=None)
         results["bf16"] = _train(deepspeed(2, "bf16"), 0, STEPS, rank)
+        # Frozen, never-used, sometimes-used, tied and frozen-mid-run parameters (fp32, ZeRO-2).
+        odd = DeepSpeedBackend(make_odd_model(torch.float32), odd_loss, dict(ODD_OPTIM), zero_stage=2)
+        history = []
+        for step in range(ODD_STEPS):
+            before_step(odd.model, step)
+            tokens, labels = odd_batch(step)
+            half = len(tokens) // WORLD
+            odd.train_step([tokens[rank * half : (rank + 1) * half], labels[rank * half : (rank + 1) * half]])
+            history.append({n: p.detach().clone() for n, p in odd.model.named_parameters()})
+        results["odd"] = history
+        # bf16 with chunks: the chunks' gradients add up in fp32 (one rounding to bf16).
+        results["bf16_chunks"] = _train(deepspeed(2, "bf16"), 0, STEPS, rank, chunk_size=1)
         # bf16 trains: ZeRO-1 fitting one fixed batch.
         backend = deepspeed(1, "bf16")
         fixed = [t[rank * 4 : (rank + 1) * 4] for t in global_batch(0)]
@@ -188,3 +207,30 @@ def test_bf16_trains_and_stays_close_to_fp32(runs) -> None:
             assert_close_to_scale(bf16["params"][name], value, name, rel=5e-2)
         fixed = per_rank["bf16_fixed_batch"]
         assert fixed[-1] < 0.5 * fixed[0], fixed
+
+
+def test_odd_parameters_follow_the_single_process_optimizer(runs) -> None:
+    """The DeepSpeed path leaves parameters without a gradient alone, survives freezing mid-run
+    and keys probes by name, so it follows the single-process optimizer (fp32: within 1e-4 of
+    each tensor's scale, where near-zero curvature meets eps)."""
+    expected = odd_reference(None, torch.float32)["history"]
+    initial = {n: p.detach() for n, p in make_odd_model(torch.float32).named_parameters()}
+    for per_rank in runs:
+        history = per_rank["odd"]
+        for step, (want, have) in enumerate(zip(expected, history), start=1):
+            for name, value in want.items():
+                assert_close_to_scale(have[name], value, f"step {step}, {name}", rel=1e-4)
+        final = history[-1]
+        for name in ("unused.weight", "unused.bias", "frozen.weight", "frozen.bias"):
+            assert torch.equal(final[name], initial[name]), name
+        assert torch.equal(final["later.weight"], history[FREEZE_AT - 1]["later.weight"])
+
+
+def test_bf16_chunks_accumulate_in_fp32(runs) -> None:
+    """Eight chunks of one example each in bf16 stay as close to fp32 as one chunk does."""
+    for per_rank in runs:
+        fp32, whole, chunked = per_rank["zero2"], per_rank["bf16"], per_rank["bf16_chunks"]
+        assert chunked["losses"][:3] == pytest.approx(fp32["losses"][:3], rel=1e-2)
+        for name, value in fp32["params"].items():
+            assert_close_to_scale(chunked["params"][name], value, name, rel=5e-2)
+        assert chunked["losses"] == pytest.approx(whole["losses"], rel=2e-2)

@@ -200,6 +200,35 @@ def test_checkpoint_resumes_across_world_sizes(before: int, after: int, tmp_path
     assert_matches_reference(resumed, 10)
 
 
+@pytest.mark.slow
+def test_checkpoint_of_the_whole_tensor_format_still_loads(tmp_path: Path) -> None:
+    """Shards written before the flat layout (``hutch.sharded_adahessian.v1``: whole tensors, each
+    on its owner) load into today's optimizer at another world size and continue like an
+    uninterrupted run; a format this version does not know is refused by name."""
+    params, state, _ = reference_run(5)
+    names = sorted(state)
+    group = {k: v for k, v in OPTIM.items() if k not in ("hessian_update_freq", "seed")}
+    v1 = [
+        {
+            "format": "hutch.sharded_adahessian.v1",
+            "world_size": 2,
+            "rank": rank,
+            "schedule": {"steps_done": 5, "hessian_steps_done": 2, "hessian_trace": 1.0},
+            "param_groups": [{**group, "betas": (0.9, 0.999), "eps": 1e-4, "hessian_power": 1.0}],
+            "params": {name: state[name] for name in names[rank::2]},
+        }
+        for rank in range(2)
+    ]
+    checkpoint = tmp_path / "v1.pt"
+    torch.save({"model": params, "shards": v1}, checkpoint)
+    resumed = run_distributed(4, tmp_path, "from-v1", start=5, stop=10, resume=str(checkpoint))
+    assert_matches_reference(resumed, 10)
+
+    torch.save({"model": params, "shards": [{**v1[0], "format": "hutch.sharded_adahessian.v9"}]}, checkpoint)
+    with pytest.raises(Exception, match=r"optimizer state format 'hutch\.sharded_adahessian\.v9'"):
+        run_distributed(1, tmp_path, "from-v9", start=5, stop=10, resume=str(checkpoint))
+
+
 def _local_scope_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -50,10 +50,11 @@ class OddNet(nn.Module):
         return h @ self.embed.weight.T  # tied output layer
 
 
-def make_model() -> OddNet:
-    """In float64, so that only the algorithm, not fp32 summation order, could tell paths apart."""
+def make_model(dtype: torch.dtype = torch.float64) -> OddNet:
+    """In float64 by default, so that only the algorithm, not fp32 summation order, could tell
+    paths apart (DeepSpeed's test runs it in fp32)."""
     torch.manual_seed(0)
-    return OddNet().double()
+    return OddNet().to(dtype)
 
 
 def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,11 +76,11 @@ def loss_fn(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
-def reference(max_grad_norm: float | None) -> dict[str, Any]:
+def reference(max_grad_norm: float | None, dtype: torch.dtype = torch.float64) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = make_model()
+        model = make_model(dtype)
         opt = AdaHessian(model.named_parameters(), conv_kernels=conv_kernel_names(model), **OPTIM)
         history = []
         for step in range(STEPS):

@@ -78,7 +78,9 @@ def spec(name: str, workers: int, run_dir: Path, **training: Any) -> dict[str, A
             "name": name,
             "model": {"name": "reviews.model:encoder", "args": {"dim": 16}},
             "data": {"name": "tests.integration.test_user_loss:recording_reviews", "args": data_args},
-            "optimizer": {"name": "adahessian", "lr": 0.05, "hessian_update_freq": 2},
+            # lr 0.02 trains smoothly; at 0.05 the loss oscillates (0.59, 1.85, 0.73, 1.15, …) and
+            # fp32 summation-order differences between 1 and 2 workers grow to 7e-5 in 3 steps.
+            "optimizer": {"name": "adahessian", "lr": 0.02, "hessian_update_freq": 2},
             "training": {
                 "steps": STEPS,
                 "global_batch_size": GLOBAL_BATCH,

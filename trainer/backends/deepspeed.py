@@ -184,8 +184,9 @@ class DeepSpeedBackend:
         size = batch_size(batch)
         chunks = split_batch(batch, chunk_size)
         weights = [batch_size(chunk) / size for chunk in chunks]
-        if hessian_step:
-            loss_sum, products = self._hessian_backward(chunks, weights)
+        if hessian_step or (self.dtype != torch.float32 and len(chunks) > 1):
+            # Hessian steps, and bf16 gradients of several chunks, which must add up in fp32
+            loss_sum, products = self._own_backward(chunks, weights, hessian=hessian_step)
         else:
             loss_sum, products = self._plain_backward(chunks, weights), None
 
@@ -235,15 +236,16 @@ class DeepSpeedBackend:
             self.engine.backward(loss)
         return loss_sum
 
-    def _hessian_backward(
-        self, chunks: list[Batch], weights: list[float]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Gradients and local Hutchinson products on the unwrapped module; the gradient then
-        goes through DeepSpeed's reduction by the surrogate backward (see the module doc)."""
-        assert isinstance(self.optimizer, PartitionedAdaHessian) and self._probes is not None
+    def _own_backward(
+        self, chunks: list[Batch], weights: list[float], hessian: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Gradients (and on Hessian steps the local Hutchinson products) on the unwrapped module,
+        summed over the chunks in fp32 whatever the model's dtype; the sum then goes through
+        DeepSpeed's reduction by the surrogate backward, rounded to the model's dtype once (see
+        the module doc)."""
         loss_sum = torch.zeros((), device=self.params[0].device)
-        grads_sum: list[torch.Tensor] = []
-        products_sum: list[torch.Tensor] = []
+        grads_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        products_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if hessian else None
         got = [False] * len(self.params)
         for chunk, weight in zip(chunks, weights):
             loss = self.loss_fn(self.model, chunk)
@@ -252,28 +254,28 @@ class DeepSpeedBackend:
             loss_sum += loss.detach().float()
             live = [i for i, p in enumerate(self.params) if p.requires_grad]  # frozen since: none
             grads = torch.autograd.grad(
-                loss, [self.params[i] for i in live], create_graph=True, allow_unused=True
+                loss, [self.params[i] for i in live], create_graph=hessian, allow_unused=True
             )
             found = [(i, g) for i, g in zip(live, grads) if g is not None]
-            products = hutchinson_products(
-                [g for _, g in found],
-                [self.params[i] for i, _ in found],
-                [self.optimizer.keys[i] for i, _ in found],
-                self._probes,
-                self.optimizer.hessian_steps_done,
-                self.optimizer.n_samples,
-            )
-            if not grads_sum:
-                grads_sum = [torch.zeros_like(p) for p in self.params]
-                products_sum = [torch.zeros_like(p) for p in self.params]
-            if found:
-                torch._foreach_add_([grads_sum[i] for i, _ in found], [g.detach() for _, g in found])
-                torch._foreach_add_([products_sum[i] for i, _ in found], products)
+            if not found:
+                continue
+            if products_sum is not None:
+                assert isinstance(self.optimizer, PartitionedAdaHessian) and self._probes is not None
+                products = hutchinson_products(
+                    [g for _, g in found],
+                    [self.params[i] for i, _ in found],
+                    [self.optimizer.keys[i] for i, _ in found],
+                    self._probes,
+                    self.optimizer.hessian_steps_done,
+                    self.optimizer.n_samples,
+                )
+                torch._foreach_add_([products_sum[i] for i, _ in found], [t.float() for t in products])
+            torch._foreach_add_([grads_sum[i] for i, _ in found], [g.detach().float() for _, g in found])
             for i, _ in found:
                 got[i] = True
         self.engine.set_gradient_accumulation_boundary(True)
         surrogate = sum(
-            ((self.params[i] * grads_sum[i]).sum() for i in range(len(self.params)) if got[i]),
+            ((self.params[i] * grads_sum[i].to(self.dtype)).sum() for i in range(len(self.params)) if got[i]),
             torch.zeros((), device=loss_sum.device, dtype=self.dtype),
         )
         self.engine.backward(surrogate)
