@@ -104,16 +104,21 @@ def _worker(rank: int, port: int, directory: str) -> None:
         backend = DeepSpeedBackend(make_model(), loss_fn, adamw, zero_stage=1)
         results["zero1_adamw"] = _train(backend, 0, 5, rank, freq=None)
         results["bf16"] = _train(deepspeed(2, "bf16"), 0, STEPS, rank)
-        # Frozen, never-used, sometimes-used, tied and frozen-mid-run parameters (fp32, ZeRO-2).
-        odd = DeepSpeedBackend(make_odd_model(torch.float32), odd_loss, dict(ODD_OPTIM), zero_stage=2)
-        history = []
-        for step in range(ODD_STEPS):
-            before_step(odd.model, step)
-            tokens, labels = odd_batch(step)
-            half = len(tokens) // WORLD
-            odd.train_step([tokens[rank * half : (rank + 1) * half], labels[rank * half : (rank + 1) * half]])
-            history.append({n: p.detach().clone() for n, p in odd.model.named_parameters()})
-        results["odd"] = history
+        # Frozen, never-used, sometimes-used, tied and frozen-mid-run parameters (fp32, ZeRO-2),
+        # without and with clipping.
+        for key, clip in (("odd", None), ("odd_clipped", 0.05)):
+            options = dict(ODD_OPTIM, max_grad_norm=clip)
+            odd = DeepSpeedBackend(make_odd_model(torch.float32), odd_loss, options, zero_stage=2)
+            history = []
+            for step in range(ODD_STEPS):
+                before_step(odd.model, step)
+                tokens, labels = odd_batch(step)
+                half = len(tokens) // WORLD
+                odd.train_step(
+                    [tokens[rank * half : (rank + 1) * half], labels[rank * half : (rank + 1) * half]]
+                )
+                history.append({n: p.detach().clone() for n, p in odd.model.named_parameters()})
+            results[key] = history
         # bf16 with chunks: the chunks' gradients add up in fp32 (one rounding to bf16).
         results["bf16_chunks"] = _train(deepspeed(2, "bf16"), 0, STEPS, rank, chunk_size=1)
         # bf16 trains: ZeRO-1 fitting one fixed batch.
@@ -209,14 +214,15 @@ def test_bf16_trains_and_stays_close_to_fp32(runs) -> None:
         assert fixed[-1] < 0.5 * fixed[0], fixed
 
 
-def test_odd_parameters_follow_the_single_process_optimizer(runs) -> None:
-    """The DeepSpeed path leaves parameters without a gradient alone, survives freezing mid-run
-    and keys probes by name, so it follows the single-process optimizer (fp32: within 1e-4 of
-    each tensor's scale, where near-zero curvature meets eps)."""
-    expected = odd_reference(None, torch.float32)["history"]
+@pytest.mark.parametrize(("run", "clip"), [("odd", None), ("odd_clipped", 0.05)])
+def test_odd_parameters_follow_the_single_process_optimizer(runs, run: str, clip: float | None) -> None:
+    """The DeepSpeed path leaves parameters without a gradient alone, survives freezing mid-run,
+    keys probes by name and clips by the global norm, so it follows the single-process optimizer
+    (with clip_grad_norm_; fp32: within 1e-4 of each tensor's scale)."""
+    expected = odd_reference(clip, torch.float32)["history"]
     initial = {n: p.detach() for n, p in make_odd_model(torch.float32).named_parameters()}
     for per_rank in runs:
-        history = per_rank["odd"]
+        history = per_rank[run]
         for step, (want, have) in enumerate(zip(expected, history), start=1):
             for name, value in want.items():
                 assert_close_to_scale(have[name], value, f"step {step}, {name}", rel=1e-4)

@@ -322,6 +322,20 @@ def test_ray_image_pins_every_dependency_of_hutch() -> None:
         assert requirement.specifier.contains(pinned_version(pins[name]), prereleases=True), requirement
 
 
+def test_deepspeed_range_is_the_tested_minor_release() -> None:
+    """The DeepSpeed backend reads DeepSpeed's partition map (``_hp_mapping``, the ZeRO groups),
+    which moves between minor releases: the extra admits the tested 0.19.x only."""
+    [deepspeed] = [
+        r
+        for r in map(Requirement, PYPROJECT["project"]["optional-dependencies"]["deepspeed"])
+        if r.name == "deepspeed"
+    ]
+    installed = Version(installed_version("deepspeed").public)
+    assert deepspeed.specifier.contains(installed)
+    assert not deepspeed.specifier.contains(f"{installed.major}.{installed.minor + 1}.0")
+    assert not deepspeed.specifier.contains(f"{installed.major}.{installed.minor - 1}.0")
+
+
 def test_control_plane_pins_ray_at_the_project_pin() -> None:
     [ray] = [r for r in requirements_file(CONTROL_PLANE_REQUIREMENTS) if r.name == "ray"]
     assert pinned_version(ray) == pyproject_pin("ray")
