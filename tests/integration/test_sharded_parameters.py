@@ -24,6 +24,7 @@ GLOBAL_BATCH = 8
 STEPS = 8
 FREEZE_AT = 4  # `later` stops training after this many steps
 OPTIM = dict(lr=0.05, hessian_update_freq=2, weight_decay=0.01, seed=5)
+ADAMW = dict(name="adamw", lr=0.01, weight_decay=0.01)
 
 
 class OddNet(nn.Module):
@@ -104,7 +105,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]], out: s
         results = []
         for job in jobs:
             model = make_model()
-            backend = DDPBackend(model, loss_fn, dict(max_grad_norm=job["max_grad_norm"], **OPTIM))
+            backend = DDPBackend(model, loss_fn, dict(max_grad_norm=job["max_grad_norm"], **job["optimizer"]))
             history, norms = [], []
             size = GLOBAL_BATCH // world
             for step in range(STEPS):
@@ -126,7 +127,11 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]], out: s
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, Any]]]:
     """Both jobs (no clipping, clipping at 0.05) at 1, 2 and 4 ranks."""
-    jobs = [{"max_grad_norm": None}, {"max_grad_norm": 0.05}]
+    jobs = [
+        {"max_grad_norm": None, "optimizer": OPTIM},
+        {"max_grad_norm": 0.05, "optimizer": OPTIM},
+        {"max_grad_norm": 0.05, "optimizer": ADAMW},
+    ]
     results = {}
     for world in (1, 2, 4):
         with socket.socket() as s:
@@ -165,6 +170,24 @@ def test_odd_parameters_follow_the_single_process_optimizer(runs, world: int, cl
     assert not torch.equal(final["branch.weight"], initial["branch.weight"])
     if clip is not None:
         assert max(got["norms"]) > clip  # clipping was active
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_replicated_baseline_clips_like_clip_grad_norm(runs, world: int) -> None:
+    """AdamW through the DDP backend, clipped at 0.05: torch's AdamW with clip_grad_norm_ on the
+    global batch, at every world size (parameters without a gradient are skipped by AdamW too)."""
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.01)
+    for step, have in enumerate(runs[world][2]["history"]):
+        before_step(model, step)
+        opt.zero_grad()
+        loss_fn(model, list(global_batch(step))).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 0.05)
+        opt.step()
+        for name, value in model.named_parameters():
+            assert_close(have[name], value.detach(), f"world {world}, step {step + 1}, {name}")
 
 
 @pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")

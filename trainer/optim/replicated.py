@@ -76,16 +76,23 @@ class ReplicatedOptimizer:
         if self._loss_sum is None:
             raise RuntimeError("step() without backward(): call opt.backward(loss) first")
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [self._loss_sum.reshape(1).to(grads[0])])
+        had = [float(p.grad is not None) for p in self.params]
+        flat = torch.cat(
+            [g.reshape(-1) for g in grads]
+            + [self._loss_sum.reshape(1).to(grads[0]), torch.tensor(had).to(grads[0])]
+        )
         dist.all_reduce(flat, group=self.group)
         flat.div_(self.world_size)
         offset = 0
-        for p in self.params:
+        used_anywhere = (flat[-len(self.params) :] > 0).tolist()
+        for p, used in zip(self.params, used_anywhere):
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p)
+            # A parameter no rank had a gradient for is left alone, as torch's optimizers do.
+            p.grad = flat[offset : offset + n].view_as(p) if used else None
             offset += n
-        loss = flat[-1].item()
-        norm = torch.linalg.vector_norm(flat[:-1]).item()
+        gradients = flat[:offset]
+        loss = flat[offset].item()
+        norm = torch.linalg.vector_norm(gradients).item()
         self._loss_sum = None
         untouched = f"at step {self._steps_done + 1}; the weights were not updated"
         if not math.isfinite(loss):
@@ -93,7 +100,7 @@ class ReplicatedOptimizer:
         if not math.isfinite(norm):
             raise NonFiniteError(f"a gradient is not finite {untouched}")
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
-            flat[:-1].mul_(self.max_grad_norm / (norm + 1e-6))  # clip_grad_norm_'s factor; .grad are views
+            gradients.mul_(self.max_grad_norm / (norm + 1e-6))  # clip_grad_norm_'s factor; .grad are views
         self.optimizer.step()
         self.loss, self.grad_norm = loss, norm
         self._steps_done += 1

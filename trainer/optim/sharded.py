@@ -165,7 +165,6 @@ class ShardedAdaHessian:
         self._hessian_steps_done = 0
         self._loss_sum: torch.Tensor | None = None
         self._used = [False] * len(self.params)
-        self._products_used = [False] * len(self.params)
         self.loss: float | None = None
         self.grad_norm: float | None = None
         self.hessian_trace: float | None = None
@@ -195,7 +194,6 @@ class ShardedAdaHessian:
         self._loss_sum = detached if first else self._loss_sum + detached
         if first:
             self._used = [False] * len(self.params)
-            self._products_used = [False] * len(self.params)
         # Parameters frozen since construction (requires_grad_(False)) are left out: no gradient.
         live = [i for i, p in enumerate(self.params) if p.requires_grad]
         hessian = self.hessian_due
@@ -220,22 +218,17 @@ class ShardedAdaHessian:
             if self._flat_products is None:
                 self._flat_products = torch.zeros_like(self._flat_grads)
                 self._product_views = self._views_of(self._flat_products)
-            indices = [i for i, _ in wanted]
-            self._accumulate(self._product_views, self._products_used, indices, products, first)
-        detached = [g.detach() for _, g in got]
-        self._accumulate(self._grad_flat_views, self._used, [i for i, _ in got], detached, first)
+            self._accumulate(self._product_views, [i for i, _ in wanted], products, first)
+        self._accumulate(self._grad_flat_views, [i for i, _ in got], [g.detach() for _, g in got], first)
+        for i, _ in got:
+            self._used[i] = True
 
     def _views_of(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Each parameter's 1-D view of a buffer laid out like the parameters."""
         return [flat[o : o + n] for o, n in zip(self.layout.offsets, self.layout.numels)]
 
     def _accumulate(
-        self,
-        views: list[torch.Tensor],
-        used: list[bool],
-        indices: list[int],
-        values: list[torch.Tensor],
-        first: bool,
+        self, views: list[torch.Tensor], indices: list[int], values: list[torch.Tensor], first: bool
     ) -> None:
         """Copy (first micro-batch) or add ``values`` into their flat ``views``; on the first,
         zero the views of parameters without a value, so nothing of the last step remains."""
@@ -249,8 +242,6 @@ class ShardedAdaHessian:
                 torch._foreach_copy_([views[i] for i in indices], flat_values)
         elif indices:
             torch._foreach_add_([views[i] for i in indices], flat_values)
-        for i in indices:
-            used[i] = True
 
     # -- the collective step ----------------------------------------------------------------
 
