@@ -32,7 +32,7 @@ import torch
 from torch.optim import Optimizer
 
 from trainer.optim.hutchinson import ProbeSource, hessian_diagonal, hutchinson_products, param_key
-from trainer.optim.partition import averaging_unit, is_conv_kernel
+from trainer.optim.partition import averaging_units
 
 
 class NonFiniteError(FloatingPointError):
@@ -191,14 +191,15 @@ class AdaHessian(ScheduleInStateDict):
         group = self.param_groups[-1]
         refuse_duplicates(group["params"])
         names = group.get("param_names") or [str(position + k) for k in range(len(group["params"]))]
-        for name, p in zip(names, group["params"]):
+        units = averaging_units(
+            [(name, p.shape) for name, p in zip(names, group["params"])],
+            conv_kernels=self.conv_kernels,
+            average_conv_kernel=group["average_conv_kernel"],
+            block_size=group["spatial_average_block_size"],
+        )
+        for name, p, unit in zip(names, group["params"], units):
             self._keys[p] = param_key(name)
-            self._units[p] = averaging_unit(
-                p.shape,
-                conv_kernel=is_conv_kernel(name, p.shape, self.conv_kernels),
-                average_conv_kernel=group["average_conv_kernel"],
-                block_size=group["spatial_average_block_size"],
-            )
+            self._units[p] = unit
 
     # -- schedule ---------------------------------------------------------------------------
 

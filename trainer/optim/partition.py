@@ -61,6 +61,25 @@ def averaging_unit(
     return block_size
 
 
+def averaging_units(
+    named_shapes: Iterable[tuple[str, torch.Size]],
+    *,
+    conv_kernels: Collection[str] | None,
+    average_conv_kernel: bool,
+    block_size: int | None,
+) -> list[int]:
+    """:func:`averaging_unit` of every ``(name, shape)``, with :func:`is_conv_kernel`'s rule."""
+    return [
+        averaging_unit(
+            shape,
+            conv_kernel=is_conv_kernel(name, shape, conv_kernels),
+            average_conv_kernel=average_conv_kernel,
+            block_size=block_size,
+        )
+        for name, shape in named_shapes
+    ]
+
+
 def unit_mean_abs(signed: torch.Tensor, unit: int) -> torch.Tensor:
     """``|signed|`` (1-D) averaged over consecutive blocks of ``unit`` elements (a new tensor)."""
     return average_blocks_(signed.abs(), unit)

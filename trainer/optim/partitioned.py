@@ -39,7 +39,7 @@ from trainer.optim.adahessian import (
     refuse_duplicates,
 )
 from trainer.optim.hutchinson import param_key
-from trainer.optim.partition import Fragment, averaging_unit, is_conv_kernel, unit_mean_abs
+from trainer.optim.partition import Fragment, averaging_units, unit_mean_abs
 
 
 def advance_counts(
@@ -162,15 +162,12 @@ class PartitionedAdaHessian(ScheduleInStateDict):
         self.model_names = [name for name, _ in named]
         self.model_params = [p for _, p in named]
         self.keys = [param_key(name) for name in self.model_names]
-        self.units = [
-            averaging_unit(
-                p.shape,
-                conv_kernel=is_conv_kernel(name, p.shape, conv_kernels),
-                average_conv_kernel=average_conv_kernel,
-                block_size=spatial_average_block_size,
-            )
-            for name, p in named
-        ]
+        self.units = averaging_units(
+            [(name, p.shape) for name, p in named],
+            conv_kernels=conv_kernels,
+            average_conv_kernel=average_conv_kernel,
+            block_size=spatial_average_block_size,
+        )
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power
         )

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from trainer.optim.adahessian import NonFiniteError, check_hyperparameters, refuse_duplicates
 from trainer.optim.hutchinson import ProbeSource, hutchinson_products, param_key
-from trainer.optim.partition import FlatLayout, average_blocks_, averaging_unit, is_conv_kernel
+from trainer.optim.partition import FlatLayout, average_blocks_, averaging_units
 from trainer.optim.partitioned import advance_counts, update_fragments
 
 HessianScope = Literal["global", "local"]
@@ -107,15 +107,12 @@ class ShardedAdaHessian:
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self._keys = [param_key(name) for name in self.names]
-        units = [
-            averaging_unit(
-                p.shape,
-                conv_kernel=is_conv_kernel(name, p.shape, conv_kernels),
-                average_conv_kernel=average_conv_kernel,
-                block_size=spatial_average_block_size,
-            )
-            for name, p in named
-        ]
+        units = averaging_units(
+            [(name, p.shape) for name, p in named],
+            conv_kernels=conv_kernels,
+            average_conv_kernel=average_conv_kernel,
+            block_size=spatial_average_block_size,
+        )
         self.layout = FlatLayout.build(self.names, [p.shape for p in self.params], units, self.world_size)
         self.fragments = self.layout.fragments(self.rank)
         self._averaged = [  # (start, numel, unit) of the pieces whose estimate is block-averaged
