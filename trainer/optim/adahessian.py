@@ -25,7 +25,7 @@ The math lives in :func:`adahessian_update`, a function over lists of tensors; t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -251,15 +251,7 @@ class AdaHessian(ScheduleInStateDict):
         for _, p, g in used:
             g = g.detach()
             p.grad = g if p.grad is None else p.grad.add_(g)
-        self.add_hessian_products({p: product for (_, p, _), product in zip(used, products)})
-
-    def add_hessian_products(self, products: Mapping[torch.Tensor, torch.Tensor]) -> None:
-        """Add signed ``z⊙Hz`` computed elsewhere (e.g. averaged across ranks) for this step.
-
-        For distributed drivers that take the Hutchinson products themselves; ``|·|`` and
-        spatial averaging are still applied here, on whole tensors.
-        """
-        for p, product in products.items():
+        for (_, p, _), product in zip(used, products):  # micro-batches add up until step()
             pending = self._pending_products.get(p)
             self._pending_products[p] = product if pending is None else pending.add_(product)
 

@@ -115,6 +115,7 @@ class ShardedAdaHessian:
         )
         self.layout = FlatLayout.build(self.names, [p.shape for p in self.params], units, self.world_size)
         self.fragments = self.layout.fragments(self.rank)
+        self._touched = {f.param_index for f in self.fragments}  # parameters with a piece here
         self._averaged = [  # (start, numel, unit) of the pieces whose estimate is block-averaged
             (f.flat_start, f.numel, units[f.param_index]) for f in self.fragments if units[f.param_index] > 1
         ]
@@ -199,11 +200,9 @@ class ShardedAdaHessian:
         )
         got = [(i, g) for i, g in zip(live, grads) if g is not None]
         if hessian:
-            if self.hessian_scope == "local":  # only the parameters this rank owns a piece of
-                touching = {f.param_index for f in self.fragments}
-                wanted = [(i, g) for i, g in got if i in touching]
-            else:
-                wanted = got
+            # local scope: only the parameters this rank owns a piece of
+            local = self.hessian_scope == "local"
+            wanted = [(i, g) for i, g in got if i in self._touched] if local else got
             products = hutchinson_products(
                 [g for _, g in wanted],
                 [self.params[i] for i, _ in wanted],
