@@ -8,7 +8,7 @@ the models of :mod:`api.schemas`. Every ``/v1`` route needs a bearer token; ``/h
 # No `from __future__ import annotations`: FastAPI must see route annotations that use local names.
 import hmac
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from pydantic import WithJsonSchema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import schemas
@@ -27,15 +28,22 @@ from service.control_plane import ControlPlane
 from service.lifecycle import JobState
 from service.runfiles import follow_lines, records_after, tail_lines
 from service.settings import Settings
-from service.store import JobRecord
+from service.store import CURSOR_PATTERN, JobRecord
 from trainer.spec import JobSpec, displayed_spec
 
+# Error answers are JSON in api.errors' one shape on every route, the text routes too (`logs` is a
+# StreamingResponse route, so FastAPI files these under application/json, not under text/plain).
 ERRORS = {
+    400: {"model": schemas.ErrorResponse, "description": "The body cannot be read (e.g. not UTF-8)"},
     401: {"model": schemas.ErrorResponse, "description": "Missing or wrong bearer token"},
     404: {"model": schemas.ErrorResponse, "description": "No such job"},
     409: {"model": schemas.ErrorResponse, "description": "The job is in the wrong state for this"},
+    413: {"model": schemas.ErrorResponse, "description": "The body is larger than the service takes"},
     422: {"model": schemas.ErrorResponse, "description": "Invalid request; details name the fields"},
 }
+
+LABEL_FILTER = r"^[^=]+="
+"""``key=value`` (what :func:`_label_filter` accepts): a non-empty key, the first ``=``, any value."""
 
 
 BEARER = HTTPBearer(auto_error=False, description="A token from HUTCH_API_TOKENS (or DATA_DIR/api-token).")
@@ -89,14 +97,16 @@ def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
         if not any(matches):
             raise ApiError(401, "invalid bearer token")
 
-    router = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], responses={401: ERRORS[401]})
+    router = APIRouter(
+        prefix="/v1", dependencies=[Depends(authenticate)], responses={401: ERRORS[401], 422: ERRORS[422]}
+    )
 
     @router.post(
         "/jobs",
         status_code=201,
         response_model=schemas.Job,
         responses={200: {"model": schemas.Job, "description": "Replayed: the job this Idempotency-Key made"},
-                   409: ERRORS[409], 413: {"model": schemas.ErrorResponse}, 422: ERRORS[422]},
+                   400: ERRORS[400], 409: ERRORS[409], 413: ERRORS[413], 422: ERRORS[422]},
         summary="Submit a job",
     )  # fmt: skip
     def submit_job(
@@ -110,7 +120,13 @@ def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
             ),
         ] = None,
     ) -> schemas.Job:
-        """Validate the spec, check that it can ever fit the cluster, and queue it."""
+        """Validate the spec, check that it can ever fit the cluster, and queue it.
+
+        The schema states every rule of one field. Beyond it, a 422 names the field of a spec
+        that breaks a rule across sections (``training.global_batch_size`` a multiple of
+        ``scaling.num_workers``; ``training.chunk_size`` a divisor of each worker's share), that
+        names a package not uploaded (``unknown_package``) or that can never fit the cluster
+        (``unschedulable``)."""
         submitted = plane.submit(spec, idempotency_key)
         if not submitted.created:
             response.status_code = 200
@@ -124,7 +140,7 @@ def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
         status_code=201,
         response_model=schemas.Package,
         responses={200: {"model": schemas.Package, "description": "This content was uploaded before"},
-                   413: {"model": schemas.ErrorResponse}, 415: {"model": schemas.ErrorResponse},
+                   413: ERRORS[413], 415: {"model": schemas.ErrorResponse, "description": "Not a zip"},
                    422: ERRORS[422]},
         openapi_extra={"requestBody": {"required": True, **zip_body}},
         summary="Upload a working directory",
@@ -155,14 +171,22 @@ def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
     def list_jobs(
         plane: Plane,
         state: Annotated[list[JobState] | None, Query(description="Only jobs in these states.")] = None,
-        label: Annotated[list[str] | None, Query(description="key=value; all must match.")] = None,
+        label: Annotated[
+            list[Annotated[str, WithJsonSchema({"type": "string", "pattern": LABEL_FILTER})]] | None,
+            Query(description="key=value; all must match."),
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=settings.max_page_size)] = 50,
-        cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+        cursor: Annotated[
+            Annotated[str, WithJsonSchema({"type": "string", "pattern": CURSOR_PATTERN})] | None,
+            Query(description="next_cursor of the previous page (opaque)."),
+        ] = None,
     ) -> schemas.JobPage:
         """Jobs newest first, one page at a time."""
         labels = _label_filter(label or [])
         jobs, next_cursor = plane.store.list(state or [], labels, limit, cursor)
-        return schemas.JobPage(jobs=[_job(plane, job) for job in jobs], next_cursor=next_cursor)
+        queued = any(job.state == JobState.QUEUED for job in jobs)
+        positions = plane.store.queue_positions() if queued else {}
+        return schemas.JobPage(jobs=[_job(plane, job, positions) for job in jobs], next_cursor=next_cursor)
 
     @router.get(
         "/jobs/{job_id}", response_model=schemas.Job, responses={404: ERRORS[404]}, summary="Get a job"
@@ -197,10 +221,15 @@ def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
         plane.delete(job_id)
         return Response(status_code=204)
 
+    log_text = {"description": "The log's lines", "content": {"text/plain": {"schema": {"type": "string"}}}}
+
     @router.get(
         "/jobs/{job_id}/logs",
-        response_class=PlainTextResponse,
-        responses={200: {"content": {"text/plain": {}}}, 404: ERRORS[404]},
+        response_class=StreamingResponse,
+        responses={
+            200: log_text,
+            404: {**ERRORS[404], "description": "No such job, or no such attempt of it"},
+        },
         summary="Read or follow a job's log",
     )
     async def job_logs(
@@ -208,13 +237,15 @@ def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
         job_id: str,
         tail: Annotated[int | None, Query(ge=0, description="Only the last N lines.")] = None,
         follow: Annotated[bool, Query(description="Keep streaming new lines until the job ends.")] = False,
-        attempt: Annotated[int | None, Query(ge=1, description="Which attempt [the latest].")] = None,
+        attempt: Annotated[
+            int | None, Query(ge=1, description="Which attempt [the latest]; one the job lacks is a 404.")
+        ] = None,
     ) -> StreamingResponse:
         """The log of one attempt (driver and every worker), streamed; never read whole."""
         job = plane.get(job_id)
         attempt = attempt or job.attempt
-        if attempt > job.attempt:
-            raise ApiError(422, f"attempt: job {job_id} has {job.attempt} attempt(s)", code="invalid_request")
+        if attempt > job.attempt:  # schema-valid, but names nothing that exists
+            raise ApiError(404, f"job {job_id} has no attempt {attempt} (it has {job.attempt})")
         path = plane.layout.log_file(job_id, attempt)
         if tail is not None:
             head, offset = tail_lines(path, tail)
@@ -273,7 +304,12 @@ def _label_filter(labels: list[str]) -> dict[str, str]:
     return parsed
 
 
-def _job(plane: ControlPlane, job: JobRecord) -> schemas.Job:
+def _job(
+    plane: ControlPlane, job: JobRecord, queue_positions: Mapping[str, int] | None = None
+) -> schemas.Job:
+    """The API's view of a job; ``queue_positions`` (of every queued job) saves a query per job."""
+    known = queue_positions is not None
+    position = queue_positions.get(job.id) if known else plane.store.queue_position(job)
     return schemas.Job(
         id=job.id,
         name=job.name,
@@ -286,6 +322,8 @@ def _job(plane: ControlPlane, job: JobRecord) -> schemas.Job:
         attempt=job.attempt,
         failure_reason=job.failure_reason,
         cancel_requested=job.cancel_requested,
+        priority=job.priority,
+        queue_position=position,
         steps=int(job.spec.get("training", {}).get("steps", 0)),
         latest_metrics=job.latest_metrics,
         ray_job_id=job.ray_job_id,

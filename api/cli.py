@@ -226,6 +226,15 @@ def submit(
             "are honoured): its modules can be named in the spec, e.g. model: mynet:build.",
         ),
     ] = None,
+    priority: Annotated[
+        int | None,
+        typer.Option(
+            min=-1000,
+            max=1000,
+            show_default="the spec's, else 0",
+            help="Queue order while the cluster is busy: higher starts first, then older.",
+        ),
+    ] = None,
 ) -> None:
     """Validate a job spec here, submit it, and print the new job's id."""
     labels = _parse_labels(label)
@@ -233,6 +242,8 @@ def submit(
         job_spec = load_spec(spec)
         if labels:
             job_spec = job_spec.model_copy(update={"labels": {**job_spec.labels, **labels}})
+        if priority is not None:
+            job_spec = job_spec.model_copy(update={"priority": priority})
         job = client.submit(job_spec, idempotency_key=idempotency_key, working_dir=working_dir)
         typer.echo(job.id)
         if wait:
@@ -297,11 +308,14 @@ def status(
         typer.echo(job.model_dump_json(indent=2))
         return
     state = job.state.value + (" (cancel requested)" if job.cancel_requested else "")
+    if job.queue_position is not None:
+        state += f" (position {job.queue_position} in the queue)"
     rows = {
         "id": job.id,
         "name": job.name,
         "state": state,
         "attempt": str(job.attempt),
+        "priority": str(job.priority),
         "labels": ", ".join(f"{k}={v}" for k, v in job.labels.items()) or "-",
         "steps": _progress(job),
         "created": f"{job.created_at.isoformat()} ({_age(job.created_at)} ago)",

@@ -13,7 +13,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.schemas import ErrorBody, ErrorDetail, ErrorResponse
 from service.admission import Unschedulable
@@ -81,6 +84,16 @@ def _validation_details(errors: Sequence[Any]) -> tuple[str, list[ErrorDetail]]:
     return ("invalid_spec" if in_body else "invalid_request"), details
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of the app serves at the request's path, for a 405's ``Allow``."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -90,9 +103,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, code, f"{what}: {summary}", details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette's Allow names only the first route at the path
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         return error_response(
-            exc.status_code, CODES.get(exc.status_code, "error"), str(exc.detail), headers=exc.headers
+            exc.status_code, CODES.get(exc.status_code, "error"), str(exc.detail), headers=headers
         )
 
     @app.exception_handler(ApiError)
@@ -132,6 +148,19 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             422, "invalid_request", f"cursor: {exc}", [ErrorDetail(field="cursor", message=str(exc))]
         )
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(_: Request, exc: Exception) -> JSONResponse:
+        # Out of reach (stopped, restarting, network) or out of connections: a 503 the client may
+        # retry. Other database errors are bugs, answered as one. The driver's text can name the
+        # host and user, so only its class is shown.
+        lost = isinstance(exc, (OperationalError, InterfaceError, PoolTimeout))
+        if not (lost or getattr(exc, "connection_invalidated", False)):
+            return await _internal(_, exc)
+        log.warning("the job database is unreachable: %s", exc)
+        message = f"the job database is unreachable ({type(exc).__name__}); try again shortly"
+        return error_response(503, "unavailable", message, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:

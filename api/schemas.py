@@ -25,6 +25,12 @@ class Job(BaseModel):
     attempt: int = Field(description="1 for the first submission, +1 per retry.")
     failure_reason: str | None = None
     cancel_requested: bool = False
+    priority: int = Field(0, description="The spec's priority: queued jobs start highest first, then oldest.")
+    queue_position: int | None = Field(
+        None,
+        description="Place in hutch's queue while QUEUED (1 starts next, when the cluster has room "
+        "for it); null in every other state.",
+    )
     steps: int = Field(description="The spec's training.steps.")
     latest_metrics: dict[str, Any] | None = Field(
         None, description="The newest metric record (step, loss, lr, hessian_trace, eval_*)."

@@ -1,4 +1,5 @@
-"""Admission: refuse a job that could never be scheduled, instead of letting it wait forever.
+"""Admission: refuse a job that could never be scheduled, instead of letting it wait forever,
+and start queued jobs only as the cluster has room for them.
 
 A job needs ``num_workers`` workers of ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs
 with ``use_gpu``). It can never run if the cluster has fewer in total, if no single node is big
@@ -9,7 +10,9 @@ for that resource, since new nodes may be bigger.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from trainer.spec import JobSpec
 
@@ -60,3 +63,41 @@ def check_fits(
                 field,
                 f"one worker needs {per_worker:g} {resource}s but the largest node has {largest:g}{hint}",
             )
+
+
+class QueuedJob(Protocol):
+    """What :func:`startable` reads of a job: its stored spec (defaults filled in)."""
+
+    spec: dict[str, Any]
+
+
+J = TypeVar("J", bound=QueuedJob)
+
+
+def demand(spec: Mapping[str, Any]) -> dict[str, float]:
+    """The resources a stored job spec reserves while it runs: all its workers' CPUs and GPUs."""
+    scaling = spec["scaling"]
+    needs = {"CPU": scaling["num_workers"] * float(scaling["cpus_per_worker"])}
+    if scaling.get("use_gpu"):
+        needs["GPU"] = scaling["num_workers"] * float(scaling["gpus_per_worker"])
+    return needs
+
+
+def startable(queue: Sequence[J], running: Iterable[QueuedJob], room: Mapping[str, float]) -> list[J]:
+    """The jobs at the head of ``queue`` (in its order) that fit in ``room`` (the cluster's
+    resources, or its autoscaling limits) beside the ``running`` ones. Strictly in order: the
+    first job that does not fit waits, and so does everything behind it, so a large job is
+    never overtaken forever by smaller ones."""
+    free = dict(room)
+    for job in running:
+        for resource, amount in demand(job.spec).items():
+            free[resource] = free.get(resource, 0.0) - amount
+    chosen = []
+    for job in queue:
+        needs = demand(job.spec)
+        if any(amount > free.get(resource, 0.0) + 1e-9 for resource, amount in needs.items()):
+            break
+        for resource, amount in needs.items():
+            free[resource] -= amount
+        chosen.append(job)
+    return chosen

@@ -4,10 +4,13 @@ the embedded default. The API's routes call its methods; they hold no logic of t
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from service.admission import check_fits
 from service.launcher import RayLauncher, RayUnavailable, RunLayout
@@ -60,7 +63,16 @@ class ControlPlane:
             auth_token=token.get_secret_value() if token else None,
         )
         self.packages = self.launcher.packages
-        self.reconciler = Reconciler(self.store, self.launcher, settings.reconcile_interval_s)
+        self._head_lock = threading.Lock()  # a restart of the local head and close() take turns
+        revive = self.revive_local_head if self.local_head is not None else None
+        limits = {"CPU": settings.max_cluster_cpus, "GPU": settings.max_cluster_gpus}
+        self.reconciler = Reconciler(
+            self.store,
+            self.launcher,
+            settings.reconcile_interval_s,
+            revive,
+            autoscaling_limits={resource: n for resource, n in limits.items() if n is not None},
+        )
 
     @classmethod
     def open(cls, settings: Settings) -> ControlPlane:
@@ -72,8 +84,10 @@ class ControlPlane:
         """Stop following jobs; with a local head, stop it too and say so on the jobs it ran."""
         self.reconciler.stop()
         self.launcher.close()
-        if self.local_head is not None:
-            stop_local_head(self.local_head, self.settings.resolved_data_dir)
+        with self._head_lock:  # after a restart in progress, so the head it started is the one stopped
+            head, self.local_head = self.local_head, None
+        if head is not None:
+            stop_local_head(head, self.settings.resolved_data_dir)
             reason = (
                 "interrupted: the service stopped, and with it its local Ray head; "
                 "retry the job to resume from its last checkpoint"
@@ -88,6 +102,26 @@ class ControlPlane:
                     failure_reason=reason,
                 )
         self.store.close()
+
+    def revive_local_head(self) -> bool:
+        """Start a new local Ray head if ours is gone (killed, crashed); True if it did.
+
+        Its jobs died with it: the reconciler then finds their Ray jobs missing on the new head
+        and fails them with that reason (a retry resumes from the last checkpoint). The new head
+        may listen on other ports, so the launcher is pointed at it."""
+        with self._head_lock:
+            head = self.local_head
+            if head is None or head.running():
+                return False
+            data_dir = self.settings.resolved_data_dir
+            log.error("the local Ray head (pid %d) is gone; starting a new one", head.pid)
+            stop_local_head(head, data_dir)  # what is left of its process group, and its record
+            self.local_head = ensure_local_head(
+                data_dir, self.settings.local_ray_num_cpus, self.settings.local_ray_dashboard_port
+            )
+            self.launcher.reconnect(self.local_head.dashboard_url)
+            log.warning("a new local Ray head runs at %s", self.local_head.dashboard_url)
+            return True
 
     # -- jobs -----------------------------------------------------------------------------
     def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> Submitted:
@@ -185,4 +219,10 @@ class ControlPlane:
         return checks
 
     def state_counts(self) -> Mapping[JobState, int]:
-        return self.store.count_by_state()
+        """Jobs by state; none while the database is out of reach (a metrics scrape still answers,
+        and /readyz says what is wrong)."""
+        try:
+            return self.store.count_by_state()
+        except SQLAlchemyError as error:
+            log.warning("jobs by state unknown: %s", type(error).__name__)
+            return {}

@@ -94,6 +94,15 @@ class RayRefused(RuntimeError):
     """Ray refused this particular submission (a 4xx answer): retrying will not help."""
 
 
+class StorageUnavailable(RuntimeError):
+    """The shared storage cannot be written (full, read-only, gone), so no job can be started:
+    they wait QUEUED, as in a Ray outage, and start once it can be written again."""
+
+
+def unwritable(path: Path, error: OSError) -> StorageUnavailable:
+    return StorageUnavailable(f"the storage cannot be written ({path}): {error.strerror or error}")
+
+
 TOKEN_HINT = "HUTCH_RAY_AUTH_TOKEN (on KubeRay: the Secret named after the RayCluster, key auth_token)"
 
 
@@ -129,6 +138,7 @@ class RayLauncher:
         self.layout = layout
         self.packages = PackageStore(layout.package_root)
         self.dashboard_url = (dashboard_url or address).rstrip("/")
+        self._dashboard_is_address = dashboard_url is None
         # A local head runs this very interpreter; a remote cluster's image has `python` with hutch.
         self.python = sys.executable if local else "python"
         self._headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
@@ -200,10 +210,13 @@ class RayLauncher:
     def submit(self, job_id: str, attempt: int, spec: Mapping[str, Any], name: str) -> str:
         """Start attempt ``attempt`` of a job (resuming from its checkpoints, if any); idempotent."""
         run_dir = self.layout.run_dir(job_id)
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         # The trainer does not need the runtime_env (Ray applies it), and its env_vars may be secrets.
         trainer_spec = {key: value for key, value in spec.items() if key != "runtime_env"}
-        (run_dir / "spec.json").write_text(json.dumps(trainer_spec, indent=2))
+        try:
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            (run_dir / "spec.json").write_text(json.dumps(trainer_spec, indent=2))
+        except OSError as error:  # full or read-only: nothing was submitted, the job waits
+            raise unwritable(run_dir, error) from error
         submission_id = self.submission_id(job_id, attempt)
         try:
             runtime_env = self.runtime_env(spec)
@@ -253,6 +266,18 @@ class RayLauncher:
         """Forget a finished submission in Ray (best effort)."""
         with contextlib.suppress(Exception):  # already gone, or never there: nothing to forget
             self.client.delete_job(submission_id)
+
+    def reconnect(self, address: str) -> None:
+        """Follow the cluster at a new address (the local head, restarted on another port): new
+        clients, no cached capacity. The old HTTP client is left to the garbage collector rather
+        than closed, since a request of another thread may still be on it."""
+        with self._lock:
+            self.address = address
+            if self._dashboard_is_address:
+                self.dashboard_url = address.rstrip("/")
+            self._client = None
+            self._http = httpx.Client(base_url=address, headers=self._headers, timeout=10)
+            self._capacity = None
 
     def close(self) -> None:
         self._http.close()

@@ -4,17 +4,24 @@
 it (and the jobs on it) running; the head's pid and addresses are recorded in
 ``DATA_DIR/local-ray.json`` and the restarted service adopts it. A clean stop signals the
 whole process group, which ends the head, its workers and its jobs.
+
+Each head has a Ray temp dir of its own (:func:`ray_temp_dir`). Ray's job supervisor gives a
+job's driver the address of "the latest cluster" it finds in its temp dir's
+``ray_current_cluster``; in the shared ``/tmp/ray`` that is whichever Ray was started last on
+the machine, so with two clusters a job's driver could join the other one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +34,7 @@ class LocalRayHead:
     pid: int
     gcs_address: str
     dashboard_url: str
+    temp_dir: str | None = None  # None in records of versions before it had one
 
     def alive(self) -> bool:
         try:
@@ -36,6 +44,20 @@ class LocalRayHead:
         except PermissionError:
             return True
         return _dashboard_up(self.dashboard_url)
+
+    def running(self) -> bool:
+        """Whether the head's process (``ray start --block``) still runs: False once it was
+        killed or crashed. Unlike :meth:`alive` it does not ask the dashboard, which a busy head
+        can be slow to answer, so False means gone, never merely slow."""
+        with contextlib.suppress(ChildProcessError):  # our own child: reap it, or its zombie "runs"
+            os.waitpid(self.pid, os.WNOHANG)
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 class LocalRayError(RuntimeError):
@@ -71,6 +93,13 @@ def _dashboard_up(url: str) -> bool:
         return False
 
 
+def ray_temp_dir(data_dir: Path) -> Path:
+    """The Ray temp dir of ``data_dir``'s head: short (Ray's socket paths must fit in 107 bytes)
+    and the same for the same data dir."""
+    digest = hashlib.sha256(str(data_dir.absolute()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"hutch-ray-{digest}"
+
+
 def ensure_local_head(
     data_dir: Path, num_cpus: int | None, dashboard_port: int, timeout: float = 120
 ) -> LocalRayHead:
@@ -82,6 +111,7 @@ def ensure_local_head(
             return head
     gcs_port, port = _free_port(), _free_port(dashboard_port)
     cpus = num_cpus or os.cpu_count() or 1
+    temp_dir = ray_temp_dir(data_dir)
     ray = Path(sys.executable).with_name("ray")
     env = {
         **os.environ,
@@ -94,10 +124,10 @@ def ensure_local_head(
     process = subprocess.Popen(
         [str(ray) if ray.exists() else "ray", "start", "--head", "--block", f"--port={gcs_port}",
          f"--num-cpus={cpus}", "--object-store-memory=300000000", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={port}", *own_port_options(), "--disable-usage-stats"],
+         f"--dashboard-port={port}", f"--temp-dir={temp_dir}", *own_port_options(), "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    head = LocalRayHead(process.pid, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{port}")
+    head = LocalRayHead(process.pid, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{port}", str(temp_dir))
     deadline = time.monotonic() + timeout
     while not _dashboard_up(head.dashboard_url):
         if process.poll() is not None:
@@ -142,19 +172,6 @@ def stop_local_head(head: LocalRayHead, data_dir: Path | None = None, grace: flo
             break
     if data_dir is not None:
         (data_dir / "local-ray.json").unlink(missing_ok=True)
-    _forget_current_cluster(head)
-
-
-def _forget_current_cluster(head: LocalRayHead) -> None:
-    """Remove Ray's "current cluster" record if it names this head (as `ray stop` would), so a
-    later `ray.init()` on this machine does not try to join a cluster that is gone."""
-    import tempfile
-
-    record = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray" / "ray_current_cluster"
-    with contextlib.suppress(OSError):
-        port = head.gcs_address.rsplit(":", 1)[1]
-        if record.read_text().strip().endswith(f":{port}"):
-            record.unlink()
 
 
 def _group_alive(pgid: int) -> bool:

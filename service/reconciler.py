@@ -10,27 +10,44 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import signal
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from service.launcher import RayJob, RayLauncher, RayRefused, RayUnavailable
+from service.admission import startable
+from service.launcher import RayJob, RayLauncher, RayRefused, RayUnavailable, StorageUnavailable, unwritable
 from service.lifecycle import JobState
 from service.runfiles import last_record, tail_lines
 from service.store import JobRecord, JobStore
 
 log = logging.getLogger("hutch.reconciler")
 
-UNFINISHED = (JobState.QUEUED, JobState.STARTING, JobState.RUNNING)
+STARTED = (JobState.STARTING, JobState.RUNNING)
 
 
 class Reconciler:
-    """Runs :meth:`reconcile_once` every ``interval_s`` seconds on a daemon thread."""
+    """Runs :meth:`reconcile_once` every ``interval_s`` seconds on a daemon thread.
 
-    def __init__(self, store: JobStore, launcher: RayLauncher, interval_s: float = 1.0) -> None:
+    ``revive_ray``, called before each tick, is the control plane's chance to bring back a Ray
+    head of its own that died (see :meth:`service.control_plane.ControlPlane.revive_local_head`)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        launcher: RayLauncher,
+        interval_s: float = 1.0,
+        revive_ray: Callable[[], bool] | None = None,
+        autoscaling_limits: Mapping[str, float] | None = None,
+    ) -> None:
         self.store = store
         self.launcher = launcher
         self.interval_s = interval_s
+        self.revive_ray = revive_ray
+        self.autoscaling_limits = dict(autoscaling_limits or {})
         self.last_error: str | None = None
+        self._tick_error: str | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -51,25 +68,67 @@ class Reconciler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.reconcile_once()
+            try:
+                if self.revive_ray is not None:
+                    self.revive_ray()
+                self.reconcile_once()
+            except Exception as error:  # the database out of reach, …: the loop must not die
+                self._tick_failed(error)
+            else:
+                if self._tick_error is not None:
+                    log.warning("reconciling again after: %s", self._tick_error)
+                    self._tick_error = None
             self._wake.wait(self.interval_s)
             self._wake.clear()
 
+    def _tick_failed(self, error: Exception) -> None:
+        """Log a failed tick once per distinct error (a database outage fails every tick alike)."""
+        text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        if text != self._tick_error:
+            every = self.interval_s
+            log.error("a reconciler tick failed; trying again every %.1fs: %s", every, text, exc_info=error)
+            self._tick_error = text
+
     def reconcile_once(self) -> None:
-        error = None
-        for job in self.store.in_states(UNFINISHED):
+        """Follow the started jobs, then start the queued ones that fit beside them."""
+        error, blocked = self._each(self.store.in_states(STARTED))
+        if error is None and not self._stop.is_set():
+            try:
+                queued = self._startable()
+            except RayUnavailable as unavailable:
+                error = str(unavailable)
+            else:
+                error, blocked_start = self._each(queued)
+                blocked = blocked or blocked_start
+        if error and error != self.last_error:
+            log.warning("Ray is unavailable; jobs wait: %s", error)
+        elif blocked and not error and blocked != self.last_error:
+            log.warning("jobs wait QUEUED: %s", blocked)
+        self.last_error = error or blocked
+
+    def _each(self, jobs: list[JobRecord]) -> tuple[str | None, str | None]:
+        """Reconcile ``jobs`` in turn; (Ray's error, which stops the pass; the storage's error)."""
+        blocked = None
+        for job in jobs:
             if self._stop.is_set():
-                return
+                break
             try:
                 self._reconcile(job)
             except RayUnavailable as unavailable:  # the same for every job: try again next tick
-                error = str(unavailable)
-                break
+                return str(unavailable), blocked
+            except StorageUnavailable as unwritable_storage:  # this job waits QUEUED; follow the others
+                blocked = str(unwritable_storage)
             except Exception:  # one bad job must not stop the others
                 log.exception("reconciling job %s failed", job.id)
-        if error and error != self.last_error:
-            log.warning("Ray is unavailable; jobs wait: %s", error)
-        self.last_error = error
+        return None, blocked
+
+    def _startable(self) -> list[JobRecord]:
+        """The head of the queue that fits in the cluster (or its autoscaling limits) now."""
+        queue = self.store.queue()
+        if not queue:
+            return []
+        room = {**self.launcher.capacity().total, **self.autoscaling_limits}
+        return startable(queue, self.store.in_states(STARTED), room)
 
     def _reconcile(self, job: JobRecord) -> None:
         if job.state == JobState.QUEUED:
@@ -80,7 +139,10 @@ class Reconciler:
         # Read after Ray's answer: a job Ray calls finished has written its last record.
         self._refresh_metrics(job)
         if ray_job is None:
-            reason = f"the Ray job {job.ray_job_id} is gone (was the Ray cluster restarted?)"
+            reason = (
+                f"the Ray job {job.ray_job_id} no longer exists: the Ray cluster restarted (its head "
+                f"was lost) while the job ran; {self._resume_hint(job)}"
+            )
             self._finish(job, JobState.FAILED, reason)
             return
         if job.cancel_requested and ray_job.status in ("PENDING", "RUNNING"):
@@ -138,7 +200,10 @@ class Reconciler:
         """Remove the previous attempt's outcome files, so they are not mistaken for this one's."""
         run_dir = self.launcher.layout.run_dir(job_id)
         for name in ("result.json", "failure.json"):
-            (run_dir / name).unlink(missing_ok=True)
+            try:
+                (run_dir / name).unlink(missing_ok=True)
+            except OSError as error:  # read-only storage: nothing can start (EROFS even if missing)
+                raise unwritable(run_dir, error) from error
 
     def _failure_reason(self, job: JobRecord, ray_job: RayJob) -> str:
         """The trainer's own reason if it wrote one, else the end of the log, else Ray's message."""
@@ -150,7 +215,46 @@ class Reconciler:
         errors = [line.strip() for line in lines if line.strip().startswith("error:")]
         if errors:
             return errors[-1].removeprefix("error:").strip()
-        return ray_job.message or "the Ray job failed (see the job's logs)"
+        reason = driver_failure(ray_job.message)
+        if ENTRYPOINT_FAILED.match(ray_job.message or ""):  # the driver died without a result
+            reason = f"{reason}; {self._resume_hint(job)}"
+        return reason
+
+    def _resume_hint(self, job: JobRecord) -> str:
+        """What a retry of a job that died without a reason of its own would do."""
+        saved = self.launcher.checkpoints(job.id)
+        if not saved:
+            return "no checkpoint was saved, so a retry starts from the beginning"
+        return f"retry it to resume from its last checkpoint at step {saved[-1].step}"
+
+
+ENTRYPOINT_FAILED = re.compile(r"Job entrypoint command failed with exit code (-?\d+)")
+
+
+def driver_failure(message: str | None) -> str:
+    """Why the job's driver (``python -m trainer``) ended, from Ray's message about the job:
+    the trainer's own ``error:`` line in the log Ray quotes (it could not write one to the
+    storage), a signal that killed it, or its exit code and last log line."""
+    if not message:
+        return "the Ray job failed (see the job's logs)"
+    first, _, logs = message.partition("\n")
+    lines = [line.strip() for line in logs.splitlines() if line.strip()]
+    errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1]
+    match = ENTRYPOINT_FAILED.match(first)
+    if match is None:  # a failure of Ray's own (the supervisor died, the runtime_env failed, …)
+        return message.strip()
+    code = int(match.group(1))
+    number = -code if code < 0 else code - 128  # killed: -N from Python, 128+N from the shell
+    try:
+        name = signal.Signals(number).name if number > 0 else None
+    except ValueError:
+        name = None
+    if name is not None:
+        return f"the job's driver (python -m trainer) was killed by {name} (exit code {code})"
+    last = f"; its last log line: {lines[-1]}" if lines else ""
+    return f"the job's driver (python -m trainer) exited with code {code} without a reason{last}"
 
 
 def _read_json(path: Path) -> dict | None:

@@ -105,10 +105,14 @@ class Settings(TokenSettings):
     max_cluster_cpus: PositiveFloat | None = Field(
         default=None,
         description="CPUs the cluster can autoscale to; jobs up to this are admitted even if the cluster "
-        "is smaller now [the cluster's current total].",
+        "is smaller now, and queued jobs are handed to Ray while the started ones use less "
+        "[the cluster's current total].",
     )
     max_cluster_gpus: float | None = Field(
-        default=None, ge=0, description="GPUs the cluster can autoscale to [the cluster's current total]."
+        default=None,
+        ge=0,
+        description="GPUs the cluster can autoscale to, for admission and the queue alike "
+        "[the cluster's current total].",
     )
     reconcile_interval_s: PositiveFloat = Field(
         default=1.0, description="How often the reconciler follows Ray jobs into the store."

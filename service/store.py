@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,10 +31,12 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
+    inspect,
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -83,6 +86,7 @@ class JobRow(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     labels: Mapped[list[LabelRow]] = relationship(
         cascade="all, delete-orphan", lazy="selectin", passive_deletes=True
@@ -96,7 +100,9 @@ class LabelRow(Base):
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     value: Mapped[str] = mapped_column(String(200))
 
-    __table_args__ = (Index("ix_job_labels_key_value", "key", "value"),)
+    # A label filter walks this index newest first and stops after one page (SQLite then needs no
+    # scan of the jobs, nor a sort, however rare or common the label).
+    __table_args__ = (Index("ix_job_labels_key_value_seq", "key", "value", "job_seq"),)
 
 
 class EventRow(Base):
@@ -131,6 +137,7 @@ class JobRecord:
     latest_metrics: dict[str, Any] | None
     idempotency_key: str | None
     request_hash: str
+    priority: int = 0
 
     @classmethod
     def of(cls, row: JobRow) -> JobRecord:
@@ -152,7 +159,20 @@ class JobRecord:
             latest_metrics=row.latest_metrics,
             idempotency_key=row.idempotency_key,
             request_hash=row.request_hash,
+            priority=row.priority or 0,
         )
+
+    @classmethod
+    def of_columns(cls, row: Row[Any], labels: dict[str, str]) -> JobRecord:
+        """From a row of the jobs table read without the ORM (as :meth:`JobStore._records` does)."""
+        values = row._asdict()
+        values.update(state=JobState(values["state"]), labels=labels, priority=values.get("priority") or 0)
+        return cls(**{name: values[name] for name in _RECORD_FIELDS})
+
+
+_RECORD_FIELDS = tuple(JobRecord.__dataclass_fields__)
+JOBS = JobRow.__table__
+LABELS = LabelRow.__table__
 
 
 @dataclass(frozen=True)
@@ -175,19 +195,20 @@ def request_hash(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+CURSOR_PATTERN = r"^[A-Za-f][A-Za-z0-9_-]{9}[AEIMQUYcgkosw048]$"
+"""Every cursor: a seq (0 to 2**63-1) as 8 big-endian bytes in unpadded URL-safe base64. Exactly the
+strings :func:`decode_cursor` takes (the API's schema states it), each a valid place to resume."""
+_CURSOR = re.compile(CURSOR_PATTERN)
+
+
 def encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+    return base64.urlsafe_b64encode(seq.to_bytes(8, "big")).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        kind, _, value = text.partition(":")
-        if kind != "seq":
-            raise ValueError
-        return int(value)
-    except ValueError as error:
-        raise BadCursor("not a cursor returned by this API") from error
+    if not _CURSOR.fullmatch(cursor):
+        raise BadCursor("not a cursor returned by this API")
+    return int.from_bytes(base64.urlsafe_b64decode(cursor + "="), "big")
 
 
 class JobStore:
@@ -196,6 +217,9 @@ class JobStore:
     def __init__(self, url: str) -> None:
         self.engine: Engine = _engine(url)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
+        for index in LABELS.indexes:  # create_all makes the indexes of new tables only
+            index.create(self.engine, checkfirst=True)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -219,47 +243,47 @@ class JobStore:
         Returns (job, created). Raises :class:`IdempotencyConflict` if the key was used with a
         different spec.
         """
-        digest = request_hash(spec)
-        if idempotency_key is not None and (existing := self.replay(idempotency_key, spec)) is not None:
-            return existing, False
         now = utcnow()
         labels = dict(spec.get("labels") or {})
-        row = JobRow(
-            id=job_id,
-            name=str(spec["name"]),
-            state=JobState.QUEUED,
-            spec=dict(spec),
-            idempotency_key=idempotency_key,
-            request_hash=digest,
-            created_at=now,
-            updated_at=now,
-            attempt=1,
-            cancel_requested=False,
-            labels=[LabelRow(key=k, value=v) for k, v in labels.items()],
-        )
+        values: dict[str, Any] = {
+            "id": job_id,
+            "name": str(spec["name"]),
+            "state": str(JobState.QUEUED),
+            "spec": dict(spec),
+            "idempotency_key": idempotency_key,
+            "request_hash": request_hash(spec),
+            "created_at": now,
+            "updated_at": now,
+            "attempt": 1,
+            "cancel_requested": False,
+            "priority": int(spec.get("priority") or 0),
+        }
+        queued = {"job_id": job_id, "at": now, "attempt": 1, "state": values["state"], "message": "submitted"}
         try:
-            with self._session() as session:
-                session.add(row)
-                session.flush()
-                session.add(
-                    EventRow(job_id=job_id, at=now, attempt=1, state=JobState.QUEUED, message="submitted")
-                )
-                record = JobRecord.of(row)
+            # Plain SQL statements, no ORM unit of work. A key used before is found by its unique
+            # index, not by a query first: the callers that check first (ControlPlane.submit) pay once.
+            with self.engine.begin() as connection:
+                seq = connection.execute(insert(JOBS).values(values)).inserted_primary_key[0]
+                if labels:
+                    rows = [{"job_seq": seq, "key": key, "value": value} for key, value in labels.items()]
+                    connection.execute(insert(LABELS), rows)
+                connection.execute(insert(EventRow.__table__).values(queued))
         except IntegrityError:
             if idempotency_key is None:
                 raise
-            existing = self.replay(idempotency_key, spec)  # a concurrent request with the same key won
+            existing = self.replay(idempotency_key, spec)  # the key was used, maybe concurrently
             if existing is None:
                 raise
             return existing, False
+        unset = dict.fromkeys(("started_at", "finished_at", "ray_job_id", "failure_reason", "latest_metrics"))
+        record = JobRecord(**{**values, **unset, "seq": seq, "state": JobState.QUEUED, "labels": labels})
         return record, True
 
     def replay(self, idempotency_key: str, spec: Mapping[str, Any]) -> JobRecord | None:
         """The job an earlier request with this key made (None if none did); raises
         :class:`IdempotencyConflict` if that request carried a different spec."""
-        with self._session() as session:
-            row = session.scalar(select(JobRow).where(JobRow.idempotency_key == idempotency_key))
-            existing = JobRecord.of(row) if row is not None else None
+        found = self._records(select(JOBS).where(JOBS.c.idempotency_key == idempotency_key))
+        existing = found[0] if found else None
         if existing is not None and existing.request_hash != request_hash(spec):
             raise IdempotencyConflict(
                 f"Idempotency-Key was already used for job {existing.id} with a different spec"
@@ -268,9 +292,16 @@ class JobStore:
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
-        with self._session() as session:
-            row = session.scalar(select(JobRow).where(JobRow.id == job_id))
-            return JobRecord.of(row) if row is not None else None
+        found = self._records(select(JOBS).where(JOBS.c.id == job_id))
+        return found[0] if found else None
+
+    def _records(self, query: Any) -> list[JobRecord]:
+        """The jobs a select of the jobs table finds, with their labels (one more query for all
+        of them), read as plain rows: building ORM objects cost more than the queries."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+            labels = _labels_of(connection, [row.seq for row in rows])
+        return [JobRecord.of_columns(row, labels.get(row.seq, {})) for row in rows]
 
     def list(
         self,
@@ -280,28 +311,61 @@ class JobStore:
         cursor: str | None = None,
     ) -> tuple[list[JobRecord], str | None]:
         """Jobs newest first, filtered by any of ``states`` and all of ``labels``."""
-        query = select(JobRow).order_by(JobRow.seq.desc()).limit(limit + 1)
-        if states:
-            query = query.where(JobRow.state.in_([str(s) for s in states]))
-        for key, value in (labels or {}).items():
+        query, newest = select(JOBS), JOBS.c.seq
+        filters = list((labels or {}).items())
+        if filters:  # the first label drives: its index is walked newest first (see LabelRow)
+            (key, value), filters = filters[0], filters[1:]
+            first = LABELS.alias("first_label")
+            query = query.join(first, first.c.job_seq == JOBS.c.seq)
+            query = query.where(first.c.key == key, first.c.value == value)
+            newest = first.c.job_seq
+        for key, value in filters:
             query = query.where(
-                select(LabelRow.job_seq)
-                .where(LabelRow.job_seq == JobRow.seq, LabelRow.key == key, LabelRow.value == value)
+                select(LABELS.c.job_seq)
+                .where(LABELS.c.job_seq == JOBS.c.seq, LABELS.c.key == key, LABELS.c.value == value)
                 .exists()
             )
+        if states:
+            query = query.where(JOBS.c.state.in_([str(s) for s in states]))
         if cursor is not None:
-            query = query.where(JobRow.seq < decode_cursor(cursor))
-        with self._session() as session:
-            rows = list(session.scalars(query))
-            records = [JobRecord.of(row) for row in rows[:limit]]
-        next_cursor = encode_cursor(records[-1].seq) if len(rows) > limit else None
-        return records, next_cursor
+            query = query.where(newest < decode_cursor(cursor))
+        records = self._records(query.order_by(newest.desc()).limit(limit + 1))
+        next_cursor = encode_cursor(records[limit - 1].seq) if len(records) > limit else None
+        return records[:limit], next_cursor
 
     def in_states(self, states: Sequence[JobState]) -> list[JobRecord]:
         """Jobs in any of ``states``, oldest first (the reconciler's work list)."""
-        query = select(JobRow).where(JobRow.state.in_([str(s) for s in states])).order_by(JobRow.seq)
+        query = select(JOBS).where(JOBS.c.state.in_([str(s) for s in states])).order_by(JOBS.c.seq)
+        return self._records(query)
+
+    def queue(self) -> list[JobRecord]:
+        """QUEUED jobs in the order they start: highest priority first, then oldest first."""
+        query = (
+            select(JOBS)
+            .where(JobRow.state == str(JobState.QUEUED))
+            .order_by(JobRow.priority.desc(), JobRow.seq)
+        )
+        return self._records(query)
+
+    def queue_positions(self) -> dict[str, int]:
+        """Each QUEUED job's place in the queue, 1 for the next to start."""
+        query = (
+            select(JobRow.id)
+            .where(JobRow.state == str(JobState.QUEUED))
+            .order_by(JobRow.priority.desc(), JobRow.seq)
+        )
         with self._session() as session:
-            return [JobRecord.of(row) for row in session.scalars(query)]
+            return {job_id: place for place, job_id in enumerate(session.scalars(query), start=1)}
+
+    def queue_position(self, job: JobRecord) -> int | None:
+        """``job``'s place in the queue (1 for the next to start); None unless it is QUEUED."""
+        if job.state != JobState.QUEUED:
+            return None
+        earlier = (JobRow.priority == job.priority) & (JobRow.seq < job.seq)
+        ahead = (JobRow.priority > job.priority) | earlier
+        query = select(func.count()).where(JobRow.state == str(JobState.QUEUED), ahead)
+        with self._session() as session:
+            return int(session.scalar(query) or 0) + 1
 
     def count_by_state(self) -> dict[JobState, int]:
         with self._session() as session:
@@ -400,6 +464,30 @@ class JobStore:
             if deleted:
                 session.execute(EventRow.__table__.delete().where(EventRow.job_id == job_id))
         return deleted == 1
+
+
+def _labels_of(connection: Connection, seqs: Sequence[int]) -> dict[int, dict[str, str]]:
+    """The labels of the jobs ``seqs``, by job (in chunks: a database takes only so many parameters)."""
+    labels: dict[int, dict[str, str]] = {}
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        query = select(LABELS.c.job_seq, LABELS.c.key, LABELS.c.value).where(LABELS.c.job_seq.in_(chunk))
+        for seq, key, value in connection.execute(query):
+            labels.setdefault(seq, {})[key] = value
+    return labels
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Bring a store made by an earlier version up to date: add the columns it lacks (with their
+    server defaults), so an upgraded service opens its old database as is."""
+    present = {column["name"] for column in inspect(engine).get_columns(JobRow.__tablename__)}
+    with engine.begin() as connection:
+        for column in JobRow.__table__.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                default = f" NOT NULL DEFAULT {column.server_default.arg}" if column.server_default else ""
+                table = JobRow.__tablename__
+                connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column.name} {kind}{default}")
 
 
 def _engine(url: str) -> Engine:

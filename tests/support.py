@@ -56,14 +56,19 @@ def forget_current_cluster(gcs_port: int) -> None:
         current.unlink()
 
 
-def start_ray_head(env: dict[str, str], *options: str, timeout: float = 120) -> int:
+def start_ray_head(
+    env: dict[str, str], *options: str, timeout: float = 120, temp_dir: Path | None = None
+) -> int:
     """`ray start --head` in a session of its own; returns its process group id.
 
     The group is this cluster alone, so :func:`end_process_group` ends it without `ray stop`,
-    which would end every Ray instance on the machine."""
+    which would end every Ray instance on the machine. Its Ray temp dir is a new one unless
+    ``temp_dir`` is given: in the shared ``/tmp/ray`` a head becomes "the latest cluster" that
+    every job supervisor on the machine hands its drivers (what the service's own heads avoid)."""
     ray = Path(sys.executable).with_name("ray")
+    temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="hutch-test-ray-"))
     starter = subprocess.Popen(
-        [str(ray), "start", "--head", *options, "--disable-usage-stats"],
+        [str(ray), "start", "--head", f"--temp-dir={temp_dir}", *options, "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     _, errors = starter.communicate(timeout=timeout)
@@ -102,3 +107,44 @@ def spawn_ranks(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int) -> 
 
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "trainer.backends", "trainer.data"])
     torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
+REMOVE_PLACEMENT_GROUPS = """
+import json, sys, time
+from pathlib import Path
+import ray
+from ray.util import placement_group_table, remove_placement_group
+from ray.util.placement_group import PlacementGroup
+from ray._raylet import PlacementGroupID
+
+address, trigger, min_step = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+
+
+def due():
+    if trigger.name != "metrics.jsonl":
+        return trigger.exists()
+    lines = trigger.read_text().splitlines() if trigger.exists() else []
+    return any(json.loads(line)["step"] >= min_step for line in lines if line.strip())
+
+
+while not due():
+    time.sleep(0.01)
+created = [pg for pg, info in placement_group_table().items() if info["state"] == "CREATED"]
+for pg in created:
+    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg)))
+print(json.dumps({"removed": created}), flush=True)
+"""
+
+
+def remove_placement_groups_when(address: str, trigger: Path, min_step: int = 0) -> subprocess.Popen:
+    """A process joined to the cluster at ``address`` that removes every live placement group as
+    soon as ``trigger`` exists (or, for a ``metrics.jsonl``, holds a record at ``min_step`` or
+    later): what Ray Train's placement-group cleaner does when it wrongly judges the controller
+    dead. Started ahead, so the removal lands within ~10 ms of the trigger. Its stdout says what
+    it removed."""
+    return subprocess.Popen(
+        [sys.executable, "-c", REMOVE_PLACEMENT_GROUPS, address, str(trigger), str(min_step)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+    )  # fmt: skip

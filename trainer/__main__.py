@@ -18,15 +18,25 @@ class _Tee:
 
     def __init__(self, stream: TextIO, log: TextIO) -> None:
         self._stream, self._log = stream, log
+        self._log_broken = False
 
     def write(self, text: str) -> int:
-        self._log.write(text)
-        self._log.flush()
+        if not self._log_broken:
+            try:
+                self._log.write(text)
+                self._log.flush()
+            except OSError as error:  # the storage is full or read-only: the console still gets it
+                self._log_broken = True
+                self._stream.write(f"[hutch] the log file stops here: {error.strerror or error}\n")
         return self._stream.write(text)
 
     def flush(self) -> None:
         self._stream.flush()
-        self._log.flush()
+        if not self._log_broken:
+            try:
+                self._log.flush()
+            except OSError:
+                self._log_broken = True
 
     def __getattr__(self, name: str):  # isatty, fileno, encoding, …: the console's
         return getattr(self._stream, name)
@@ -41,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", type=Path, help="also append everything printed to this file")
     args = parser.parse_args(argv)
     if args.log_file is not None:
-        args.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log = args.log_file.open("a", buffering=1)
-        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+        try:
+            args.log_file.parent.mkdir(parents=True, exist_ok=True)
+            log = args.log_file.open("a", buffering=1)
+        except OSError as error:  # the storage is full or read-only: Ray still keeps the log
+            print(f"[hutch] cannot write the log file {args.log_file}: {error.strerror or error}", flush=True)
+        else:
+            sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
 
     from trainer.launch import new_job_id, run_job
     from trainer.preflight import check_spec

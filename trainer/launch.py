@@ -8,8 +8,10 @@ This is what the job entrypoint (``python -m trainer``) calls, on the Ray cluste
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -63,10 +65,14 @@ def run_job(spec: JobSpec, run_dir: Path, job_id: str, storage_path: Path | None
     from trainer.worker import train_loop_per_worker
 
     run_dir = run_dir.absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
-    for stale in ("result.json", "failure.json"):
-        (run_dir / stale).unlink(missing_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
+        for stale in ("result.json", "failure.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+    except OSError as error:  # nothing started; the reason goes where Ray keeps the driver's log
+        print(f"error: {_unwritable(run_dir, error)}", file=sys.stderr, flush=True)
+        return 1
     try:
         started = _connect_ray(spec)
     except Exception as error:  # unreachable cluster, bad token, …: say so, no traceback
@@ -94,7 +100,7 @@ def run_job(spec: JobSpec, run_dir: Path, job_id: str, storage_path: Path | None
     try:
         trainer.fit()
     except Exception as error:  # Ray's TrainingFailedError and friends: report, don't trace back
-        _write_failure(run_dir, f"training failed: {type(error).__name__}: {error}")
+        _after_fit_error(run_dir, error)
     finally:
         if started:
             ray.shutdown()
@@ -103,12 +109,18 @@ def run_job(spec: JobSpec, run_dir: Path, job_id: str, storage_path: Path | None
 
 def _outcome(run_dir: Path, job_id: str) -> int:
     """Write ``result.json`` for a failed run, print the outcome, return the exit code."""
+    if run_dir in _UNWRITTEN_FAILURES:  # already printed as the driver's last `error:` line
+        return 1
     failure = run_dir / "failure.json"
     if failure.exists():
         reason = json.loads(failure.read_text())["reason"]
-        (run_dir / "result.json").write_text(
-            json.dumps({"status": "failed", "job_id": job_id, "reason": reason}, indent=2)
-        )
+        try:
+            (run_dir / "result.json").write_text(
+                json.dumps({"status": "failed", "job_id": job_id, "reason": reason}, indent=2)
+            )
+        except OSError as error:
+            print(f"error: {reason} ({_unwritable(run_dir, error)})", file=sys.stderr, flush=True)
+            return 1
         print(f"[hutch] job {job_id} failed: {reason}")
         return 1
     result_path = run_dir / "result.json"
@@ -121,5 +133,85 @@ def _outcome(run_dir: Path, job_id: str) -> int:
     return 0
 
 
+PLACEMENT_GROUP_REMOVED = "placement group was removed"
+
+
+def _after_fit_error(run_dir: Path, error: Exception) -> None:
+    """Decide what an error out of ``fit()`` means for the job.
+
+    Rank 0 writes a succeeded ``result.json`` only after the final checkpoint is registered, so
+    an error after that comes from Ray's teardown and the job has succeeded. The known case:
+    Ray Train 2.60's placement-group cleaner takes a State API answer without the controller
+    (a busy dashboard) for a dead controller and removes the run's placement group, which
+    destroys its workers (ray-project/ray#65447). Mid-run, that is a worker-group failure that
+    ``max_failures`` retries; past them the job fails with that reason rather than Ray's
+    per-rank dump."""
+    result = _read_json(run_dir / "result.json")
+    if result is not None and result.get("status") == "succeeded":
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(
+            f"[hutch] training completed and its final checkpoint is registered; ignoring an error "
+            f"from Ray's teardown: {type(error).__name__}: {first_line}",
+            flush=True,
+        )
+        return
+    if PLACEMENT_GROUP_REMOVED in str(error):
+        reason = (
+            "training failed: Ray removed the job's placement group, which destroyed its workers "
+            "(Ray Train's placement-group cleaner does this when it takes a slow Ray State API answer "
+            "for a dead controller, ray-project/ray#65447); retry the job to resume from its last "
+            "checkpoint, or raise max_failures to let Ray restart it by itself"
+        )
+    else:
+        reason = _storage_failure(error, run_dir) or f"training failed: {type(error).__name__}: {error}"
+    _write_failure(run_dir, reason)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+STORAGE_ERRORS = {
+    errno.ENOSPC: "full",
+    errno.EDQUOT: "full (over its quota)",
+    errno.EROFS: "read-only",
+}
+
+
+def _storage_failure(error: Exception, run_dir: Path) -> str | None:
+    """The reason for a run that failed because the storage cannot be written, or None.
+
+    Ray Train passes a worker's OSError on as text; but after ``max_failures`` restarts the
+    last error can be a secondary one (an actor gone), so the run directory is also tried."""
+    text = str(error)
+    code = next((c for c in STORAGE_ERRORS if f"[Errno {c}]" in text or os.strerror(c) in text), None)
+    if code is None:
+        probe = run_dir / ".write-probe"
+        try:
+            probe.write_bytes(b"\n")
+            probe.unlink()
+        except OSError as failed:
+            code = failed.errno if failed.errno in STORAGE_ERRORS else None
+    if code is None:
+        return None
+    return f"training failed: the storage is {STORAGE_ERRORS[code]} ([Errno {code}] {os.strerror(code)})"
+
+
+def _unwritable(run_dir: Path, error: OSError) -> str:
+    return f"the run directory {run_dir} cannot be written: {error.strerror or error}"
+
+
+_UNWRITTEN_FAILURES: dict[Path, str] = {}
+"""Failures whose ``failure.json`` could not be written (this process runs one job)."""
+
+
 def _write_failure(run_dir: Path, reason: str) -> None:
-    (run_dir / "failure.json").write_text(json.dumps({"reason": reason}))
+    try:
+        (run_dir / "failure.json").write_text(json.dumps({"reason": reason}))
+    except OSError as error:  # the storage is full or read-only: say it where Ray keeps the log
+        _UNWRITTEN_FAILURES[run_dir] = reason
+        print(f"error: {reason} ({_unwritable(run_dir, error)})", file=sys.stderr, flush=True)

@@ -10,7 +10,8 @@ error with one readable line that names the field path, never a silently ignored
     optimizer.lr: must be greater than 0 (got -1)
     optimizer.hesian_update_freq: unknown field, did you mean 'hessian_update_freq'? (allowed: ...)
 
-Numbers are checked by type without coercion (``steps: "10"`` or ``steps: 2.5`` are errors);
+Numbers are checked by type without coercion (``steps: "10"`` or ``steps: 2.5`` are errors;
+``steps: 10.0`` is 10, as in JSON);
 ``1e-4`` in YAML is read as a float, which plain PyYAML does not do.
 
 Settings that do not apply to a choice are accepted and ignored rather than rejected, so that
@@ -42,6 +43,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -49,6 +51,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -65,14 +68,34 @@ IMPORT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[
 
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
+
+def _matching(regex: re.Pattern[str]) -> str:
+    """A JSON Schema ``pattern`` for the strings ``regex.fullmatch`` takes, so that the published
+    schema states what a validator below checks (the validator keeps its own error message)."""
+    return f"^(?:{regex.pattern})$"
+
+
+def _string_matching(regex: re.Pattern[str], **more: Any) -> WithJsonSchema:
+    """The JSON schema of a string that a validator checks with ``regex.fullmatch``."""
+    return WithJsonSchema({"type": "string", "pattern": _matching(regex), **more})
+
+
 # Finite floats without coercion from strings or booleans (ints are accepted: `lr: 1`).
 Float = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
 UnitFloat = Annotated[StrictFloat, Field(ge=0, le=1)]
 Beta = Annotated[StrictFloat, Field(ge=0, lt=1)]
-PositiveInt = Annotated[StrictInt, Field(ge=1)]
-NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+
+
+def _integral(value: Any) -> Any:
+    """``2.0`` is the integer 2, as JSON (and so the API's JSON Schema) has it; ``2.5`` stays refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[StrictInt, BeforeValidator(_integral)]
+PositiveInt = Annotated[StrictInt, Field(ge=1), BeforeValidator(_integral)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0), BeforeValidator(_integral)]
 
 OptimizerName = Literal["adahessian", "adamw", "adam", "sgd"]
 
@@ -119,8 +142,20 @@ def check_function_path(path: str) -> str:
     return path
 
 
+def _component_json_schema(schema: dict[str, Any], cls: type[Any]) -> None:
+    """The schema of a component as its validators read it: the name of a built-in or an import
+    path, as the mapping's ``name`` or alone (the shorthand)."""
+    name = {"anyOf": [{"type": "string", "enum": list(cls.builtins)},
+                      {"type": "string", "pattern": _matching(IMPORT_PATH)}]}  # fmt: skip
+    schema["properties"]["name"] = {**name, "title": "Name"}
+    mapping = {key: schema.pop(key) for key in ("type", "properties", "required", "additionalProperties")}
+    schema["anyOf"] = [mapping, name]
+
+
 class _ComponentSpec(_Strict):
     """A built-in by name, or a factory by import path, with the keyword arguments to call it with."""
+
+    model_config = ConfigDict(json_schema_extra=_component_json_schema)
 
     kind: ClassVar[str]
     builtins: ClassVar[tuple[str, ...]]
@@ -269,8 +304,8 @@ class TrainingSpec(_Strict):
     eval_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 50
     log_every: PositiveInt = 10
-    loss: str | None = None
-    metrics: str | None = None
+    loss: Annotated[str, _string_matching(IMPORT_PATH)] | None = None
+    metrics: Annotated[str, _string_matching(IMPORT_PATH)] | None = None
 
     @field_validator("loss", "metrics")
     @classmethod
@@ -283,6 +318,12 @@ class ScalingSpec(_Strict):
 
     ``use_gpu: true`` with ``gpus_per_worker`` left at 0 reserves one GPU per worker.
     """
+
+    # GPUs only with use_gpu: true (what _gpus_match_use_gpu checks), stated in the schema.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["use_gpu"], "properties": {"use_gpu": {"const": True}}},
+        {"properties": {"use_gpu": {"const": False}, "gpus_per_worker": {"maximum": 0}}},
+    ]})  # fmt: skip
 
     num_workers: PositiveInt = 1
     use_gpu: StrictBool = False
@@ -307,8 +348,14 @@ class BackendSpec(_Strict):
     precision is supported by ``deepspeed`` only, for now.
     """
 
+    # bf16 only with name: deepspeed (what _bf16_needs_deepspeed checks), stated in the schema.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"properties": {"precision": {"const": "fp32"}}},
+        {"required": ["name"], "properties": {"name": {"const": "deepspeed"}}},
+    ]})  # fmt: skip
+
     name: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: StrictInt = 1
+    zero_stage: Annotated[Integer, Field(json_schema_extra={"enum": [1, 2]})] = 1
     precision: Literal["fp32", "bf16"] = "fp32"
 
     @field_validator("zero_stage")
@@ -371,6 +418,18 @@ def _remote_uri(value: str, suffixes: tuple[str, ...]) -> str:
     return value
 
 
+def _remote_uri_pattern(suffixes: tuple[str, ...]) -> str:
+    """What :func:`_remote_uri` takes, as a regex: a known scheme, ``://``, a path ending in a suffix."""
+    schemes = "|".join(REMOTE_URI_SCHEMES)
+    ends = "|".join(re.escape(suffix) for suffix in suffixes)
+    return f"(?:{schemes})://[^?]*(?:{ends})(?:\\?[\\s\\S]*)?"
+
+
+_WORKING_DIR = re.compile(f"{PACKAGE_URI.pattern}|{_remote_uri_pattern(('.zip',))}")
+_PY_MODULE = re.compile(_remote_uri_pattern((".zip", ".whl")))
+_REQUIREMENT = re.compile(r"[^\n\r-][^\n\r]*")  # what _requirements_only lets through
+
+
 class RuntimeEnvSpec(_Strict):
     """Code and dependencies shipped with the job: Ray's ``runtime_env``, with Ray's field names
     and meanings, for the four fields a training job needs.
@@ -390,14 +449,26 @@ class RuntimeEnvSpec(_Strict):
     means nothing on the control plane.
     """
 
-    working_dir: str | None = None
-    py_modules: Annotated[list[str], Field(max_length=32)] = Field(default_factory=list)
-    pip: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=64)] = Field(
+    working_dir: Annotated[str, _string_matching(_WORKING_DIR)] | None = None
+    py_modules: Annotated[list[Annotated[str, _string_matching(_PY_MODULE)]], Field(max_length=32)] = Field(
         default_factory=list
     )
-    env_vars: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64)] = Field(
-        default_factory=dict
-    )
+    pip: Annotated[
+        list[
+            Annotated[
+                str,
+                Field(min_length=1, max_length=200),
+                _string_matching(_REQUIREMENT, minLength=1, maxLength=200),
+            ]
+        ],
+        Field(max_length=64),
+    ] = Field(default_factory=list)
+    env_vars: Annotated[
+        dict[str, Annotated[str, Field(max_length=4096)]],
+        Field(max_length=64, json_schema_extra={"propertyNames": {
+            "pattern": _matching(_ENV_NAME), "not": {"enum": sorted(RESERVED_ENV_VARS)}
+        }}),
+    ] = Field(default_factory=dict)  # fmt: skip
 
     @field_validator("working_dir")
     @classmethod
@@ -442,7 +513,7 @@ def displayed_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
 class JobSpec(_Strict):
     """One training job: everything the trainer needs, with defaults for all but name, model and data."""
 
-    name: str
+    name: Annotated[str, _string_matching(_DNS_LABEL)]
     labels: dict[str, str] = Field(default_factory=dict)
     model: ModelSpec
     data: DataSpec
@@ -451,8 +522,11 @@ class JobSpec(_Strict):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     backend: BackendSpec = Field(default_factory=BackendSpec)
     runtime_env: RuntimeEnvSpec | None = None
-    max_failures: Annotated[StrictInt, Field(ge=-1)] = 0
+    max_failures: Annotated[StrictInt, Field(ge=-1), BeforeValidator(_integral)] = 0
     """Worker-group restarts Ray Train may make after a failure; -1 means unlimited (FailureConfig)."""
+    priority: Annotated[StrictInt, Field(ge=-1000, le=1000), BeforeValidator(_integral)] = 0
+    """Queue order in the service: jobs that wait for the cluster start highest priority first,
+    then oldest first. The trainer ignores it."""
 
     @field_validator("name")
     @classmethod

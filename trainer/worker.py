@@ -75,6 +75,10 @@ class WorkerSession(Protocol):
         """Collective: hand over this rank's checkpoint files (or none) with the step's metrics."""
         ...
 
+    def wait_until_registered(self) -> None:
+        """Block until every checkpoint reported so far is registered (what a retry resumes from)."""
+        ...
+
 
 class RaySession:
     """A Ray Train worker: its context, device, ``get_checkpoint`` and ``report``."""
@@ -105,6 +109,13 @@ class RaySession:
 
         checkpoint = None if directory is None else ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+    def wait_until_registered(self) -> None:
+        import ray.train
+
+        # The controller registers a report when it next polls the workers (every 2 s); until then
+        # the final checkpoint is only files, and a teardown in that window would lose it.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 def optimizer_options(spec: JobSpec) -> dict[str, Any]:
@@ -298,6 +309,9 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
     if rank == 0:
         if not latest:  # resumed from the final checkpoint: nothing left to train
             latest = (read_metrics(run_dir / "metrics.jsonl") or [{}])[-1]
+        # result.json means "trained, and the final checkpoint is registered": whatever Ray's
+        # teardown does after it, the job succeeded (trainer.launch holds to that).
+        session.wait_until_registered()
         checksum = param_checksum(model)
         result = {"status": "succeeded", "job_id": job_id, "metrics": latest, "param_checksum": checksum}
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))

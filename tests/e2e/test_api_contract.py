@@ -395,3 +395,25 @@ def test_package_uploads_over_the_limit_or_of_another_type_are_refused(lite_serv
         typed = http.post("/v1/packages", json={"not": "a zip"})
         assert_error(typed, 415, "unsupported_media_type", "application/zip")
     assert _packages_left(lite_service) == before
+
+
+def test_queued_jobs_show_their_place_in_the_queue(lite_service: ServiceProcess) -> None:
+    """Nothing starts here (Ray is out of reach), so the queue only grows: priority first, then age."""
+    with lite_service.client() as http:
+        made = {}
+        for name, priority in [("q-a", 0), ("q-b", 0), ("q-urgent", 7), ("q-later", -1)]:
+            made[name] = http.post("/v1/jobs", json={**spec_with(name=name), "priority": priority}).json()
+        place = {name: http.get(f"/v1/jobs/{j['id']}").json()["queue_position"] for name, j in made.items()}
+        assert place["q-urgent"] == 1
+        assert place["q-a"] < place["q-b"] == place["q-a"] + 1 < place["q-later"]
+        listed = {job["id"]: job for job in http.get("/v1/jobs", params={"limit": 200}).json()["jobs"]}
+        assert {name: listed[job["id"]]["queue_position"] for name, job in made.items()} == place
+        assert listed[made["q-urgent"]["id"]]["priority"] == 7
+        http.post(f"/v1/jobs/{made['q-urgent']['id']}/cancel")
+        cancelled = http.get(f"/v1/jobs/{made['q-urgent']['id']}").json()
+        assert cancelled["state"] == "CANCELLED" and cancelled["queue_position"] is None
+        assert http.get(f"/v1/jobs/{made['q-a']['id']}").json()["queue_position"] == place["q-a"] - 1
+        for job in made.values():
+            http.post(f"/v1/jobs/{job['id']}/cancel")
+        refused = http.post("/v1/jobs", json={**spec_with(name="q-bad"), "priority": 5000})
+        assert_error(refused, 422, "invalid_spec", "priority")

@@ -23,7 +23,7 @@ from api.client import Client, InvalidRequest
 from service.local_ray import own_port_options
 from tests.e2e.conftest import TOKEN, ServiceProcess
 from tests.e2e.test_api_contract import spec_with
-from tests.support import end_process_group, forget_current_cluster, free_port, start_ray_head, wait_for
+from tests.support import end_process_group, free_port, start_ray_head, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,6 @@ def token_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
         yield {"address": address, "storage": tmp_path_factory.mktemp("token-storage")}
     finally:
         end_process_group(pgid)
-        forget_current_cluster(gcs_port)
 
 
 def _job_api_up(address: str, headers: dict[str, str]) -> bool:

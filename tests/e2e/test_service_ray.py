@@ -2,9 +2,10 @@
 starts its own local Ray head, real training jobs submitted through Ray's job API, driven over
 HTTP with curl and with the Python client.
 
-Covers: a digits job followed to SUCCEEDED (metrics, logs, checkpoints, the Ray job behind it);
-cancelling a running job and retrying it from its checkpoint; SIGKILL of the service while a
-job runs; jobs that can never fit the cluster; the clean stop taking the local Ray head down.
+Covers: a digits job followed to SUCCEEDED (metrics, logs, checkpoints, the Ray job behind it,
+the cluster its driver joined while another Ray runs on the machine); cancelling a running job
+and retrying it from its checkpoint; SIGKILL of the service while a job runs; jobs that can
+never fit the cluster; the clean stop taking the local Ray head down.
 """
 
 from __future__ import annotations
@@ -24,22 +25,44 @@ import pytest
 import yaml
 
 from api.client import Client
+from service.local_ray import own_port_options
 from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, stop_local_ray
 from tests.e2e.test_api_contract import spec_with
-from tests.support import CHROMIUM, free_port, rendered_dom, wait_for
+from tests.support import (
+    CHROMIUM,
+    end_process_group,
+    forget_current_cluster,
+    free_port,
+    rendered_dom,
+    start_ray_head,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The service, and then another Ray head in Ray's default temp dir, as a user's own Ray on
+    the same machine would be: the latest cluster there, which Ray's job supervisor used to
+    give the drivers of the service's jobs (they joined it and hung). Every job in this module
+    runs beside it."""
     data_dir = tmp_path_factory.mktemp("service")
     env = {"HUTCH_LOCAL_RAY_NUM_CPUS": "2", "HUTCH_LOCAL_RAY_DASHBOARD_PORT": str(free_port())}
     service = ServiceProcess(data_dir, env)
-    service.start()
+    other_port, other = free_port(), None
     try:
+        service.start()
+        other = start_ray_head(
+            {**os.environ, "RAY_AUTH_MODE": "disabled"}, f"--port={other_port}", "--num-cpus=0",
+            "--include-dashboard=false", *own_port_options(),
+            temp_dir=Path(tempfile.gettempdir()) / "ray",
+        )  # fmt: skip
         yield service
     finally:
+        if other is not None:
+            end_process_group(other)
+            forget_current_cluster(other_port)
         if service.process is not None and service.process.poll() is None:
             service.stop()
         stop_local_ray(data_dir)
@@ -115,6 +138,10 @@ def test_digits_job_over_curl_to_success(service: ServiceProcess, digits_job: di
     assert last < 0.5 * first, (first, last)
     later = json.loads(curl(service, f"{service.url}/v1/jobs/{job_id}/metrics?since=50"))["records"]
     assert [r["step"] for r in later] == [55, 60]
+
+    head = json.loads((service.data_dir / "local-ray.json").read_text())
+    port = head["gcs_address"].rsplit(":", 1)[1]
+    assert re.search(rf"Connecting to existing Ray cluster at address: [\d.]+:{port}\b", followed)
 
     tail = curl(service, f"{service.url}/v1/jobs/{job_id}/logs?tail=3").splitlines()
     assert len(tail) == 3 and f"job {job_id} succeeded" in "\n".join(tail)

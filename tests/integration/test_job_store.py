@@ -130,3 +130,42 @@ def test_delete_only_finished_jobs_and_everything_of_them(store: JobStore) -> No
     assert store.list(labels={"team": "x"})[0] == []
     again, created = store.create("del-1", spec(team="x"))  # the id can be used again
     assert created and again.labels == {"team": "x"}
+
+
+def test_queue_is_highest_priority_first_then_oldest(store: JobStore) -> None:
+    for name, priority in [("q-low", 0), ("q-high", 5), ("q-low-2", 0), ("q-neg", -3), ("q-high-2", 5)]:
+        store.create(name, {**spec(name), "priority": priority})
+    store.move("q-low-2", JobState.QUEUED, JobState.STARTING, ray_job_id="r")  # no longer waits
+    order = ["q-high", "q-high-2", "q-low", "q-neg"]
+    assert [job.id for job in store.queue()] == order
+    assert store.queue_positions() == {job_id: place for place, job_id in enumerate(order, start=1)}
+    for place, job_id in enumerate(order, start=1):
+        job = store.get(job_id)
+        assert job is not None and job.priority in (5, 0, -3)
+        assert store.queue_position(job) == place
+    started = store.get("q-low-2")
+    assert started is not None and store.queue_position(started) is None
+
+
+def test_a_store_of_an_earlier_version_gains_the_new_columns(tmp_path: Path) -> None:
+    """A database made before ``priority`` existed opens as is; its jobs get the default."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    JobStore(url).close()
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "old.db") as connection:
+        connection.execute("ALTER TABLE jobs DROP COLUMN priority")
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(jobs)")]
+        assert "priority" not in columns
+        connection.execute(
+            "INSERT INTO jobs (id, name, state, spec, request_hash, created_at, updated_at, attempt, "
+            "cancel_requested) VALUES ('old-1', 'old', 'QUEUED', '{}', 'h', '2026-01-01', '2026-01-01', 1, 0)"
+        )
+    upgraded = JobStore(url)
+    try:
+        old = upgraded.get("old-1")
+        assert old is not None and old.priority == 0 and upgraded.queue_position(old) == 1
+        upgraded.create("new-1", {**spec("new"), "priority": 2})
+        assert [job.id for job in upgraded.queue()] == ["new-1", "old-1"]
+    finally:
+        upgraded.close()

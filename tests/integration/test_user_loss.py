@@ -45,6 +45,9 @@ class GlooSession:
     def report(self, metrics: dict[str, Any], directory: Path | None) -> None:
         pass
 
+    def wait_until_registered(self) -> None:
+        pass
+
 
 def recording_reviews(log_dir: str, **args: Any) -> Any:
     """The example's data set, writing down every index each rank asks it for."""

@@ -1,4 +1,5 @@
-"""Admission arithmetic: which jobs can never be scheduled on a cluster of given nodes.
+"""Admission arithmetic: which jobs can never be scheduled on a cluster of given nodes, and which
+queued jobs fit beside the running ones now.
 
 The cluster's resources are given as numbers here; the service reads them from Ray's nodes API
 (exercised with a real local Ray head in tests/e2e/test_service_ray.py)."""
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from service.admission import ClusterCapacity, Unschedulable, check_fits
+from service.admission import ClusterCapacity, Unschedulable, check_fits, demand, startable
 from trainer.spec import validate_spec
 
 TWO_NODES = ClusterCapacity(total={"CPU": 8.0, "GPU": 2.0}, largest_node={"CPU": 4.0, "GPU": 1.0})
@@ -75,3 +76,41 @@ def test_jobs_that_fit_now_or_after_scaling_are_admitted(
     scaling: dict, capacity: ClusterCapacity, limits: dict
 ) -> None:
     check_fits(spec(**scaling), capacity, **limits)
+
+
+class Queued:
+    """A job as the reconciler sees it: only its stored spec matters to the queue."""
+
+    def __init__(self, name: str, num_workers: int = 1, cpus: float = 1.0, gpus: float = 0.0) -> None:
+        self.name = name
+        scaling = {"num_workers": num_workers, "cpus_per_worker": cpus}
+        if gpus:
+            scaling.update(use_gpu=True, gpus_per_worker=gpus)
+        self.spec = spec(**scaling).model_dump(mode="json")
+
+
+def names(jobs: list[Queued]) -> list[str]:
+    return [job.name for job in jobs]
+
+
+def test_demand_counts_every_worker() -> None:
+    assert demand(Queued("a", num_workers=3, cpus=2).spec) == {"CPU": 6.0}
+    assert demand(Queued("g", num_workers=2, gpus=0.5).spec) == {"CPU": 2.0, "GPU": 1.0}
+
+
+def test_queued_jobs_start_in_order_while_they_fit() -> None:
+    queue = [Queued("a", 2), Queued("b", 1), Queued("c", 1), Queued("d", 1)]
+    assert names(startable(queue, [], {"CPU": 4})) == ["a", "b", "c"]
+    assert names(startable(queue, [Queued("busy", 2)], {"CPU": 4})) == ["a"]
+    assert startable(queue, [Queued("busy", 3)], {"CPU": 4}) == []
+
+
+def test_the_head_of_the_queue_is_not_overtaken_by_smaller_jobs() -> None:
+    queue = [Queued("big", 4), Queued("small", 1)]
+    assert startable(queue, [Queued("busy", 1)], {"CPU": 4}) == []  # small waits behind big
+
+
+def test_gpus_are_counted_apart_from_cpus() -> None:
+    queue = [Queued("g1", 1, gpus=1), Queued("g2", 1, gpus=1), Queued("cpu", 1)]
+    assert names(startable(queue, [], {"CPU": 8, "GPU": 1})) == ["g1"]
+    assert startable([Queued("g", 1, gpus=1)], [], {"CPU": 8}) == []  # no GPU at all: it waits

@@ -1,0 +1,384 @@
+"""Faults, for real: processes killed, the database stopped, the storage made read-only or full.
+
+One real `hutch serve` (uvicorn) on a Postgres server of its own (pgserver, so it can be stopped
+and started), its storage on a small tmpfs (as root; else the storage tests skip), and its own
+local Ray head. Nothing is mocked: the job's driver and the Ray head are SIGKILLed, Postgres is
+stopped with `pg_ctl` and started again on the same data directory, the storage is bind-mounted
+read-only over itself or filled up to its last byte.
+
+The tests share the service (a start costs ~15 s of these 2 cores) and run in file order; each
+one puts back what it broke. The Ray head is killed last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from api.client import Client
+from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, stop_local_ray
+from tests.e2e.test_api_contract import assert_error, spec_with
+from tests.e2e.test_service_ray import ray_jobs
+from tests.support import free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+FINISHED = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+class Postgres:
+    """A pgserver Postgres of this module alone, so stopping it disturbs no other test."""
+
+    def __init__(self) -> None:
+        pgserver = pytest.importorskip("pgserver")
+        self.server = pgserver.get_server(tempfile.mkdtemp(prefix="hutch-pg-faults-"), cleanup_mode="delete")
+        self.url = self.server.get_uri().replace("postgresql://", "postgresql+psycopg://")
+        self._socket_dir = self.server.get_postmaster_info().socket_dir
+
+    def _pg_ctl(self, *args: str) -> None:
+        from pgserver._commands import pg_ctl
+
+        pg_ctl(["-w", *args], pgdata=self.server.pgdata, user=self.server.system_user, timeout=60)
+
+    def stop(self) -> None:
+        """`pg_ctl stop -m fast`: connections are cut, the server process exits."""
+        self._pg_ctl("-m", "fast", "stop")
+
+    def start(self) -> None:
+        """Start it again on the same data directory and socket (pgserver's own start command)."""
+        self._pg_ctl("-o", '-h ""', "-o", f"-k {self._socket_dir}", "-l", str(self.server.log), "start")
+
+    def running(self) -> bool:
+        return (self.server.pgdata / "postmaster.pid").exists()
+
+    def close(self) -> None:
+        if self.running():  # pgserver only knows the first server process, not a restarted one
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self.stop()
+        self.server.cleanup()
+
+
+class Storage:
+    """The service's storage path: a 64 MiB tmpfs when this runs as root (else a plain folder)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.mounted = os.geteuid() == 0 and _mount(
+            "-t", "tmpfs", "-o", "size=64m", "hutch-faults", str(path)
+        )
+
+    def require_mount(self) -> None:
+        if not self.mounted:
+            pytest.skip("needs root to mount a tmpfs and read-only binds (here: not root, or mount refused)")
+
+    @contextlib.contextmanager
+    def read_only(self, *folders: Path) -> Iterator[None]:
+        """``folders`` (default: the whole storage) bind-mounted read-only over themselves: every
+        new open for writing there fails with EROFS; files open already stay writable, as when a
+        volume is remounted read-only under running processes."""
+        self.require_mount()
+        bound: list[Path] = []
+        try:
+            for folder in folders or (self.path,):
+                assert _mount("--bind", str(folder), str(folder))
+                bound.append(folder)
+                assert _mount("-o", "remount,bind,ro", str(folder))
+            yield
+        finally:
+            for folder in reversed(bound):
+                subprocess.run(["umount", "-l", str(folder)], check=True)
+
+    @contextlib.contextmanager
+    def full(self) -> Iterator[None]:
+        """A file fills the tmpfs to its last byte: every write that needs space fails with ENOSPC."""
+        self.require_mount()
+        filler = self.path / "filler"
+        try:
+            with filler.open("wb", buffering=0) as out:  # unbuffered: nothing left to flush at close
+                chunk = bytes(1 << 20)
+                while chunk:
+                    try:
+                        out.write(chunk)
+                    except OSError as error:
+                        assert error.errno == errno.ENOSPC, error
+                        chunk = chunk[: len(chunk) // 2]
+            yield
+        finally:
+            filler.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.path)], check=True)
+
+
+def _mount(*args: str) -> bool:
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    server = Postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
+    place = Storage(tmp_path_factory.mktemp("storage"))
+    try:
+        yield place
+    finally:
+        place.close()
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, postgres: Postgres, storage: Storage
+) -> Iterator[ServiceProcess]:
+    data_dir = tmp_path_factory.mktemp("faults")
+    env = {
+        "HUTCH_LOCAL_RAY_NUM_CPUS": "2",
+        "HUTCH_LOCAL_RAY_DASHBOARD_PORT": str(free_port()),
+        "HUTCH_DATABASE_URL": postgres.url,
+        "HUTCH_STORAGE_PATH": str(storage.path),
+    }
+    service = ServiceProcess(data_dir, env)
+    service.start()
+    try:
+        yield service
+    finally:
+        if service.process is not None and service.process.poll() is None:
+            service.stop()
+        stop_local_ray(data_dir)
+
+
+@pytest.fixture()
+def client(service: ServiceProcess) -> Iterator[Client]:
+    with Client(service.url, TOKEN) as c:
+        yield c
+
+
+def long_job(name: str, **changes: Any) -> dict[str, Any]:
+    """A one-worker digits job far longer than any test waits, checkpointing every 20 steps."""
+    return spec_with(
+        name=name,
+        **{"training.steps": 100_000, "training.checkpoint_every": 20, "training.eval_every": 100_000,
+           "training.log_every": 5, "scaling.num_workers": 1, "training.global_batch_size": 32, **changes},
+    )  # fmt: skip
+
+
+def checkpointed(client: Client, job_id: str) -> int:
+    """Wait until the job runs and has a registered checkpoint; its latest step."""
+    steps = wait_for(
+        lambda: [c.step for c in client.checkpoints(job_id).checkpoints], 240, "a first checkpoint", 0.5
+    )
+    wait_for(lambda: client.get(job_id).state == "RUNNING", 30, "the job to be RUNNING", 0.2)
+    return max(steps)
+
+
+def drivers(job_id: str) -> list[psutil.Process]:
+    """The job's `python -m trainer` processes (the Ray job's entrypoint)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        words = process.info["cmdline"] or []
+        if "trainer" in words and "--job-id" in words and job_id in words:
+            found.append(process)
+    return found
+
+
+def training_processes(storage: Storage, job_id: str) -> list[int]:
+    """Pids of the job's driver and of its Ray Train workers (each writes a pid file) still running."""
+    pids = [p.pid for p in drivers(job_id)]
+    for pid_file in (storage.path / "runs" / job_id / "workers").glob("rank-*.pid"):
+        with contextlib.suppress(psutil.NoSuchProcess, ValueError):
+            if psutil.Process(int(pid_file.read_text())).status() != psutil.STATUS_ZOMBIE:
+                pids.append(int(pid_file.read_text()))
+    return pids
+
+
+def assert_stays(condition: Any, seconds: float, what: str) -> None:
+    """A negative check: ``condition`` holds at every look for ``seconds`` (several reconciler ticks)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert condition(), what
+        time.sleep(0.25)
+
+
+def events(client: Client, job_id: str) -> list[tuple[int, str]]:
+    return [(e.attempt, str(e.state)) for e in client.events(job_id)]
+
+
+def finish(client: Client, job_id: str) -> None:
+    """Cancel a job the test no longer needs and wait for it to end."""
+    if client.get(job_id).state not in FINISHED:
+        client.cancel(job_id)
+    assert client.wait(job_id, timeout=120, poll_interval=0.5).state in FINISHED
+
+
+def test_a_killed_driver_fails_the_job_once_with_its_reason_and_keeps_its_checkpoints(
+    service: ServiceProcess, client: Client, storage: Storage
+) -> None:
+    job = client.submit(long_job("fault-driver"))
+    checkpointed(client, job.id)
+    [driver] = drivers(job.id)
+    driver.send_signal(signal.SIGKILL)
+
+    final = client.wait(job.id, timeout=120, poll_interval=0.5)
+    assert final.state == "FAILED"
+    saved = [c.step for c in client.checkpoints(job.id).checkpoints]
+    assert saved, "the checkpoints of the killed run are gone"
+    reason = final.failure_reason or ""
+    assert "driver (python -m trainer) was killed by SIGKILL" in reason, reason
+    assert f"retry it to resume from its last checkpoint at step {max(saved)}" in reason, reason
+    assert len(reason) < 300, f"Ray's log dump instead of a reason: {reason!r}"
+    # No retry loop: the job stays FAILED in its first attempt, and Ray ran it once.
+    assert_stays(
+        lambda: (client.get(job.id).state, client.get(job.id).attempt) == ("FAILED", 1), 3, "retried"
+    )
+    assert events(client, job.id) == [(1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "FAILED")]
+    mine = [j for j in ray_jobs(service).list_jobs() if (j.metadata or {}).get("hutch_job_id") == job.id]
+    assert [(j.submission_id, str(j.status.value)) for j in mine] == [(final.ray_job_id, "FAILED")]
+    wait_for(lambda: not training_processes(storage, job.id), 60, "the job's workers to exit")
+
+
+def test_a_database_outage_answers_503_and_loses_or_doubles_nothing(
+    service: ServiceProcess, client: Client, postgres: Postgres
+) -> None:
+    job = client.submit(long_job("fault-db", **{"training.steps": 300, "training.checkpoint_every": 100}))
+    wait_for(lambda: client.get(job.id).latest_metrics, 240, "the job's first metrics", 0.5)
+    ray_job_id = client.get(job.id).ray_job_id
+    again = long_job("fault-db-later", **{"training.steps": 40})
+    http = service.client()
+    postgres.stop()
+    stopped = datetime.now(UTC)
+    try:
+        calls = [("GET", "/v1/jobs"), ("GET", f"/v1/jobs/{job.id}"), ("GET", f"/v1/jobs/{job.id}/events"),
+                 ("POST", f"/v1/jobs/{job.id}/cancel")]  # fmt: skip
+        for method, path in calls:
+            assert_error(http.request(method, path), 503, "unavailable", "database")
+        submitted = http.post("/v1/jobs", json=again, headers={"Idempotency-Key": "fault-db-later"})
+        assert_error(submitted, 503, "unavailable", "database")
+        assert submitted.headers["Retry-After"]
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("error"), ready.text
+        assert http.get("/healthz").status_code == 200 and http.get("/metrics").status_code == 200
+        # The reconciler saw the outage and goes on; meanwhile Ray finishes the job.
+        wait_for(lambda: "a reconciler tick failed" in service.log_tail(200), 30, "the reconciler to notice")
+        wait_for(lambda: str(ray_jobs(service).get_job_info(ray_job_id).status.value) in FINISHED, 120,
+                 "the job to end on Ray during the outage", 0.5)  # fmt: skip
+        assert service.process is not None and service.process.poll() is None
+    finally:
+        postgres.start()
+
+    final = client.wait(job.id, timeout=60, poll_interval=0.5)
+    assert final.state == "SUCCEEDED", final.failure_reason
+    assert client.events(job.id)[-1].at > stopped, "the job ended before the outage: nothing was tested"
+    assert final.latest_metrics is not None and final.latest_metrics["step"] == 300
+    assert events(client, job.id) == [(1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "SUCCEEDED")]
+    assert "reconciling again after: OperationalError" in service.log_tail(400)
+    wait_for(lambda: http.get("/readyz").status_code == 200, 30, "/readyz to recover")
+    # The submission refused during the outage, sent again with its key, is stored once.
+    first = http.post("/v1/jobs", json=again, headers={"Idempotency-Key": "fault-db-later"})
+    replay = http.post("/v1/jobs", json=again, headers={"Idempotency-Key": "fault-db-later"})
+    assert (first.status_code, replay.status_code) == (201, 200) and first.json()["id"] == replay.json()["id"]
+    assert [j.id for j in client.iter_jobs() if j.name == "fault-db-later"] == [first.json()["id"]]
+    finish(client, first.json()["id"])
+
+
+def test_read_only_or_full_storage_fails_running_jobs_with_that_reason_and_holds_new_ones(
+    service: ServiceProcess, client: Client, storage: Storage
+) -> None:
+    """Both storage faults in one test, so their two jobs start together (a job start is the
+    dearest part of these tests): first the whole storage read-only, where the service cannot
+    write new jobs' run directories; then one job's folders read-only and, last, the storage full."""
+    storage.require_mount()
+    http = service.client()
+    with storage.read_only():
+        read_only_victim = client.submit(long_job("fault-ro"))
+        full_victim = client.submit(long_job("fault-full"))
+        ready = wait_for(lambda: (r := http.get("/readyz")).status_code == 503 and r.json(), 30, "/readyz")
+        assert "Read-only file system" in ready["checks"]["job_submission"], ready
+        assert ready["checks"]["database"] == ready["checks"]["ray"] == "ok", ready
+        assert_stays(
+            lambda: {client.get(j.id).state for j in (read_only_victim, full_victim)} == {"QUEUED"},
+            2, "a job was started on read-only storage",
+        )  # fmt: skip
+        assert http.get("/v1/jobs").status_code == 200
+    for job in (read_only_victim, full_victim):  # writable again: both start, once
+        checkpointed(client, job.id)
+    wait_for(lambda: http.get("/readyz").status_code == 200, 30, "/readyz to recover")
+
+    own = [storage.path / "runs" / read_only_victim.id, storage.path / "checkpoints" / read_only_victim.id]
+    with storage.read_only(*own):
+        final = client.wait(read_only_victim.id, timeout=120, poll_interval=0.5)
+        assert final.state == "FAILED"
+        reason = final.failure_reason or ""
+        assert "the storage is read-only ([Errno 30] Read-only file system)" in reason, reason
+        assert client.get(full_victim.id).state == "RUNNING"
+    with storage.full():
+        final = client.wait(full_victim.id, timeout=120, poll_interval=0.5)
+        assert final.state == "FAILED"
+        reason = final.failure_reason or ""
+        assert "the storage is full ([Errno 28] No space left on device)" in reason, reason
+        assert http.get("/v1/jobs").status_code == 200 and http.get("/healthz").status_code == 200
+    assert service.process is not None and service.process.poll() is None
+    for job in (read_only_victim, full_victim):
+        assert events(client, job.id) == [(1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "FAILED")]
+
+
+def test_a_killed_local_ray_head_is_restarted_its_job_fails_naming_ray_and_retry_resumes(
+    service: ServiceProcess, client: Client, storage: Storage
+) -> None:
+    job = client.submit(long_job("fault-head"))
+    checkpointed(client, job.id)
+    head = json.loads((service.data_dir / "local-ray.json").read_text())
+    os.killpg(head["pid"], signal.SIGKILL)  # the head's whole process group: GCS, raylet, dashboard, workers
+
+    final = client.wait(job.id, timeout=180, poll_interval=0.5)
+    assert final.state == "FAILED"
+    saved = max(c.step for c in client.checkpoints(job.id).checkpoints)
+    reason = final.failure_reason or ""
+    assert "the Ray cluster restarted (its head was lost) while the job ran" in reason, reason
+    assert f"retry it to resume from its last checkpoint at step {saved}" in reason, reason
+    new_head = json.loads((service.data_dir / "local-ray.json").read_text())
+    assert new_head["pid"] != head["pid"]
+    assert "the local Ray head (pid" in service.log_tail(400)
+    wait_for(lambda: service.client().get("/readyz").status_code == 200, 60, "/readyz on the new head")
+    wait_for(lambda: not training_processes(storage, job.id), 60, "the killed run's processes to be gone")
+
+    env = {**os.environ, "HUTCH_URL": service.url, "HUTCH_TOKEN": TOKEN}
+    retried = subprocess.run(
+        [str(HUTCH), "retry", job.id], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert retried.returncode == 0, retried.stderr
+    resumed_at = None
+    for line in client.logs(job.id, follow=True):  # attempt 2's log
+        if match := re.search(r"resumed from the checkpoint at step (\d+)", line):
+            resumed_at = int(match.group(1))
+            break
+    assert resumed_at == saved
+    wait_for(lambda: client.get(job.id).state == "RUNNING", 60, "attempt 2 to be RUNNING", 0.2)
+    ray_job = client.get(job.id).ray_job_id
+    assert ray_job is not None and ray_job.endswith("-2")
+    assert str(ray_jobs(service).get_job_info(ray_job).status.value) == "RUNNING"
+    finish(client, job.id)
+    assert events(client, job.id) == [
+        (1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "FAILED"),
+        (2, "QUEUED"), (2, "STARTING"), (2, "RUNNING"), (2, "CANCELLED"),
+    ]  # fmt: skip
