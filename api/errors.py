@@ -84,14 +84,19 @@ def _validation_details(errors: Sequence[Any]) -> tuple[str, list[ErrorDetail]]:
     return ("invalid_spec" if in_body else "invalid_request"), details
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def _allowed_methods(request: Request) -> str:
-    """Every method some route of the app serves at the request's path, for a 405's ``Allow``."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
-            methods.update(getattr(route, "methods", None) or ())
-    return ", ".join(sorted(methods))
+    """Every method some route of the app serves at the request's path, for a 405's ``Allow``:
+    each is asked of the routes as the router would (routers included in the app too)."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -26,7 +26,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
         host, port, _redacted(settings.resolved_database_url), where, settings.resolved_storage_path,
         token_hint,
     )  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    # No access log: a line per request cost more than some routes, and /metrics counts and times
+    # every request by route and status. uvicorn picks httptools and uvloop (dependencies) itself.
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10, access_log=False)
 
 
 def _redacted(url: str) -> str:

@@ -5,10 +5,12 @@ it (and the jobs on it) running; the head's pid and addresses are recorded in
 ``DATA_DIR/local-ray.json`` and the restarted service adopts it. A clean stop signals the
 whole process group, which ends the head, its workers and its jobs.
 
-Each head has a Ray temp dir of its own (:func:`ray_temp_dir`). Ray's job supervisor gives a
-job's driver the address of "the latest cluster" it finds in its temp dir's
-``ray_current_cluster``; in the shared ``/tmp/ray`` that is whichever Ray was started last on
-the machine, so with two clusters a job's driver could join the other one.
+Several Ray clusters on one machine (a user's own, a test suite's) must not see each other.
+Ray resolves "no address" to the latest cluster started in a temp dir, ``/tmp/ray`` unless
+told otherwise, so each head gets a temp dir of its own (:func:`ray_temp_dir`: Ray's job
+supervisor gives a job's driver the latest cluster of the head's temp dir) and its processes
+get ``RAY_ADDRESS`` (Ray's State API, asked without an address from inside, e.g. by Ray Train's
+placement-group cleaner, reads the environment, then ``/tmp/ray``).
 """
 
 from __future__ import annotations
@@ -118,8 +120,12 @@ def ensure_local_head(
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
         # Loopback-only head of one user: Ray's token authentication is off, hutch's is on.
         "RAY_AUTH_MODE": "disabled",
+        # The cluster's own address for its processes: Ray's State API, asked without one inside
+        # the cluster (Ray Train's placement-group cleaner does), would otherwise find "the
+        # latest Ray" on the machine, where our controllers do not exist, take them for dead and
+        # remove their placement groups.
+        "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
     }
-    env.pop("RAY_ADDRESS", None)
     log = (data_dir / "local-ray.log").open("ab")
     process = subprocess.Popen(
         [str(ray) if ray.exists() else "ray", "start", "--head", "--block", f"--port={gcs_port}",

@@ -124,11 +124,12 @@ class Reconciler:
 
     def _startable(self) -> list[JobRecord]:
         """The head of the queue that fits in the cluster (or its autoscaling limits) now."""
-        queue = self.store.queue()
-        if not queue:
+        if not self.store.has_queued():
             return []
+        # Before the queue is read: with Ray out of reach (its answer is kept a while), a tick,
+        # which every submission asks for, costs no more than this.
         room = {**self.launcher.capacity().total, **self.autoscaling_limits}
-        return startable(queue, self.store.in_states(STARTED), room)
+        return startable(self.store.queue(), self.store.in_states(STARTED), room)
 
     def _reconcile(self, job: JobRecord) -> None:
         if job.state == JobState.QUEUED:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -50,10 +51,24 @@ def _connect_ray(spec: JobSpec) -> bool:
     )
     if os.environ.get("HUTCH_METRICS_EXPORT_PORT"):
         options["_metrics_export_port"] = int(os.environ["HUTCH_METRICS_EXPORT_PORT"])
+    if options["include_dashboard"]:
+        # Ray's State API, asked without an address inside the cluster (Ray Train's
+        # placement-group cleaner does), finds "the latest Ray" on the machine: another cluster,
+        # where our controller does not exist, so the cleaner took it for dead and removed the
+        # run's placement group. Naming our dashboard for the cluster's processes prevents it.
+        port = _free_port()
+        options["dashboard_port"] = port
+        options["runtime_env"] = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
     # address="local": a new cluster of our own, even if another one (or the stale record of
     # one killed without `ray stop`) is on this machine.
     ray.init(address="local", **options)
     return True
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_job(spec: JobSpec, run_dir: Path, job_id: str, storage_path: Path | None = None) -> int:

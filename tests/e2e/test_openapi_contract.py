@@ -22,8 +22,10 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from api import schemas
 from tests.e2e.conftest import ROOT, TOKEN, ServiceProcess
 from tests.support import free_port
 
@@ -87,3 +89,37 @@ def test_schemathesis_finds_no_contract_failure(service: ServiceProcess, tmp_pat
     tested = re.search(r"Tested: (\d+)", output)
     assert selected and tested, tail
     assert int(tested[1]) == int(selected[1]) == int(selected[2]) >= 14, tail  # every operation ran
+
+
+def test_a_405_allows_every_method_the_path_has(service: ServiceProcess) -> None:
+    """``Allow`` names all the methods of the path (Starlette's named only the first route's)."""
+    paths = httpx.get(f"{service.url}/openapi.json").json()["paths"]
+    with service.client() as http:
+        for path, operations in paths.items():
+            declared = {method.upper() for method in operations}
+            unused = next(m for m in ("PUT", "PATCH", "DELETE", "POST") if m not in declared)
+            answer = http.request(unused, path.replace("{job_id}", "some-job"))
+            assert answer.status_code == 405, (path, unused, answer.text)
+            allowed = {method.strip() for method in answer.headers["allow"].split(",")}
+            assert allowed - {"HEAD"} == declared, (path, answer.headers["allow"])
+
+
+def test_jobs_are_answered_in_the_shape_of_the_job_model(service: ServiceProcess) -> None:
+    """The job routes write their JSON without the response model (it costs a second validation):
+    the fields are the model's, in its order."""
+    fields = list(schemas.Job.model_fields)
+    spec = {"name": "shape", "model": "mlp", "data": "digits", "labels": {"team": "shape"}}
+    with service.client() as http:
+        created = http.post("/v1/jobs", json=spec)
+        assert created.status_code == 201, created.text
+        job = created.json()
+        assert list(job) == fields
+        assert list(http.get(f"/v1/jobs/{job['id']}").json()) == fields
+        page = http.get("/v1/jobs", params={"label": "team=shape"}).json()
+        assert list(page) == list(schemas.JobPage.model_fields)
+        assert [list(j) for j in page["jobs"]] == [fields]
+        assert schemas.Job.model_validate(page["jobs"][0]) == schemas.Job.model_validate(job)
+        cancelled = http.post(f"/v1/jobs/{job['id']}/cancel")
+        assert cancelled.status_code == 202 and list(cancelled.json()) == fields
+        retried = http.post(f"/v1/jobs/{job['id']}/retry")
+        assert retried.status_code == 202 and retried.json()["attempt"] == 2

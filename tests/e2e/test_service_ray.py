@@ -44,9 +44,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """The service, and then another Ray head in Ray's default temp dir, as a user's own Ray on
-    the same machine would be: the latest cluster there, which Ray's job supervisor used to
-    give the drivers of the service's jobs (they joined it and hung). Every job in this module
-    runs beside it."""
+    the same machine would be: the latest cluster there. Ray's job supervisor used to give it
+    to the drivers of the service's jobs (they joined it and hung), and Ray's State API, asked
+    without an address by Ray Train's placement-group cleaner, found it too and removed the
+    runs' placement groups. Every job in this module runs beside it."""
     data_dir = tmp_path_factory.mktemp("service")
     env = {"HUTCH_LOCAL_RAY_NUM_CPUS": "2", "HUTCH_LOCAL_RAY_DASHBOARD_PORT": str(free_port())}
     service = ServiceProcess(data_dir, env)
@@ -55,7 +56,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
         service.start()
         other = start_ray_head(
             {**os.environ, "RAY_AUTH_MODE": "disabled"}, f"--port={other_port}", "--num-cpus=0",
-            "--include-dashboard=false", *own_port_options(),
+            f"--dashboard-port={free_port()}", *own_port_options(),
             temp_dir=Path(tempfile.gettempdir()) / "ray",
         )  # fmt: skip
         yield service

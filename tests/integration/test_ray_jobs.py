@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ import httpx
 import pytest
 import yaml
 
+from service.local_ray import own_port_options
 from tests.support import (
     end_process_group,
+    forget_current_cluster,
     free_port,
     remove_placement_groups_when,
     start_ray_head,
@@ -38,9 +41,13 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     gcs_port, metrics_port = free_port(), free_port()
     # Token authentication (Ray's default for `ray start`) is off for this loopback-only cluster.
     env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled"}
+    # In Ray's default temp dir, with a dashboard, like a user's own `ray start`: the latest Ray
+    # on the machine, which the State API finds from inside any other cluster (see the
+    # local-cluster test).
     pgid = start_ray_head(
         env, f"--port={gcs_port}", "--num-cpus=2", "--object-store-memory=200000000",
-        f"--metrics-export-port={metrics_port}", "--include-dashboard=false",
+        f"--metrics-export-port={metrics_port}", f"--dashboard-port={free_port()}", *own_port_options(),
+        temp_dir=Path(tempfile.gettempdir()) / "ray",
     )  # fmt: skip
     try:
         yield {
@@ -51,13 +58,19 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         }
     finally:
         end_process_group(pgid)
+        forget_current_cluster(gcs_port)
 
 
-def start_job(cluster: dict[str, Any], spec: dict[str, Any], run_dir: Path, job_id: str) -> subprocess.Popen:
+def start_job(
+    cluster: dict[str, Any], spec: dict[str, Any], run_dir: Path, job_id: str, join: bool = True
+) -> subprocess.Popen:
+    """`python -m trainer` on ``cluster`` (``join``) or on a local cluster of its own."""
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
-    env = {**cluster["env"], "RAY_ADDRESS": cluster["address"], "HUTCH_STORAGE_PATH": str(cluster["storage"])}
+    env = {**cluster["env"], "HUTCH_STORAGE_PATH": str(cluster["storage"])}
+    if join:
+        env["RAY_ADDRESS"] = cluster["address"]
     log = (run_dir / "driver.log").open("w")
     return subprocess.Popen(
         [sys.executable, "-m", "trainer", str(spec_path), "--run-dir", str(run_dir), "--job-id", job_id],
@@ -260,3 +273,18 @@ def test_placement_group_removed_mid_run_is_retried_or_failed_with_the_reason(
         assert result["status"] == "failed"
         assert "Ray removed the job's placement group" in result["reason"]
         assert "Rank 0 Error Snippet" not in result["reason"]  # the cause, not Ray's per-rank dump
+
+
+def test_a_local_cluster_beside_another_ray_keeps_its_placement_group(ray_cluster, tmp_path):
+    """`python -m trainer` without RAY_ADDRESS starts a cluster of its own while the module's
+    cluster is the latest Ray on the machine. Ray Train's placement-group cleaner asks the
+    State API without an address, which found that other cluster, missed the controller there
+    and removed the run's placement group: the job failed after a few steps."""
+    run_dir = tmp_path / "local"
+    spec = short_run("local-beside", max_failures=0)
+    job = start_job(ray_cluster, spec, run_dir, "local-beside", join=False)
+    result = finish(job, run_dir)
+    log = (run_dir / "driver.log").read_text()
+    assert "Started a local Ray instance" in log
+    assert "placement group was removed" not in log and "Cleaning up placement group" not in log
+    assert result["status"] == "succeeded" and result["metrics"]["step"] == 24
