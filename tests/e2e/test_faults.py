@@ -220,6 +220,11 @@ def assert_stays(condition: Any, seconds: float, what: str) -> None:
         time.sleep(0.25)
 
 
+def job_log(client: Client, job_id: str) -> str:
+    """The end of the job's log, for a failure message (the storage goes with the tmpfs)."""
+    return "\n".join(client.logs(job_id, tail=40))
+
+
 def events(client: Client, job_id: str) -> list[tuple[int, str]]:
     return [(e.attempt, str(e.state)) for e in client.events(job_id)]
 
@@ -308,9 +313,16 @@ def test_read_only_or_full_storage_fails_running_jobs_with_that_reason_and_holds
     with storage.read_only():
         read_only_victim = client.submit(long_job("fault-ro"))
         full_victim = client.submit(long_job("fault-full"))
-        ready = wait_for(lambda: (r := http.get("/readyz")).status_code == 503 and r.json(), 30, "/readyz")
-        assert "Read-only file system" in ready["checks"]["job_submission"], ready
-        assert ready["checks"]["database"] == ready["checks"]["ray"] == "ok", ready
+
+        def says_read_only() -> dict[str, Any] | None:
+            answer = http.get("/readyz")
+            checks = answer.json()["checks"]
+            return checks if answer.status_code == 503 and "Read-only" in checks["job_submission"] else None
+
+        checks = wait_for(says_read_only, 30, "/readyz to say the storage is read-only")
+        assert checks["job_submission"].endswith("Read-only file system") and checks["database"] == "ok", (
+            checks
+        )
         assert_stays(
             lambda: {client.get(j.id).state for j in (read_only_victim, full_victim)} == {"QUEUED"},
             2, "a job was started on read-only storage",
@@ -323,15 +335,19 @@ def test_read_only_or_full_storage_fails_running_jobs_with_that_reason_and_holds
     own = [storage.path / "runs" / read_only_victim.id, storage.path / "checkpoints" / read_only_victim.id]
     with storage.read_only(*own):
         final = client.wait(read_only_victim.id, timeout=120, poll_interval=0.5)
-        assert final.state == "FAILED"
         reason = final.failure_reason or ""
-        assert "the storage is read-only ([Errno 30] Read-only file system)" in reason, reason
-        assert client.get(full_victim.id).state == "RUNNING"
+        assert (
+            final.state == "FAILED"
+            and "the storage is read-only ([Errno 30] Read-only file system)" in reason
+        ), (final.state, reason, job_log(client, read_only_victim.id))
+        other = client.get(full_victim.id)
+        assert other.state == "RUNNING", (other.state, other.failure_reason, job_log(client, other.id))
     with storage.full():
         final = client.wait(full_victim.id, timeout=120, poll_interval=0.5)
-        assert final.state == "FAILED"
         reason = final.failure_reason or ""
-        assert "the storage is full ([Errno 28] No space left on device)" in reason, reason
+        assert (
+            final.state == "FAILED" and "the storage is full ([Errno 28] No space left on device)" in reason
+        ), (final.state, reason, job_log(client, full_victim.id))
         assert http.get("/v1/jobs").status_code == 200 and http.get("/healthz").status_code == 200
     assert service.process is not None and service.process.poll() is None
     for job in (read_only_victim, full_victim):
