@@ -315,7 +315,7 @@ def _job(
     return {
         "id": job.id,
         "name": job.name,
-        "state": job.state,
+        "state": job.state.value,  # a str: to_json infers an enum's type for each one, slowly
         "labels": job.labels,
         "created_at": job.created_at,
         "updated_at": job.updated_at,

@@ -27,7 +27,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
         token_hint,
     )  # fmt: skip
     # No access log: a line per request cost more than some routes, and /metrics counts and times
-    # every request by route and status. uvicorn picks httptools and uvloop (dependencies) itself.
+    # every request by route and status.
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10, access_log=False)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import pydantic_core
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -35,6 +36,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     select,
     update,
 )
@@ -158,6 +160,7 @@ EVENTS = EventRow.__table__
 # building and hashing them again (which cost more than running them).
 _BY_ID = select(JOBS).where(JOBS.c.id == bindparam("job_id"))
 _BY_KEY = select(JOBS).where(JOBS.c.idempotency_key == bindparam("key"))
+_IN_STATES = select(JOBS).where(JOBS.c.state.in_(bindparam("states", expanding=True))).order_by(JOBS.c.seq)
 _ANY_QUEUED = select(JOBS.c.seq).where(JOBS.c.state == str(JobState.QUEUED)).limit(1)
 _AHEAD_IN_QUEUE = (
     select(func.count())
@@ -288,6 +291,8 @@ class JobStore:
 
     # -- reads ----------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
+        if "\x00" in job_id:  # no id has one, and Postgres refuses it in a query
+            return None
         found = self._records(_BY_ID, {"job_id": job_id})
         return found[0] if found else None
 
@@ -309,6 +314,8 @@ class JobStore:
         """Jobs newest first, filtered by any of ``states`` and all of ``labels``."""
         query, newest = select(JOBS), JOBS.c.seq
         filters = list((labels or {}).items())
+        if any("\x00" in key + value for key, value in filters):  # as in get: no label has one
+            return [], None
         if filters:  # the first label drives: its index is walked newest first (see LabelRow)
             (key, value), filters = filters[0], filters[1:]
             first = LABELS.alias("first_label")
@@ -324,15 +331,15 @@ class JobStore:
         if states:
             query = query.where(JOBS.c.state.in_([str(s) for s in states]))
         if cursor is not None:
-            query = query.where(newest < decode_cursor(cursor))
+            # BIGINT: a cursor goes up to 2**63-1, past Postgres's INTEGER of the column.
+            query = query.where(newest < literal(decode_cursor(cursor), BigInteger))
         records = self._records(query.order_by(newest.desc()).limit(limit + 1))
         next_cursor = encode_cursor(records[limit - 1].seq) if len(records) > limit else None
         return records[:limit], next_cursor
 
     def in_states(self, states: Sequence[JobState]) -> list[JobRecord]:
         """Jobs in any of ``states``, oldest first (the reconciler's work list)."""
-        query = select(JOBS).where(JOBS.c.state.in_([str(s) for s in states])).order_by(JOBS.c.seq)
-        return self._records(query)
+        return self._records(_IN_STATES, {"states": [str(s) for s in states]})
 
     def has_queued(self) -> bool:
         with self.engine.connect() as connection:

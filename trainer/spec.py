@@ -42,6 +42,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -96,6 +97,21 @@ def _integral(value: Any) -> Any:
 Integer = Annotated[StrictInt, BeforeValidator(_integral)]
 PositiveInt = Annotated[StrictInt, Field(ge=1), BeforeValidator(_integral)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0), BeforeValidator(_integral)]
+
+
+def _without_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character")
+    return text
+
+
+# A label's key or value, as the job store (on Postgres too) can keep and look it up.
+LabelText = Annotated[str, Field(max_length=200), AfterValidator(_without_nul)]
+_LABEL_TEXT = {"type": "string", "maxLength": 200, "pattern": "^[^\\x00]*$"}
+Labels = Annotated[
+    dict[LabelText, LabelText],
+    WithJsonSchema({"type": "object", "propertyNames": _LABEL_TEXT, "additionalProperties": _LABEL_TEXT}),
+]
 
 OptimizerName = Literal["adahessian", "adamw", "adam", "sgd"]
 
@@ -514,7 +530,7 @@ class JobSpec(_Strict):
     """One training job: everything the trainer needs, with defaults for all but name, model and data."""
 
     name: Annotated[str, _string_matching(_DNS_LABEL)]
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
     model: ModelSpec
     data: DataSpec
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
