@@ -39,13 +39,8 @@ class LocalRayHead:
     temp_dir: str | None = None  # None in records of versions before it had one
 
     def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return _dashboard_up(self.dashboard_url)
+        """Running, and its dashboard answers: a recorded head that can be adopted."""
+        return self.running() and _dashboard_up(self.dashboard_url)
 
     def running(self) -> bool:
         """Whether the head's process (``ray start --block``) still runs: False once it was
@@ -57,7 +52,7 @@ class LocalRayHead:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return False
-        except PermissionError:
+        except PermissionError:  # someone else's process: it exists
             return True
         return True
 
