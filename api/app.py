@@ -185,8 +185,7 @@ def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
         """Jobs newest first, one page at a time."""
         labels = _label_filter(label or [])
         jobs, next_cursor = plane.store.list(state or [], labels, limit, cursor)
-        queued = any(job.state == JobState.QUEUED for job in jobs)
-        positions = plane.store.queue_positions() if queued else {}
+        positions = plane.store.queue_positions(job.id for job in jobs if job.state == JobState.QUEUED)
         return _json({"jobs": [_job(plane, job, positions) for job in jobs], "next_cursor": next_cursor})
 
     @router.get(
@@ -309,7 +308,7 @@ def _job(
     plane: ControlPlane, job: JobRecord, queue_positions: Mapping[str, int] | None = None
 ) -> dict[str, Any]:
     """The API's view of a job: a :class:`schemas.Job`'s fields, in its order (the contract test
-    checks them). ``queue_positions`` (of every queued job) saves a query per job."""
+    checks them). ``queue_positions`` (of a page's queued jobs) saves a query per job."""
     known = queue_positions is not None
     position = queue_positions.get(job.id) if known else plane.store.queue_position(job)
     return {

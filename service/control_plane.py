@@ -64,6 +64,7 @@ class ControlPlane:
         )
         self.packages = self.launcher.packages
         self._head_lock = threading.Lock()  # a restart of the local head and close() take turns
+        self._admission_skipped = False  # said once per stretch of Ray being unreachable
         revive = self.revive_local_head if self.local_head is not None else None
         limits = {"CPU": settings.max_cluster_cpus, "GPU": settings.max_cluster_gpus}
         self.reconciler = Reconciler(
@@ -193,8 +194,11 @@ class ControlPlane:
         try:
             capacity = self.launcher.capacity()
         except RayUnavailable as error:
-            log.warning("admission check skipped: %s", error)
+            if not self._admission_skipped:
+                log.warning("admission checks skipped until Ray answers again: %s", error)
+            self._admission_skipped = True
             return
+        self._admission_skipped = False
         check_fits(spec, capacity, self.settings.max_cluster_cpus, self.settings.max_cluster_gpus)
 
     # -- views ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,7 +77,7 @@ class JobRow(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200))
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[str] = mapped_column(String(16))  # indexed by ix_jobs_state_priority_seq
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     request_hash: Mapped[str] = mapped_column(String(64))
@@ -94,6 +94,9 @@ class JobRow(Base):
     labels: Mapped[list[LabelRow]] = relationship(
         cascade="all, delete-orphan", lazy="selectin", passive_deletes=True
     )
+
+    # The queue's order: the next job to start and a job's place in the queue read this index.
+    __table_args__ = (Index("ix_jobs_state_priority_seq", "state", "priority", "seq"),)
 
 
 class LabelRow(Base):
@@ -354,15 +357,21 @@ class JobStore:
         )
         return self._records(query)
 
-    def queue_positions(self) -> dict[str, int]:
-        """Each QUEUED job's place in the queue, 1 for the next to start."""
-        query = (
-            select(JobRow.id)
-            .where(JobRow.state == str(JobState.QUEUED))
-            .order_by(JobRow.priority.desc(), JobRow.seq)
-        )
-        with self._session() as session:
-            return {job_id: place for place, job_id in enumerate(session.scalars(query), start=1)}
+    def queue_positions(self, job_ids: Iterable[str]) -> dict[str, int]:
+        """The places in the queue (1 for the next to start) of ``job_ids``, jobs the caller has
+        just read as QUEUED: one pass over the queue in the database, however many are asked for.
+
+        A job among them that started since keeps its place, so a page read a moment earlier
+        never shows a QUEUED job without a place (nor any other job's place shifted by it)."""
+        wanted = list(job_ids)
+        if not wanted:
+            return {}
+        place = func.row_number().over(order_by=(JOBS.c.priority.desc(), JOBS.c.seq)).label("place")
+        waiting = (JOBS.c.state == str(JobState.QUEUED)) | JOBS.c.id.in_(wanted)
+        ranked = select(JOBS.c.id, place).where(waiting).subquery()
+        query = select(ranked.c.id, ranked.c.place).where(ranked.c.id.in_(wanted))
+        with self.engine.connect() as connection:
+            return {job_id: int(place) for job_id, place in connection.execute(query)}
 
     def queue_position(self, job: JobRecord) -> int | None:
         """``job``'s place in the queue (1 for the next to start); None unless it is QUEUED."""

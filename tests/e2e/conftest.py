@@ -7,6 +7,7 @@ the same data directory and port.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.client import Client
 from tests.support import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,21 +96,50 @@ def stop_local_ray(data_dir: Path) -> None:
             time.sleep(3)
 
 
+def local_ray_env() -> dict[str, str]:
+    """Settings of a service that starts its own local Ray head (2 CPUs, a free dashboard port)."""
+    return {"HUTCH_LOCAL_RAY_NUM_CPUS": "2", "HUTCH_LOCAL_RAY_DASHBOARD_PORT": str(free_port())}
+
+
+@contextlib.contextmanager
+def running_service(
+    data_dir: Path, env: dict[str, str], ready_path: str = "/readyz"
+) -> Iterator[ServiceProcess]:
+    """A started service, stopped (SIGTERM) at the end, and its local Ray head with it: also when
+    the service never got ready, since it may have started the head by then."""
+    service = ServiceProcess(data_dir, env)
+    try:
+        service.start(ready_path)
+        yield service
+    finally:
+        if service.process is not None and service.process.poll() is None:
+            service.stop()
+        stop_local_ray(data_dir)
+
+
+@contextlib.contextmanager
+def service_without_ray(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[ServiceProcess]:
+    """A service whose Ray cluster is unreachable (jobs are stored and stay QUEUED, nothing
+    trains), on its default SQLite file or, for ``request.param == "postgres"``, a real Postgres."""
+    env = {"HUTCH_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "HUTCH_MAX_PACKAGE_BYTES": "4000000"}
+    if request.param == "postgres":
+        env["HUTCH_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+    with running_service(data_dir, env, ready_path="/healthz") as service:
+        yield service
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def lite_service(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
-    """A service whose Ray cluster is unreachable: jobs are stored and stay QUEUED, nothing trains.
-    Once on its default SQLite file, once on a real Postgres server.
-
-    For what needs only the API and the store (validation, auth, idempotency, paging)."""
-    env = {"HUTCH_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "HUTCH_MAX_PACKAGE_BYTES": "4000000"}
-    if request.param == "postgres":
-        env["HUTCH_DATABASE_URL"] = request.getfixturevalue("postgres_url")
-    service = ServiceProcess(tmp_path_factory.mktemp(f"lite-{request.param}"), env)
-    service.start(ready_path="/healthz")
-    try:
+    """For what needs only the API and the store (validation, auth, idempotency, paging): see
+    :func:`service_without_ray`, once on SQLite and once on Postgres."""
+    with service_without_ray(request, tmp_path_factory.mktemp(f"lite-{request.param}")) as service:
         yield service
-    finally:
-        if service.process and service.process.poll() is None:
-            service.stop()
+
+
+@pytest.fixture()
+def client(service: ServiceProcess) -> Iterator[Client]:
+    """The Python client on the module's ``service``."""
+    with Client(service.url, TOKEN) as c:
+        yield c

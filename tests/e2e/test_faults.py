@@ -30,10 +30,10 @@ import psutil
 import pytest
 
 from api.client import Client
-from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, stop_local_ray
+from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, local_ray_env, running_service
 from tests.e2e.test_api_contract import assert_error, spec_with
 from tests.e2e.test_service_ray import ray_jobs
-from tests.support import free_port, wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -151,27 +151,9 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
 def service(
     tmp_path_factory: pytest.TempPathFactory, postgres: Postgres, storage: Storage
 ) -> Iterator[ServiceProcess]:
-    data_dir = tmp_path_factory.mktemp("faults")
-    env = {
-        "HUTCH_LOCAL_RAY_NUM_CPUS": "2",
-        "HUTCH_LOCAL_RAY_DASHBOARD_PORT": str(free_port()),
-        "HUTCH_DATABASE_URL": postgres.url,
-        "HUTCH_STORAGE_PATH": str(storage.path),
-    }
-    service = ServiceProcess(data_dir, env)
-    service.start()
-    try:
+    env = {**local_ray_env(), "HUTCH_DATABASE_URL": postgres.url, "HUTCH_STORAGE_PATH": str(storage.path)}
+    with running_service(tmp_path_factory.mktemp("faults"), env) as service:
         yield service
-    finally:
-        if service.process is not None and service.process.poll() is None:
-            service.stop()
-        stop_local_ray(data_dir)
-
-
-@pytest.fixture()
-def client(service: ServiceProcess) -> Iterator[Client]:
-    with Client(service.url, TOKEN) as c:
-        yield c
 
 
 def long_job(name: str, **changes: Any) -> dict[str, Any]:

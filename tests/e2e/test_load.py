@@ -20,9 +20,8 @@ import psutil
 import pytest
 
 from api.client import Client
-from tests.e2e.conftest import TOKEN, ServiceProcess, stop_local_ray
+from tests.e2e.conftest import TOKEN, ServiceProcess, local_ray_env, running_service
 from tests.e2e.test_api_contract import spec_with
-from tests.support import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -42,16 +41,8 @@ def busy_core() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, busy_core: None) -> Iterator[ServiceProcess]:
-    data_dir = tmp_path_factory.mktemp("load")
-    env = {"HUTCH_LOCAL_RAY_NUM_CPUS": "2", "HUTCH_LOCAL_RAY_DASHBOARD_PORT": str(free_port())}
-    service = ServiceProcess(data_dir, env)
-    try:
-        service.start()  # inside: a head started by a service that never got ready is stopped too
+    with running_service(tmp_path_factory.mktemp("load"), local_ray_env()) as service:
         yield service
-    finally:
-        if service.process is not None and service.process.poll() is None:
-            service.stop()
-        stop_local_ray(data_dir)
 
 
 def soak_spec(index: int, priority: int = 0) -> dict:

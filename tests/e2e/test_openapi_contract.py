@@ -26,8 +26,7 @@ import httpx
 import pytest
 
 from api import schemas
-from tests.e2e.conftest import ROOT, TOKEN, ServiceProcess
-from tests.support import free_port
+from tests.e2e.conftest import ROOT, TOKEN, ServiceProcess, service_without_ray
 
 pytest.importorskip("schemathesis", reason="schemathesis is in the dev extra: pip install -e '.[dev]'")
 
@@ -44,17 +43,9 @@ STORES = os.environ.get("HUTCH_SCHEMATHESIS_STORES", "sqlite").split(",")
 def service(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
-    """As conftest's lite_service: Ray unreachable, once on SQLite and once on a real Postgres."""
-    env = {"HUTCH_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "HUTCH_MAX_PACKAGE_BYTES": "4000000"}
-    if request.param == "postgres":
-        env["HUTCH_DATABASE_URL"] = request.getfixturevalue("postgres_url")
-    service = ServiceProcess(tmp_path_factory.mktemp(f"schemathesis-{request.param}"), env)
-    service.start(ready_path="/healthz")
-    try:
+    """A service of its own, since schemathesis fills its store: Ray unreachable, nothing trains."""
+    with service_without_ray(request, tmp_path_factory.mktemp(f"schemathesis-{request.param}")) as service:
         yield service
-    finally:
-        if service.process and service.process.poll() is None:
-            service.stop()
 
 
 def _uploaded_package(service: ServiceProcess) -> str:

@@ -26,7 +26,7 @@ import yaml
 
 from api.client import Client
 from service.local_ray import own_port_options
-from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, stop_local_ray
+from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, local_ray_env, running_service
 from tests.e2e.test_api_contract import spec_with
 from tests.support import (
     CHROMIUM,
@@ -48,31 +48,19 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
     to the drivers of the service's jobs (they joined it and hung), and Ray's State API, asked
     without an address by Ray Train's placement-group cleaner, found it too and removed the
     runs' placement groups. Every job in this module runs beside it."""
-    data_dir = tmp_path_factory.mktemp("service")
-    env = {"HUTCH_LOCAL_RAY_NUM_CPUS": "2", "HUTCH_LOCAL_RAY_DASHBOARD_PORT": str(free_port())}
-    service = ServiceProcess(data_dir, env)
     other_port, other = free_port(), None
-    try:
-        service.start()
-        other = start_ray_head(
-            {**os.environ, "RAY_AUTH_MODE": "disabled"}, f"--port={other_port}", "--num-cpus=0",
-            f"--dashboard-port={free_port()}", *own_port_options(),
-            temp_dir=Path(tempfile.gettempdir()) / "ray",
-        )  # fmt: skip
-        yield service
-    finally:
-        if other is not None:
-            end_process_group(other)
-            forget_current_cluster(other_port)
-        if service.process is not None and service.process.poll() is None:
-            service.stop()
-        stop_local_ray(data_dir)
-
-
-@pytest.fixture()
-def client(service: ServiceProcess) -> Iterator[Client]:
-    with Client(service.url, TOKEN) as c:
-        yield c
+    with running_service(tmp_path_factory.mktemp("service"), local_ray_env()) as service:
+        try:
+            other = start_ray_head(
+                {**os.environ, "RAY_AUTH_MODE": "disabled"}, f"--port={other_port}", "--num-cpus=0",
+                f"--dashboard-port={free_port()}", *own_port_options(),
+                temp_dir=Path(tempfile.gettempdir()) / "ray",
+            )  # fmt: skip
+            yield service
+        finally:
+            if other is not None:
+                end_process_group(other)
+                forget_current_cluster(other_port)
 
 
 def ray_jobs(service: ServiceProcess) -> Any:

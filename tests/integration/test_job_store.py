@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from sqlalchemy import inspect
 
 from service.lifecycle import JobState
 from service.store import BadCursor, Base, IdempotencyConflict, JobStore
@@ -138,7 +139,12 @@ def test_queue_is_highest_priority_first_then_oldest(store: JobStore) -> None:
     store.move("q-low-2", JobState.QUEUED, JobState.STARTING, ray_job_id="r")  # no longer waits
     order = ["q-high", "q-high-2", "q-low", "q-neg"]
     assert [job.id for job in store.queue()] == order
-    assert store.queue_positions() == {job_id: place for place, job_id in enumerate(order, start=1)}
+    places = {job_id: place for place, job_id in enumerate(order, 1)}
+    assert store.queue_positions([*order, "missing"]) == places
+    assert store.queue_positions(["q-neg"]) == {"q-neg": 4}  # a page holds a few of them
+    assert store.queue_positions([]) == {}
+    # A page read q-low-2 while it still waited: it keeps its place, and the others theirs then.
+    assert store.queue_positions(["q-low-2", "q-neg"]) == {"q-low-2": 4, "q-neg": 5}
     for place, job_id in enumerate(order, start=1):
         job = store.get(job_id)
         assert job is not None and job.priority in (5, 0, -3)
@@ -154,6 +160,7 @@ def test_a_store_of_an_earlier_version_gains_the_new_columns(tmp_path: Path) -> 
     import sqlite3
 
     with sqlite3.connect(tmp_path / "old.db") as connection:
+        connection.execute("DROP INDEX ix_jobs_state_priority_seq")
         connection.execute("ALTER TABLE jobs DROP COLUMN priority")
         columns = [row[1] for row in connection.execute("PRAGMA table_info(jobs)")]
         assert "priority" not in columns
@@ -167,5 +174,7 @@ def test_a_store_of_an_earlier_version_gains_the_new_columns(tmp_path: Path) -> 
         assert old is not None and old.priority == 0 and upgraded.queue_position(old) == 1
         upgraded.create("new-1", {**spec("new"), "priority": 2})
         assert [job.id for job in upgraded.queue()] == ["new-1", "old-1"]
+        indexes = {index["name"] for index in inspect(upgraded.engine).get_indexes("jobs")}
+        assert "ix_jobs_state_priority_seq" in indexes
     finally:
         upgraded.close()
