@@ -3,9 +3,9 @@ starts its own local Ray head, real training jobs submitted through Ray's job AP
 HTTP with curl and with the Python client.
 
 Covers: a digits job followed to SUCCEEDED (metrics, logs, checkpoints, the Ray job behind it,
-the cluster its driver joined while another Ray runs on the machine); cancelling a running job
-and retrying it from its checkpoint; SIGKILL of the service while a job runs; jobs that can
-never fit the cluster; the clean stop taking the local Ray head down.
+the cluster its driver joined while another Ray runs on the machine); a job of the user's own
+code cancelled while it runs and retried from its checkpoint; SIGKILL of the service while a job
+runs; jobs that can never fit the cluster; the clean stop taking the local Ray head down.
 """
 
 from __future__ import annotations
@@ -166,49 +166,6 @@ def table_rows(dom: str) -> list[list[str]]:
     return [[text(cell) for cell in re.findall(r"<t[hd]\b.*?</t[hd]>", row, re.S)] for row in rows]
 
 
-def test_cancel_a_running_job_then_retry_resumes_from_its_checkpoint(
-    service: ServiceProcess, client: Client
-) -> None:
-    spec = spec_with(
-        name="e2e-cancel",
-        **{"training.steps": 100_000, "training.checkpoint_every": 25, "training.eval_every": 100_000,
-           "training.log_every": 5, "scaling.num_workers": 1, "training.global_batch_size": 32},
-    )  # fmt: skip
-    job = client.submit(spec)
-    wait_for(lambda: client.checkpoints(job.id).checkpoints, 300, "a first checkpoint", interval=1)
-    running = client.get(job.id)
-    assert running.state == "RUNNING"
-    cancelled = client.cancel(job.id)
-    assert cancelled.cancel_requested or cancelled.state == "CANCELLED"
-    final = client.wait(job.id, timeout=120, poll_interval=0.5)
-    assert final.state == "CANCELLED" and final.failure_reason is None
-    assert str(ray_jobs(service).get_job_info(running.ray_job_id).status.value) == "STOPPED"
-    saved = [c.step for c in client.checkpoints(job.id).checkpoints]
-    assert saved and all(step % 25 == 0 for step in saved)
-
-    retried = client.retry(job.id)
-    assert retried.state == "QUEUED" and retried.attempt == 2
-    resumed_at = None
-    for line in client.logs(job.id, follow=True):  # attempt 2's log
-        match = re.search(r"resumed from the checkpoint at step (\d+)", line)
-        if match:
-            resumed_at = int(match.group(1))
-            break
-    assert resumed_at == max(saved)
-    wait_for(lambda: (client.get(job.id).latest_metrics or {}).get("step", 0) > resumed_at, 120, "progress")
-    records = client.metrics(job.id).records
-    steps = [r["step"] for r in records]
-    assert steps == sorted(set(steps)), "records of a step appear twice after the resume"
-    client.cancel(job.id)
-    assert client.wait(job.id, timeout=120, poll_interval=0.5).state == "CANCELLED"
-    assert [(e.attempt, e.state) for e in client.events(job.id)] == [
-        (1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "CANCELLED"),
-        (2, "QUEUED"), (2, "STARTING"), (2, "RUNNING"), (2, "CANCELLED"),
-    ]  # fmt: skip
-    first_attempt_log = list(client.logs(job.id, attempt=1, tail=200))
-    assert not any("resumed from the checkpoint" in line for line in first_attempt_log)
-
-
 OWN_DATA = """
 import time
 
@@ -257,7 +214,8 @@ def test_own_code_shipped_with_working_dir_trains_and_resumes_with_the_same_pack
     service: ServiceProcess, client: Client, tmp_path: Path
 ) -> None:
     """A data set and a model of the user's, in a directory the Ray head has never seen, with a
-    pip dependency: submitted with `hutch submit --working-dir`, cancelled, retried, finished."""
+    pip dependency: submitted with `hutch submit --working-dir`, cancelled while it runs, retried
+    (attempt 2's followed log says where it resumed), finished with each step's record once."""
     code = tmp_path / "own"
     (code / "tabular").mkdir(parents=True)
     (code / "tabular" / "__init__.py").write_text("")
@@ -288,20 +246,38 @@ def test_own_code_shipped_with_working_dir_trains_and_resumes_with_the_same_pack
     assert package.startswith("hutch://packages/")
 
     wait_for(lambda: client.checkpoints(job_id).checkpoints, 300, "a first checkpoint", interval=0.5)
-    first_ray_job = client.get(job_id).ray_job_id
-    client.cancel(job_id)
-    assert client.wait(job_id, timeout=120, poll_interval=0.5).state == "CANCELLED"
-    saved = max(c.step for c in client.checkpoints(job_id).checkpoints)
+    running = client.get(job_id)
+    assert running.state == "RUNNING"
+    cancelled = client.cancel(job_id)
+    assert cancelled.cancel_requested or cancelled.state == "CANCELLED"
+    stopped = client.wait(job_id, timeout=120, poll_interval=0.5)
+    assert stopped.state == "CANCELLED" and stopped.failure_reason is None
+    assert str(ray_jobs(service).get_job_info(running.ray_job_id).status.value) == "STOPPED"
+    saved = [c.step for c in client.checkpoints(job_id).checkpoints]
+    assert saved and all(step % 100 == 0 for step in saved)
 
-    client.retry(job_id)
+    retried = client.retry(job_id)
+    assert retried.state == "QUEUED" and retried.attempt == 2
+    resumed_at = None
+    for line in client.logs(job_id, follow=True):  # attempt 2's log, followed from its start
+        if match := re.search(r"resumed from the checkpoint at step (\d+)", line):
+            resumed_at = int(match.group(1))
+            break
+    assert resumed_at == max(saved)
     final = client.wait(job_id, timeout=300, poll_interval=0.5)
     assert final.state == "SUCCEEDED", final.failure_reason
     assert final.attempt == 2 and final.latest_metrics["step"] == 600
     assert final.latest_metrics["eval_accuracy"] >= 0.9, final.latest_metrics
-    log = "\n".join(client.logs(job_id, tail=400))
-    assert f"resumed from the checkpoint at step {saved}" in log
+    steps = [r["step"] for r in client.metrics(job_id).records]
+    assert steps == list(range(50, 601, 50)), "records of a step missing or twice after the resume"
+    assert [(e.attempt, e.state) for e in client.events(job_id)] == [
+        (1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "CANCELLED"),
+        (2, "QUEUED"), (2, "STARTING"), (2, "RUNNING"), (2, "SUCCEEDED"),
+    ]  # fmt: skip
+    first_attempt_log = list(client.logs(job_id, attempt=1, tail=200))
+    assert not any("resumed from the checkpoint" in line for line in first_attempt_log)
     ray = ray_jobs(service)
-    first, second = ray.get_job_info(first_ray_job), ray.get_job_info(final.ray_job_id)
+    first, second = ray.get_job_info(running.ray_job_id), ray.get_job_info(final.ray_job_id)
     # Both attempts ran the same package: Ray names an uploaded package by its content.
     assert first.runtime_env["working_dir"] == second.runtime_env["working_dir"]
     assert first.runtime_env["working_dir"].startswith("gcs://_ray_pkg_")

@@ -223,7 +223,8 @@ def test_non_finite_loss_fails_the_job_with_its_reason(ray_cluster, tmp_path):
 
 
 def short_run(name: str, max_failures: int) -> dict[str, Any]:
-    spec = short_digits(2)
+    """A short one-worker job: what happens to its placement group is the same as with more."""
+    spec = short_digits(1)
     spec.update(name=name, max_failures=max_failures)
     spec["training"].update(steps=24, checkpoint_every=6, eval_every=24, log_every=3)
     return spec
