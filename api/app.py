@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from pydantic import WithJsonSchema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -356,20 +356,47 @@ def _install_probes(app: FastAPI, registry: CollectorRegistry) -> None:
         body = schemas.Health(status="ok" if ready else "unavailable", checks=checks)
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
-    class JobStates:
-        def collect(self) -> Iterator[GaugeMetricFamily]:
-            family = GaugeMetricFamily("hutch_jobs", "Jobs in the store by state", labels=["state"])
-            plane = getattr(app.state, "plane", None)
-            if plane is not None:
-                for state, count in plane.state_counts().items():
-                    family.add_metric([str(state)], count)
-            yield family
+    class ServiceNumbers:
+        """The control plane's own gauges and counters, read at each scrape."""
 
-    registry.register(JobStates())
+        def collect(self) -> Iterator[Metric]:
+            plane = getattr(app.state, "plane", None)
+            if plane is None:
+                return
+            now = plane.telemetry()
+            jobs = GaugeMetricFamily("hutch_jobs", "Jobs in the store by state", labels=["state"])
+            for state in JobState:
+                jobs.add_metric([str(state)], now.jobs_by_state.get(state, 0))
+            yield jobs
+            yield GaugeMetricFamily(
+                "hutch_queue_oldest_seconds", "How long the longest-waiting QUEUED job has waited",
+                value=now.oldest_queued_s,
+            )  # fmt: skip
+            yield GaugeMetricFamily(
+                "hutch_ray_up", "1 if the Ray cluster answers, else 0", value=int(now.ray_up)
+            )
+            passes = now.reconciler
+            yield CounterMetricFamily("hutch_reconciler_passes", "Reconciler passes", value=passes.passes)
+            yield CounterMetricFamily(
+                "hutch_reconciler_errors", "Reconciler passes that failed (the database out of reach, …)",
+                value=passes.failed_passes,
+            )  # fmt: skip
+            yield CounterMetricFamily(
+                "hutch_reconciler_seconds", "Time spent in reconciler passes", value=passes.seconds
+            )
+            failed = CounterMetricFamily(
+                "hutch_job_failures", "Jobs this service saw fail, by cause", labels=["cause"]
+            )
+            for cause, count in passes.failed_jobs.items():
+                failed.add_metric([str(cause)], count)
+            yield failed
+
+    registry.register(ServiceNumbers())
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["probes"])
     def metrics() -> Response:
-        """Prometheus metrics: requests by route and status, latency, jobs by state."""
+        """Prometheus metrics: requests by route and status, latency, jobs by state, the queue's
+        oldest wait, Ray's reachability, reconciler passes, errors and time."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

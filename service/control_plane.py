@@ -17,9 +17,9 @@ from service.launcher import RayLauncher, RayUnavailable, RunLayout
 from service.lifecycle import ACTIVE_STATES, RETRYABLE_STATES, TERMINAL_STATES, JobState
 from service.local_ray import LocalRayHead, ensure_local_head, stop_local_head
 from service.packages import Package
-from service.reconciler import Reconciler
+from service.reconciler import PassStats, Reconciler
 from service.settings import Settings
-from service.store import JobRecord, JobStore
+from service.store import JobRecord, JobStore, utcnow
 from trainer.spec import PACKAGE_URI, JobSpec
 
 log = logging.getLogger("hutch.control_plane")
@@ -40,6 +40,14 @@ class Submitted:
     created: bool
 
 
+@dataclass(frozen=True)
+class Telemetry:
+    jobs_by_state: Mapping[JobState, int]
+    oldest_queued_s: float  # how long the longest-waiting QUEUED job has waited (0 with none)
+    ray_up: bool
+    reconciler: PassStats
+
+
 class ControlPlane:
     """Everything behind the REST API; start with :meth:`open`, end with :meth:`close`."""
 
@@ -50,9 +58,7 @@ class ControlPlane:
         self.local_head: LocalRayHead | None = None
         address = settings.ray_address
         if address is None:
-            self.local_head = ensure_local_head(
-                settings.resolved_data_dir, settings.local_ray_num_cpus, settings.local_ray_dashboard_port
-            )
+            self.local_head = self._ensure_local_head()
             address = self.local_head.dashboard_url
         token = settings.ray_auth_token
         self.launcher = RayLauncher(
@@ -104,6 +110,15 @@ class ControlPlane:
                 )
         self.store.close()
 
+    def _ensure_local_head(self) -> LocalRayHead:
+        settings = self.settings
+        head = ensure_local_head(
+            settings.resolved_data_dir, settings.local_ray_num_cpus, settings.local_ray_dashboard_port,
+            settings.local_ray_metrics_port,
+        )  # fmt: skip
+        log.info("local Ray head: dashboard %s, metrics on port %s", head.dashboard_url, head.metrics_port)
+        return head
+
     def revive_local_head(self) -> bool:
         """Start a new local Ray head if ours is gone (killed, crashed); True if it did.
 
@@ -114,12 +129,9 @@ class ControlPlane:
             head = self.local_head
             if head is None or head.running():
                 return False
-            data_dir = self.settings.resolved_data_dir
             log.error("the local Ray head (pid %d) is gone; starting a new one", head.pid)
-            stop_local_head(head, data_dir)  # what is left of its process group, and its record
-            self.local_head = ensure_local_head(
-                data_dir, self.settings.local_ray_num_cpus, self.settings.local_ray_dashboard_port
-            )
+            stop_local_head(head, self.settings.resolved_data_dir)  # what is left of its group, its record
+            self.local_head = self._ensure_local_head()
             self.launcher.reconnect(self.local_head.dashboard_url)
             log.warning("a new local Ray head runs at %s", self.local_head.dashboard_url)
             return True
@@ -222,11 +234,20 @@ class ControlPlane:
         checks["job_submission"] = f"error: {last_error}" if last_error else "ok"
         return checks
 
-    def state_counts(self) -> Mapping[JobState, int]:
-        """Jobs by state; none while the database is out of reach (a metrics scrape still answers,
-        and /readyz says what is wrong)."""
+    def telemetry(self) -> Telemetry:
+        """The service's own numbers for its metrics endpoint, read now. The database's part is
+        empty while it is out of reach (a scrape still answers; /readyz says what is wrong)."""
+        counts: Mapping[JobState, int] = {}
+        oldest = None
         try:
-            return self.store.count_by_state()
+            counts = self.store.count_by_state()
+            oldest = self.store.oldest_queued_at()
         except SQLAlchemyError as error:
-            log.warning("jobs by state unknown: %s", type(error).__name__)
-            return {}
+            log.warning("job counts unknown: %s", type(error).__name__)
+        try:
+            self.launcher.ping()
+            ray_up = True
+        except RayUnavailable:
+            ray_up = False
+        waited = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+        return Telemetry(counts, waited, ray_up, self.reconciler.stats)

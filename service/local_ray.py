@@ -37,6 +37,7 @@ class LocalRayHead:
     gcs_address: str
     dashboard_url: str
     temp_dir: str | None = None  # None in records of versions before it had one
+    metrics_port: int | None = None  # Prometheus endpoint of the head node (None: as temp_dir)
 
     def alive(self) -> bool:
         """Running, and its dashboard answers: a recorded head that can be adopted."""
@@ -72,15 +73,17 @@ def _free_port(preferred: int | None = None) -> int:
     raise LocalRayError("no free port")
 
 
-def own_port_options() -> list[str]:
+def own_port_options(metrics_port: int | None = None) -> list[str]:
     """``ray start`` options giving a head every port of its own: Ray's fixed defaults (agent
     52365, client server 10001, …) collide with any other Ray on the machine, and a head whose
-    agent cannot bind accepts no jobs."""
+    agent cannot bind accepts no jobs. The metrics port is ``metrics_port`` if given (Prometheus
+    scrapes it), else a free one too."""
     names = (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port",
     )  # fmt: skip
-    return [f"--{name}={_free_port()}" for name in names]
+    ports = {name: _free_port() for name in names} | {"metrics-export-port": metrics_port or _free_port()}
+    return [f"--{name}={port}" for name, port in ports.items()]
 
 
 def _dashboard_up(url: str) -> bool:
@@ -98,15 +101,16 @@ def ray_temp_dir(data_dir: Path) -> Path:
 
 
 def ensure_local_head(
-    data_dir: Path, num_cpus: int | None, dashboard_port: int, timeout: float = 120
+    data_dir: Path, num_cpus: int | None, dashboard_port: int, metrics_port: int, timeout: float = 120
 ) -> LocalRayHead:
-    """Adopt the head recorded in ``data_dir`` if it still runs, else start a new one."""
+    """Adopt the head recorded in ``data_dir`` if it still runs, else start a new one (on the
+    dashboard and metrics ports asked for, or free ones where they are taken)."""
     record = data_dir / "local-ray.json"
     if record.exists():
         head = LocalRayHead(**json.loads(record.read_text()))
         if head.alive():
             return head
-    gcs_port, port = _free_port(), _free_port(dashboard_port)
+    gcs_port, port, metrics = _free_port(), _free_port(dashboard_port), _free_port(metrics_port)
     cpus = num_cpus or os.cpu_count() or 1
     temp_dir = ray_temp_dir(data_dir)
     ray = Path(sys.executable).with_name("ray")
@@ -125,10 +129,13 @@ def ensure_local_head(
     process = subprocess.Popen(
         [str(ray) if ray.exists() else "ray", "start", "--head", "--block", f"--port={gcs_port}",
          f"--num-cpus={cpus}", "--object-store-memory=300000000", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={port}", f"--temp-dir={temp_dir}", *own_port_options(), "--disable-usage-stats"],
+         f"--dashboard-port={port}", f"--temp-dir={temp_dir}", *own_port_options(metrics),
+         "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    head = LocalRayHead(process.pid, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{port}", str(temp_dir))
+    head = LocalRayHead(
+        process.pid, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{port}", str(temp_dir), metrics
+    )
     deadline = time.monotonic() + timeout
     while not _dashboard_up(head.dashboard_url):
         if process.poll() is not None:

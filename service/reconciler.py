@@ -13,7 +13,9 @@ import logging
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.admission import startable
@@ -21,10 +23,22 @@ from service.launcher import RayJob, RayLauncher, RayRefused, RayUnavailable, St
 from service.lifecycle import JobState
 from service.runfiles import last_record, tail_lines
 from service.store import JobRecord, JobStore
+from trainer.launch import UNWRITABLE
+from trainer.outcome import FailureCause
 
 log = logging.getLogger("hutch.reconciler")
 
 STARTED = (JobState.STARTING, JobState.RUNNING)
+
+
+@dataclass
+class PassStats:
+    """What the reconciler has done since the service started, for its metrics."""
+
+    passes: int = 0
+    failed_passes: int = 0  # the pass raised (the database out of reach, …)
+    seconds: float = 0.0  # spent in passes, all together
+    failed_jobs: dict[FailureCause, int] = field(default_factory=lambda: dict.fromkeys(FailureCause, 0))
 
 
 class Reconciler:
@@ -47,6 +61,7 @@ class Reconciler:
         self.revive_ray = revive_ray
         self.autoscaling_limits = dict(autoscaling_limits or {})
         self.last_error: str | None = None
+        self.stats = PassStats()
         self._tick_error: str | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -68,16 +83,20 @@ class Reconciler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            began = time.perf_counter()
             try:
                 if self.revive_ray is not None:
                     self.revive_ray()
                 self.reconcile_once()
             except Exception as error:  # the database out of reach, …: the loop must not die
+                self.stats.failed_passes += 1
                 self._tick_failed(error)
             else:
                 if self._tick_error is not None:
                     log.warning("reconciling again after: %s", self._tick_error)
                     self._tick_error = None
+            self.stats.passes += 1
+            self.stats.seconds += time.perf_counter() - began
             self._wake.wait(self.interval_s)
             self._wake.clear()
 
@@ -144,7 +163,7 @@ class Reconciler:
                 f"the Ray job {job.ray_job_id} no longer exists: the Ray cluster restarted (its head "
                 f"was lost) while the job ran; {self._resume_hint(job)}"
             )
-            self._finish(job, JobState.FAILED, reason)
+            self._finish(job, JobState.FAILED, reason, cause=FailureCause.INFRASTRUCTURE)
             return
         if job.cancel_requested and ray_job.status in ("PENDING", "RUNNING"):
             self.launcher.stop(job.ray_job_id)  # repeated each tick until Ray reports it stopped
@@ -162,10 +181,11 @@ class Reconciler:
             try:
                 self.launcher.submit(job.id, job.attempt, job.spec, job.name)
             except RayRefused as refused:
-                self.store.move(
+                if self.store.move(
                     job.id, JobState.QUEUED, JobState.FAILED, attempt=job.attempt,
                     message=str(refused), failure_reason=str(refused),
-                )  # fmt: skip
+                ):  # fmt: skip
+                    self.stats.failed_jobs[FailureCause.JOB_ERROR] += 1  # Ray refused its runtime_env
                 return
         moved = self.store.move(
             job.id, JobState.QUEUED, JobState.STARTING, attempt=job.attempt,
@@ -180,17 +200,26 @@ class Reconciler:
         elif ray_job.status == "SUCCEEDED":
             self._finish(job, JobState.SUCCEEDED, None, message="succeeded")
         elif ray_job.status == "STOPPED":
-            self._finish(job, JobState.FAILED, "the Ray job was stopped outside hutch")
+            reason = "the Ray job was stopped outside hutch"
+            self._finish(job, JobState.FAILED, reason, cause=FailureCause.INFRASTRUCTURE)
         else:
-            self._finish(job, JobState.FAILED, self._failure_reason(job, ray_job))
+            reason, cause = self._failure(job, ray_job)
+            self._finish(job, JobState.FAILED, reason, cause=cause)
 
     def _finish(
-        self, job: JobRecord, state: JobState, reason: str | None, message: str | None = None
+        self,
+        job: JobRecord,
+        state: JobState,
+        reason: str | None,
+        message: str | None = None,
+        cause: FailureCause | None = None,
     ) -> None:
-        self.store.move(
+        moved = self.store.move(
             job.id, (JobState.STARTING, JobState.RUNNING), state, attempt=job.attempt,
             message=message or reason, failure_reason=reason,
         )  # fmt: skip
+        if moved and cause is not None:
+            self.stats.failed_jobs[cause] += 1
 
     def _refresh_metrics(self, job: JobRecord) -> None:
         record = last_record(self.launcher.layout.run_dir(job.id) / "metrics.jsonl")
@@ -206,20 +235,26 @@ class Reconciler:
             except OSError as error:  # read-only storage: nothing can start (EROFS even if missing)
                 raise unwritable(run_dir, error) from error
 
-    def _failure_reason(self, job: JobRecord, ray_job: RayJob) -> str:
-        """The trainer's own reason if it wrote one, else the end of the log, else Ray's message."""
+    def _failure(self, job: JobRecord, ray_job: RayJob) -> tuple[str, FailureCause]:
+        """Why the job failed, and the cause in a word: the trainer's own reason if it wrote one,
+        else the driver's last ``error:`` line, else Ray's message."""
         run_dir = self.launcher.layout.run_dir(job.id)
         result = _read_json(run_dir / "result.json")
         if result and result.get("status") == "failed" and result.get("reason"):
-            return str(result["reason"])
+            try:
+                cause = FailureCause(result.get("cause"))
+            except ValueError:  # written by a trainer from before causes
+                cause = FailureCause.INFRASTRUCTURE
+            return str(result["reason"]), cause
         lines, _ = tail_lines(self.launcher.layout.log_file(job.id, job.attempt), 5)
         errors = [line.strip() for line in lines if line.strip().startswith("error:")]
-        if errors:
-            return errors[-1].removeprefix("error:").strip()
+        if errors:  # a spec the driver refused, or a run directory it could not write
+            reason = errors[-1].removeprefix("error:").strip()
+            return reason, FailureCause.INFRASTRUCTURE if UNWRITABLE in reason else FailureCause.JOB_ERROR
         reason = driver_failure(ray_job.message)
         if ENTRYPOINT_FAILED.match(ray_job.message or ""):  # the driver died without a result
             reason = f"{reason}; {self._resume_hint(job)}"
-        return reason
+        return reason, FailureCause.INFRASTRUCTURE
 
     def _resume_hint(self, job: JobRecord) -> str:
         """What a retry of a job that died without a reason of its own would do."""

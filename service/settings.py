@@ -123,6 +123,11 @@ class Settings(TokenSettings):
     local_ray_dashboard_port: PositiveInt = Field(
         default=8265, description="Dashboard port of the local Ray head (a free one if taken)."
     )
+    local_ray_metrics_port: PositiveInt = Field(
+        default=8080,
+        description="Prometheus metrics port of the local Ray head, the training jobs' metrics "
+        "among them (a free one if taken; the service's log and local-ray.json say which).",
+    )
 
     @field_validator("ray_auth_token")
     @classmethod

@@ -348,6 +348,12 @@ class JobStore:
         with self.engine.connect() as connection:
             return connection.execute(_ANY_QUEUED).first() is not None
 
+    def oldest_queued_at(self) -> datetime | None:
+        """When the job that has waited QUEUED longest was submitted (or retried); None if none waits."""
+        query = select(func.min(JOBS.c.updated_at)).where(JOBS.c.state == str(JobState.QUEUED))
+        with self.engine.connect() as connection:
+            return connection.execute(query).scalar()
+
     def queue(self) -> list[JobRecord]:
         """QUEUED jobs in the order they start: highest priority first, then oldest first."""
         query = (

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from trainer.outcome import FailureCause
 from trainer.spec import JobSpec
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -128,11 +129,11 @@ def _outcome(run_dir: Path, job_id: str) -> int:
         return 1
     failure = run_dir / "failure.json"
     if failure.exists():
-        reason = json.loads(failure.read_text())["reason"]
+        stopped = json.loads(failure.read_text())
+        reason, cause = stopped["reason"], stopped.get("cause", FailureCause.INFRASTRUCTURE)
+        result = {"status": "failed", "job_id": job_id, "reason": reason, "cause": cause}
         try:
-            (run_dir / "result.json").write_text(
-                json.dumps({"status": "failed", "job_id": job_id, "reason": reason}, indent=2)
-            )
+            (run_dir / "result.json").write_text(json.dumps(result, indent=2))
         except OSError as error:
             print(f"error: {reason} ({_unwritable(run_dir, error)})", file=sys.stderr, flush=True)
             return 1
@@ -216,8 +217,12 @@ def _storage_failure(error: Exception, run_dir: Path) -> str | None:
     return f"training failed: the storage is {STORAGE_ERRORS[code]} ([Errno {code}] {os.strerror(code)})"
 
 
+UNWRITABLE = "cannot be written"
+"""In the driver's last ``error:`` line when it could not write the run directory."""
+
+
 def _unwritable(run_dir: Path, error: OSError) -> str:
-    return f"the run directory {run_dir} cannot be written: {error.strerror or error}"
+    return f"the run directory {run_dir} {UNWRITABLE}: {error.strerror or error}"
 
 
 _UNWRITTEN_FAILURES: dict[Path, str] = {}
@@ -226,7 +231,8 @@ _UNWRITTEN_FAILURES: dict[Path, str] = {}
 
 def _write_failure(run_dir: Path, reason: str) -> None:
     try:
-        (run_dir / "failure.json").write_text(json.dumps({"reason": reason}))
+        failure = {"reason": reason, "cause": str(FailureCause.INFRASTRUCTURE)}
+        (run_dir / "failure.json").write_text(json.dumps(failure))
     except OSError as error:  # the storage is full or read-only: say it where Ray keeps the log
         _UNWRITTEN_FAILURES[run_dir] = reason
         print(f"error: {reason} ({_unwritable(run_dir, error)})", file=sys.stderr, flush=True)

@@ -3,7 +3,9 @@
 Records are written by rank 0 only. After a restart from a checkpoint at step s, records past
 s are dropped before new ones are appended, so the file holds each step once. The same values
 are exported as Ray gauges tagged with the job's id, so they appear on every Ray node's
-Prometheus endpoint and in the dashboard's metrics views.
+Prometheus endpoint (as ``ray_hutch_<name>``) and in the dashboard's metrics views. Every rank
+also exports its own step time and throughput (:class:`WorkerGauges`), tagged with its rank: a
+slow worker holds the whole group back, and only a per-rank view shows which one it is.
 """
 
 from __future__ import annotations
@@ -13,15 +15,41 @@ from pathlib import Path
 from typing import Any
 
 GAUGES = {
+    "step": "Training steps done",
     "loss": "Training loss (mean over the global batch)",
     "lr": "Learning rate",
     "hessian_trace": "Hutchinson estimate of the Hessian trace at the last Hessian step",
+    "hessian_steps": "Steps that estimated the Hessian diagonal (every hessian_update_freq-th)",
     "grad_norm": "L2 norm of the averaged gradient",
     "samples_per_s": "Training throughput, samples per second",
     "eval_loss": "Held-out loss",
     "eval_accuracy": "Held-out accuracy",
     "eval_perplexity": "Held-out perplexity (language models)",
 }
+
+
+WORKER_GAUGES = {
+    "worker_step_seconds": "Seconds this rank took for its last logged training step",
+    "worker_samples_per_s": "Samples per second of this rank's share of the batch, last logged step",
+}
+
+
+class WorkerGauges:
+    """One rank's own step time and throughput, as Ray gauges tagged with the job and the rank."""
+
+    def __init__(self, job_id: str, rank: int) -> None:
+        from ray.util.metrics import Gauge
+
+        self.tags = {"job_id": job_id, "rank": str(rank)}
+        self._gauges = {
+            name: Gauge(f"hutch_{name}", description=text, tag_keys=("job_id", "rank"))
+            for name, text in WORKER_GAUGES.items()
+        }
+
+    def set(self, step_seconds: float, samples: int) -> None:
+        self._gauges["worker_step_seconds"].set(step_seconds, tags=self.tags)
+        if step_seconds > 0:
+            self._gauges["worker_samples_per_s"].set(samples / step_seconds, tags=self.tags)
 
 
 class MetricsSink:
@@ -32,6 +60,9 @@ class MetricsSink:
         self.job_id = job_id
         path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_records_after(resume_step)
+        kept = read_metrics(path)
+        # Hessian steps are counted from the start of training, across restarts.
+        self.resumed_hessian_steps = int(kept[-1].get("hessian_steps", 0)) if kept else 0
         self._gauges: dict[str, Any] = {}
         if export_to_ray:
             from ray.util.metrics import Gauge

@@ -49,9 +49,10 @@ from trainer.losses import (
     explain_double_backward,
     reduce_weighted,
 )
-from trainer.metrics import MetricsSink, read_metrics
+from trainer.metrics import MetricsSink, WorkerGauges, read_metrics
 from trainer.models.registry import build_model
 from trainer.optim.adahessian import NonFiniteError
+from trainer.outcome import FailureCause
 from trainer.seeding import seed_step
 from trainer.spec import JobSpec, SpecError
 
@@ -197,13 +198,16 @@ def evaluate(
     return out
 
 
-def _record(step: int, stats: StepStats, lr: float, seconds: float, batch_size: int) -> dict[str, Any]:
+def _record(
+    step: int, stats: StepStats, lr: float, seconds: float, batch_size: int, hessian_steps: int
+) -> dict[str, Any]:
     return {
         "step": step,
         "time": time.time(),
         "loss": stats.loss,
         "lr": lr,
         "hessian_step": stats.hessian_step,
+        "hessian_steps": hessian_steps,
         "hessian_trace": stats.hessian_trace,
         "grad_norm": stats.grad_norm,
         "step_time_s": seconds,
@@ -250,6 +254,9 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
     if rank == 0:
         path, export = run_dir / "metrics.jsonl", session.export_metrics
         sink = MetricsSink(path, job_id, resume_step=start, export_to_ray=export)
+    hessian_steps = sink.resumed_hessian_steps if sink is not None else 0  # rank 0 reports it
+    own_gauges = WorkerGauges(job_id, rank) if session.export_metrics else None
+    rank_samples = t.global_batch_size // world
 
     latest: dict[str, Any] = {}
     for step in range(start, t.steps):
@@ -271,7 +278,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         try:
             stats = backend.train_step(batch, t.chunk_size)
         except NonFiniteError as error:
-            _stop(run_dir, rank, done, f"training stopped: {error}")
+            _stop(run_dir, rank, done, f"training stopped: {error}", FailureCause.NON_FINITE_LOSS)
             return
         except SpecError as error:  # the user's loss returned something unusable
             _stop(run_dir, rank, done, f"training stopped: {error}")
@@ -283,13 +290,16 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
             _stop(run_dir, rank, done, f"training stopped: {reason}")
             return
         seconds = time.perf_counter() - began
+        hessian_steps += stats.hessian_step
 
         logging_step = done % t.log_every == 0 or done == t.steps
         eval_step = done % t.eval_every == 0 or done == t.steps
         checkpoint_step = done % t.checkpoint_every == 0 or done == t.steps
         if not (logging_step or eval_step or checkpoint_step):
             continue
-        record = _record(done, stats, lr, seconds, t.global_batch_size)
+        if own_gauges is not None and logging_step:
+            own_gauges.set(seconds, rank_samples)
+        record = _record(done, stats, lr, seconds, t.global_batch_size, hessian_steps)
         backend.average_buffers()  # BatchNorm statistics: one set, for evaluation and checkpoints
         if eval_step:
             try:
@@ -324,10 +334,14 @@ def _hessian_due(backend: Backend) -> bool:
     return bool(getattr(backend.optimizer, "hessian_due", False))
 
 
-def _stop(run_dir: Path, rank: int, step: int | None, reason: str) -> None:
+def _stop(
+    run_dir: Path, rank: int, step: int | None, reason: str, cause: FailureCause = FailureCause.JOB_ERROR
+) -> None:
     """Record why the run stopped (rank 0 writes; the job fails with this reason, no retry)."""
     if rank == 0:
-        failure = {"reason": reason} if step is None else {"step": step, "reason": reason}
+        failure: dict[str, Any] = {"reason": reason, "cause": str(cause)}
+        if step is not None:
+            failure["step"] = step
         (run_dir / "failure.json").write_text(json.dumps(failure))
         print(f"[hutch] {reason}", flush=True)
 

@@ -24,6 +24,7 @@ import yaml
 
 from api.client import Client
 from tests.e2e.conftest import ROOT, TOKEN, ServiceProcess
+from tests.support import wait_for
 
 SPEC: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "digits-adahessian.yaml").read_text())
 
@@ -177,6 +178,34 @@ def test_probes_need_no_token(lite_service: ServiceProcess) -> None:
     assert ready.json()["checks"]["database"] == "ok" and ready.json()["checks"]["ray"].startswith("error")
     metrics = httpx.get(lite_service.url + "/metrics").text
     assert 'hutch_jobs{state="QUEUED"}' in metrics and "hutch_http_requests_total" in metrics
+
+
+def test_metrics_say_what_the_service_sees(lite_service: ServiceProcess) -> None:
+    """The control plane's own numbers, read as Prometheus parses them: Ray unreachable, the
+    queue's oldest wait growing, reconciler passes counted, a failure counter for every cause
+    from the start (so the first failure of a kind is an increase, not a new series)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with lite_service.client() as http:
+        assert http.post("/v1/jobs", json=spec_with(name="metrics-queued")).status_code == 201
+
+    def read() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = httpx.get(lite_service.url + "/metrics").text
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    first = read()
+    passes = ("hutch_reconciler_passes_total", ())
+    assert first[("hutch_ray_up", ())] == 0
+    assert first[("hutch_jobs", (("state", "QUEUED"),))] >= 1
+    for cause in ("non_finite_loss", "job_error", "infrastructure"):
+        assert ("hutch_job_failures_total", (("cause", cause),)) in first
+    later = wait_for(lambda: (now := read())[passes] > first[passes] and now, 30, "another reconciler pass")
+    assert later[("hutch_queue_oldest_seconds", ())] > first[("hutch_queue_oldest_seconds", ())] > 0
+    assert later[("hutch_reconciler_seconds_total", ())] > 0
 
 
 def test_same_idempotency_key_makes_one_job_under_20_concurrent_submissions(

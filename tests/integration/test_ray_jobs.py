@@ -46,8 +46,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     # local-cluster test).
     pgid = start_ray_head(
         env, f"--port={gcs_port}", "--num-cpus=2", "--object-store-memory=200000000",
-        f"--metrics-export-port={metrics_port}", f"--dashboard-port={free_port()}",
-        *(option for option in own_port_options() if not option.startswith("--metrics-export-port")),
+        f"--dashboard-port={free_port()}", *own_port_options(metrics_port),
         temp_dir=Path(tempfile.gettempdir()) / "ray",
     )  # fmt: skip
     try:

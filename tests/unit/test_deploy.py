@@ -45,11 +45,16 @@ CONTROL_PLANE = "hutch-control-plane"
 CONTROL_PLANE_CONTAINER = "control-plane"
 # Where deploy/README.md installs the KubeRay operator, and the labels its Helm chart gives it.
 OPERATOR_NAMESPACE = "kuberay-system"
+PROMETHEUS_NAMESPACE = "monitoring"  # kube-prometheus-stack's, as deploy/README.md installs it
+PROMETHEUS_LABELS = {"app.kubernetes.io/name": "prometheus"}
+METRICS_PORT = 8080
 OPERATOR_LABELS = {
     "app.kubernetes.io/name": "kuberay-operator",
     "app.kubernetes.io/component": "kuberay-operator",
 }
 KUBERAY_HELM_REPO = "https://ray-project.github.io/kuberay-helm/"
+PROMETHEUS_HELM_REPO = "https://prometheus-community.github.io/helm-charts"
+PROMETHEUS_CHART = "prometheus-community/kube-prometheus-stack"
 KUBERAY_MIN = (1, 6, 0)  # authOptions came in 1.5.1, RayCluster upgradeStrategy in 1.6.0
 RAY_TOKEN_AUTH = (2, 52, 0)  # the first Ray with token authentication
 RAY_TOKEN_KEY = "auth_token"  # the key of the Secret KubeRay generates
@@ -59,7 +64,7 @@ RAYCLUSTER_CONDITIONS = {"RayClusterProvisioned", "HeadPodReady"}
 GPU = "nvidia.com/gpu"
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 COMMON_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/part-of", "app.kubernetes.io/version")
-COMPONENTS = {"control-plane", "ray"}
+COMPONENTS = {"control-plane", "ray", "monitoring"}
 # Objects that belong to neither side: the namespace itself and the volume both sides share.
 SHARED_KINDS = {"Namespace", "PersistentVolumeClaim"}
 
@@ -878,6 +883,7 @@ def test_network_policy_lets_only_the_right_pods_in(target: str) -> None:
     stranger = Pod("another pod in the namespace", NAMESPACE, {"app": "stranger"}, {})
     outsider = Pod("a pod in another namespace", "default", {}, {})
     operator = Pod("the KubeRay operator", OPERATOR_NAMESPACE, OPERATOR_LABELS, {})
+    prometheus = Pod("Prometheus", PROMETHEUS_NAMESPACE, PROMETHEUS_LABELS, {})
     expected = [
         (plane, head, DASHBOARD_PORT, True),
         (workers[0], head, DASHBOARD_PORT, True),
@@ -893,9 +899,17 @@ def test_network_policy_lets_only_the_right_pods_in(target: str) -> None:
         (stranger, plane, 8000, True),
         (outsider, plane, 8000, True),
         (stranger, plane, 9000, False),
+        (prometheus, plane, 8000, True),
+        (prometheus, head, METRICS_PORT, True),
+        (prometheus, head, 6379, False),
+        (prometheus, head, DASHBOARD_PORT, False),
+        (stranger, head, METRICS_PORT, False),
     ]
     for worker in workers:
         expected += [
+            (prometheus, worker, METRICS_PORT, True),
+            (prometheus, worker, 10002, False),
+            (outsider, worker, METRICS_PORT, False),
             (head, worker, 10002, True),
             (workers[0], worker, 43210, True),
             (plane, worker, 10002, False),
@@ -1009,7 +1023,7 @@ class ReadmeCheck:
         self.secrets: list[tuple[str, set[str]]] = []  # created, in order: (name, keys)
         self.environment: dict[str, str] = {}  # exported so far
         self.forwarded: dict[str, int] = {}  # Service -> local port
-        self.helm_release: tuple[str, str] | None = None
+        self.helm_releases: list[tuple[str, str]] = []  # (release, namespace), installed so far
         self.kind_cluster: str | None = None
         self.loaded: dict[str, set[str]] = {"kind": set(), "minikube": set()}
         self.problems: list[str] = []
@@ -1025,7 +1039,7 @@ class ReadmeCheck:
             program, args = words[0], words[1:]
             if program == "export":
                 self.environment.update(dict(word.partition("=")[::2] for word in args))
-            elif program in ("kubectl", "helm", "hutch", "kind", "minikube", "curl", "pip"):
+            elif program in ("kubectl", "helm", "hutch", "kind", "minikube", "curl", "pip", "prometheus"):
                 getattr(self, program)(args, env)
             elif program != "base64":
                 self.problem(f"{program} is not a command the tests check")
@@ -1062,6 +1076,9 @@ class ReadmeCheck:
         if verb == ["create", "namespace"]:
             if rest != [NAMESPACE]:
                 self.problem(f"the manifests install into the namespace {NAMESPACE}")
+            return
+        if verb == ["port-forward"] and option(options, "-n", "--namespace") == PROMETHEUS_NAMESPACE:
+            self.grafana_forward(rest)
             return
         if option(options, "-n", "--namespace") != NAMESPACE:
             self.problem(f"runs outside the namespace {NAMESPACE} (-n {NAMESPACE})")
@@ -1100,6 +1117,24 @@ class ReadmeCheck:
         else:
             self.problem("a kubectl command the tests do not check")
 
+    def grafana_forward(self, rest: list[str]) -> None:
+        """kube-prometheus-stack's Grafana, on the local port the Ray head's iframe host names."""
+        release = one(self.targets["deploy/overlays/gpu"], "PodMonitor")["metadata"]["labels"]["release"]
+        if (release, PROMETHEUS_NAMESPACE) not in self.helm_releases:
+            self.problem(f"no kube-prometheus-stack release {release!r} was installed above")
+        local, _, remote = rest[1].partition(":")
+        if rest[0] != f"svc/{release}-grafana" or remote != "80":
+            self.problem(f"the chart's Grafana Service is svc/{release}-grafana, port 80")
+        iframe = {e["name"]: e.get("value") for e in ray_pods(self.dev)[0].ray_container.get("env", [])}
+        if iframe.get("RAY_GRAFANA_IFRAME_HOST") != f"http://127.0.0.1:{local}":
+            self.problem(f"the Ray head's RAY_GRAFANA_IFRAME_HOST is {iframe.get('RAY_GRAFANA_IFRAME_HOST')}")
+
+    def prometheus(self, args: list[str], env: dict[str, str]) -> None:
+        _, options = split_options(args)
+        config = option(options, "--config.file", default="")
+        if not (ROOT / config).is_file() or not config.startswith("deploy/monitoring/"):
+            self.problem(f"{config!r} is not the plain Prometheus configuration of deploy/monitoring")
+
     def hutch(self, args: list[str], env: dict[str, str]) -> None:
         from service.admission import ClusterCapacity, Unschedulable, check_fits
         from trainer.spec import load_spec
@@ -1127,8 +1162,14 @@ class ReadmeCheck:
         positional, options = split_options(args)
         namespace = option(options, "-n", "--namespace", default="default")
         if positional[:2] == ["repo", "add"]:
-            if positional[2:] != ["kuberay", KUBERAY_HELM_REPO]:
+            known = (["kuberay", KUBERAY_HELM_REPO], ["prometheus-community", PROMETHEUS_HELM_REPO])
+            if positional[2:] not in known:
                 self.problem(f"KubeRay's chart repository is kuberay, {KUBERAY_HELM_REPO}")
+        elif positional[:1] == ["install"] and positional[2:3] == [PROMETHEUS_CHART]:
+            release = one(self.targets["deploy/overlays/gpu"], "PodMonitor")["metadata"]["labels"]["release"]
+            if (positional[1], namespace) != (release, PROMETHEUS_NAMESPACE):
+                self.problem(f"the monitors and the NetworkPolicy expect {release} in {PROMETHEUS_NAMESPACE}")
+            self.helm_releases.append((positional[1], namespace))
         elif positional[:1] == ["install"]:
             version = option(options, "--version", default="0")
             validated = SCHEMAS / "README.md"
@@ -1139,12 +1180,12 @@ class ReadmeCheck:
                 self.problem(f"KubeRay {version}: needs 1.6.0 or newer, the version of the validated CRDs")
             if positional[2:3] != ["kuberay/kuberay-operator"]:
                 self.problem("not the kuberay-operator chart")
-            self.helm_release = (positional[1], namespace)
+            self.helm_releases.append((positional[1], namespace))
             if namespace != OPERATOR_NAMESPACE:
                 self.problem(f"the NetworkPolicy admits the operator from {OPERATOR_NAMESPACE}")
         elif positional[:1] == ["uninstall"]:
-            if (positional[1], namespace) != self.helm_release:
-                self.problem(f"not the release installed above, {self.helm_release}")
+            if (positional[1], namespace) not in self.helm_releases:
+                self.problem(f"not a release installed above, {self.helm_releases}")
         elif positional != ["repo", "update"]:
             self.problem("a helm command the tests do not check")
 
