@@ -185,7 +185,7 @@ def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
         """Jobs newest first, one page at a time."""
         labels = _label_filter(label or [])
         jobs, next_cursor = plane.store.list(state or [], labels, limit, cursor)
-        positions = plane.store.queue_positions(job.id for job in jobs if job.state == JobState.QUEUED)
+        positions = plane.store.queue_positions(job for job in jobs if job.state == JobState.QUEUED)
         return _json({"jobs": [_job(plane, job, positions) for job in jobs], "next_cursor": next_cursor})
 
     @router.get(

@@ -499,7 +499,7 @@ def part_api(args: argparse.Namespace) -> dict[str, Any]:
                 phases.append(result)
             store.close()
             ray_warnings = service.log_count(r"Ray is unavailable")
-            admission_skips = service.log_count(r"admission check skipped")
+            admission_skips = service.log_count(r"admission checks? skipped")
             server_errors = service.log_count(r"(?m)^Traceback|Exception in ASGI|sqlite3\.OperationalError")
         counts = {str(k): v for k, v in JobStore(url).count_by_state().items() if v}
         submitted = sum(p["ops"].get("submit", {}).get("count", 0) for p in phases)

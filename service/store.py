@@ -38,6 +38,7 @@ from sqlalchemy import (
     inspect,
     literal,
     select,
+    union,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -363,21 +364,24 @@ class JobStore:
         )
         return self._records(query)
 
-    def queue_positions(self, job_ids: Iterable[str]) -> dict[str, int]:
-        """The places in the queue (1 for the next to start) of ``job_ids``, jobs the caller has
-        just read as QUEUED: one pass over the queue in the database, however many are asked for.
+    def queue_positions(self, jobs: Iterable[JobRecord]) -> dict[str, int]:
+        """The places in the queue (1 for the next to start) of ``jobs``, read as QUEUED just
+        before: one pass over the queue's index in the database, however many are asked for.
 
         A job among them that started since keeps its place, so a page read a moment earlier
         never shows a QUEUED job without a place (nor any other job's place shifted by it)."""
-        wanted = list(job_ids)
-        if not wanted:
+        ids = {job.seq: job.id for job in jobs}
+        if not ids:
             return {}
-        place = func.row_number().over(order_by=(JOBS.c.priority.desc(), JOBS.c.seq)).label("place")
-        waiting = (JOBS.c.state == str(JobState.QUEUED)) | JOBS.c.id.in_(wanted)
-        ranked = select(JOBS.c.id, place).where(waiting).subquery()
-        query = select(ranked.c.id, ranked.c.place).where(ranked.c.id.in_(wanted))
+        waiting = union(
+            select(JOBS.c.seq, JOBS.c.priority).where(JOBS.c.state == str(JobState.QUEUED)),  # the index
+            select(JOBS.c.seq, JOBS.c.priority).where(JOBS.c.seq.in_(ids)),  # the primary key
+        ).subquery()
+        place = func.row_number().over(order_by=(waiting.c.priority.desc(), waiting.c.seq)).label("place")
+        ranked = select(waiting.c.seq, place).subquery()
+        query = select(ranked.c.seq, ranked.c.place).where(ranked.c.seq.in_(ids))
         with self.engine.connect() as connection:
-            return {job_id: int(place) for job_id, place in connection.execute(query)}
+            return {ids[seq]: int(place) for seq, place in connection.execute(query)}
 
     def queue_position(self, job: JobRecord) -> int | None:
         """``job``'s place in the queue (1 for the next to start); None unless it is QUEUED."""

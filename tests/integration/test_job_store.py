@@ -139,12 +139,13 @@ def test_queue_is_highest_priority_first_then_oldest(store: JobStore) -> None:
     store.move("q-low-2", JobState.QUEUED, JobState.STARTING, ray_job_id="r")  # no longer waits
     order = ["q-high", "q-high-2", "q-low", "q-neg"]
     assert [job.id for job in store.queue()] == order
+    read = {job_id: store.get(job_id) for job_id in ["q-low", "q-high", "q-low-2", "q-neg", "q-high-2"]}
     places = {job_id: place for place, job_id in enumerate(order, 1)}
-    assert store.queue_positions([*order, "missing"]) == places
-    assert store.queue_positions(["q-neg"]) == {"q-neg": 4}  # a page holds a few of them
+    assert store.queue_positions(read[job_id] for job_id in order) == places
+    assert store.queue_positions([read["q-neg"]]) == {"q-neg": 4}  # a page holds a few of them
     assert store.queue_positions([]) == {}
     # A page read q-low-2 while it still waited: it keeps its place, and the others theirs then.
-    assert store.queue_positions(["q-low-2", "q-neg"]) == {"q-low-2": 4, "q-neg": 5}
+    assert store.queue_positions([read["q-low-2"], read["q-neg"]]) == {"q-low-2": 4, "q-neg": 5}
     for place, job_id in enumerate(order, start=1):
         job = store.get(job_id)
         assert job is not None and job.priority in (5, 0, -3)
