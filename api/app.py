@@ -365,13 +365,14 @@ def _install_probes(app: FastAPI, registry: CollectorRegistry) -> None:
                 return
             now = plane.telemetry()
             jobs = GaugeMetricFamily("hutch_jobs", "Jobs in the store by state", labels=["state"])
-            for state in JobState:
-                jobs.add_metric([str(state)], now.jobs_by_state.get(state, 0))
+            for state, count in now.jobs_by_state.items():  # none while the database is out of reach
+                jobs.add_metric([str(state)], count)
             yield jobs
-            yield GaugeMetricFamily(
-                "hutch_queue_oldest_seconds", "How long the longest-waiting QUEUED job has waited",
-                value=now.oldest_queued_s,
-            )  # fmt: skip
+            if now.oldest_queued_s is not None:
+                yield GaugeMetricFamily(
+                    "hutch_queue_oldest_seconds", "How long the longest-waiting QUEUED job has waited",
+                    value=now.oldest_queued_s,
+                )  # fmt: skip
             yield GaugeMetricFamily(
                 "hutch_ray_up", "1 if the Ray cluster answers, else 0", value=int(now.ray_up)
             )

@@ -43,7 +43,7 @@ class Submitted:
 @dataclass(frozen=True)
 class Telemetry:
     jobs_by_state: Mapping[JobState, int]
-    oldest_queued_s: float  # how long the longest-waiting QUEUED job has waited (0 with none)
+    oldest_queued_s: float | None  # the longest wait of a QUEUED job (0 with none; None: unknown)
     ray_up: bool
     reconciler: PassStats
 
@@ -238,10 +238,11 @@ class ControlPlane:
         """The service's own numbers for its metrics endpoint, read now. The database's part is
         empty while it is out of reach (a scrape still answers; /readyz says what is wrong)."""
         counts: Mapping[JobState, int] = {}
-        oldest = None
+        waited = None
         try:
-            counts = self.store.count_by_state()
+            counts = self.store.count_by_state()  # every state, zeros included
             oldest = self.store.oldest_queued_at()
+            waited = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
         except SQLAlchemyError as error:
             log.warning("job counts unknown: %s", type(error).__name__)
         try:
@@ -249,5 +250,4 @@ class ControlPlane:
             ray_up = True
         except RayUnavailable:
             ray_up = False
-        waited = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
         return Telemetry(counts, waited, ray_up, self.reconciler.stats)
