@@ -262,6 +262,16 @@ class RayLauncher:
         except Exception as error:
             raise self._unavailable(error) from error
 
+    def driver_output_tail(self, submission_id: str, lines: int) -> list[str]:
+        """The last ``lines`` of the driver's output as Ray keeps it, beside the run's log on
+        the storage: Ray's copy is there also when the storage was full or read-only. Best
+        effort: [] if Ray cannot say."""
+        try:
+            text = self.client.get_job_logs(submission_id)
+        except Exception:  # Ray gone or the job forgotten: the caller has other sources
+            return []
+        return text.splitlines()[-lines:]
+
     def delete(self, submission_id: str) -> None:
         """Forget a finished submission in Ray (best effort)."""
         with contextlib.suppress(Exception):  # already gone, or never there: nothing to forget

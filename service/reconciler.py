@@ -248,6 +248,9 @@ class Reconciler:
             return str(result["reason"]), cause
         lines, _ = tail_lines(self.launcher.layout.log_file(job.id, job.attempt), 5)
         errors = [line.strip() for line in lines if line.strip().startswith("error:")]
+        if not errors and job.ray_job_id:  # the storage may have refused the line: ask Ray's copy
+            lines = self.launcher.driver_output_tail(job.ray_job_id, 5)
+            errors = [line.strip() for line in lines if line.strip().startswith("error:")]
         if errors:  # a spec the driver refused, or a run directory it could not write
             reason = errors[-1].removeprefix("error:").strip()
             return reason, FailureCause.INFRASTRUCTURE if UNWRITABLE in reason else FailureCause.JOB_ERROR
