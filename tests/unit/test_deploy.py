@@ -389,17 +389,24 @@ def _raycluster_validator() -> Any:
     return jsonschema.Draft7Validator(_strict(versions[0]["schema"]["openAPIV3Schema"]))
 
 
+def schema_problems(validator: Any, obj: dict[str, Any]) -> list[str]:
+    """Every error ``validator`` finds in ``obj``, with where in the object it is."""
+    errors = validator.iter_errors(obj)
+    return [f"{ident(obj)} at {'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in errors]
+
+
 def _crd_problems(obj: dict[str, Any]) -> list[str]:
-    errors = _raycluster_validator().iter_errors(obj)
-    return [
-        f"{ident(obj)} at {'.'.join(str(p) for p in e.absolute_path) or '(top)'}: {e.message}" for e in errors
-    ]
+    return schema_problems(_raycluster_validator(), obj)
 
 
-needs_schemas = pytest.mark.skipif(
-    not (SCHEMAS / "ray.io_rayclusters.yaml").exists(),
-    reason=f"the KubeRay CRD schemas are not at {SCHEMAS} (see its README)",
-)
+def needs_schema(file: str, what: str) -> pytest.MarkDecorator:
+    """Skip unless ``file`` is among the schemas in ../shared/k8s-schemas (CI has them)."""
+    return pytest.mark.skipif(
+        not (SCHEMAS / file).exists(), reason=f"{what} are not at {SCHEMAS} (see its README)"
+    )
+
+
+needs_schemas = needs_schema("ray.io_rayclusters.yaml", "the KubeRay CRD schemas")
 
 
 @needs_schemas

@@ -24,10 +24,11 @@ from tests.unit.test_deploy import (
     _matches,
     _strict,
     find,
-    ident,
+    needs_schema,
     one,
     ray_pods,
     render,
+    schema_problems,
 )
 
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -62,14 +63,10 @@ def _operator_validator(kind: str) -> Any:
 
 
 def _operator_problems(obj: dict[str, Any]) -> list[str]:
-    errors = _operator_validator(obj["kind"]).iter_errors(obj)
-    return [f"{ident(obj)} at {'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}" for e in errors]
+    return schema_problems(_operator_validator(obj["kind"]), obj)
 
 
-needs_schemas = pytest.mark.skipif(
-    not (SCHEMAS / "monitoring.coreos.com_podmonitor_v1.json").exists(),
-    reason=f"the Prometheus operator's schemas are not at {SCHEMAS} (see its README)",
-)
+needs_schemas = needs_schema("monitoring.coreos.com_podmonitor_v1.json", "the Prometheus operator's schemas")
 
 
 @needs_schemas
