@@ -38,13 +38,12 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,21 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch_optimizer
 
 import trainer.optim.adahessian as ours_module
-from benchmarks.common import DEFAULT_OUT, machine_info, write_results
+from benchmarks.harness import (
+    apply_mode,
+    console,
+    figure,
+    finish,
+    interleaved,
+    log,
+    machine_info,
+    parser,
+    settings,
+    spread,
+    table,
+    timed,
+    whole_periods,
+)
 from trainer.models import resnet20, transformer_lm
 from trainer.optim import AdaHessian
 
@@ -176,35 +189,21 @@ class Runner:
         self.cursor += 1
         return batch
 
-    def step(self) -> None:
-        """One full training step, exactly as a user would write it for this optimizer."""
-        x, y = self._batch()
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.workload.loss(self.model(x), y)
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward pass this optimizer's documented usage asks for."""
         if self.config.kind == "ours":
             self.opt.backward(loss)  # type: ignore[attr-defined]
         elif self.config.kind == "torch_optimizer":
             loss.backward(create_graph=True)
         else:
             loss.backward()
+
+    def step(self) -> None:
+        """One full training step, exactly as a user would write it for this optimizer."""
+        x, y = self._batch()
+        self.opt.zero_grad(set_to_none=True)
+        self.backward(self.workload.loss(self.model(x), y))
         self.opt.step()
-
-    def steps(self, n: int) -> float:
-        """Run ``n`` steps with the garbage collector paused; return the elapsed seconds."""
-        gc.collect()
-        gc.disable()
-        try:
-            start = time.perf_counter()
-            for _ in range(n):
-                self.step()
-            return time.perf_counter() - start
-        finally:
-            gc.enable()
-
-
-def whole_periods(steps: int, freq: int) -> int:
-    """The smallest multiple of ``freq`` that is at least ``steps``."""
-    return freq * math.ceil(max(steps, 1) / freq)
 
 
 # -- the interleaved measurement -------------------------------------------------------------
@@ -223,22 +222,25 @@ class Measurement:
         return statistics.median(self.round_ms)
 
 
-def measure(
-    workload: Workload, configs: list[Config], args: argparse.Namespace, log: Callable[[str], None]
-) -> list[Measurement]:
+def measure(workload: Workload, configs: list[Config], args: argparse.Namespace) -> list[Measurement]:
     """Warm up every configuration, then time them in ``args.rounds`` interleaved rounds."""
     torch.manual_seed(args.seed)
     base = workload.make_model()
     runners = [Runner(c, copy.deepcopy(base), workload, args) for c in configs]
     results = [Measurement(c.name, c.kind, c.freq, whole_periods(args.block_steps, c.freq)) for c in configs]
     for runner in runners:
-        runner.steps(whole_periods(args.warmup_steps, runner.config.freq))
-    for r in range(args.rounds):
-        order = [(i + r) % len(runners) for i in range(len(runners))]
-        for i in order:
-            n = results[i].block_steps
-            results[i].round_ms.append(runners[i].steps(n) / n * 1e3)
-        log(f"  {workload.name}: round {r + 1}/{args.rounds} done")
+        timed(runner.step, whole_periods(args.warmup_steps, runner.config.freq))
+
+    def block(runner: Runner, n: int) -> Callable[[], float]:
+        return lambda: timed(runner.step, n) / n * 1e3
+
+    rounds = interleaved(
+        [block(runner, m.block_steps) for runner, m in zip(runners, results)],
+        args.rounds,
+        lambda r: log(f"  {workload.name}: round {r + 1}/{args.rounds} done"),
+    )
+    for m, round_ms in zip(results, rounds):
+        m.round_ms = round_ms
     return results
 
 
@@ -248,16 +250,16 @@ def summarize(results: list[Measurement]) -> dict[str, Any]:
     adamw = next(m.median_ms for m in results if m.kind == "adamw")
     rows = []
     for m in results:
-        q = statistics.quantiles(m.round_ms, n=4) if len(m.round_ms) > 1 else [m.median_ms] * 3
+        s = spread(m.round_ms)
         rows.append(
             {
                 "name": m.name,
                 "kind": m.kind,
                 "hessian_update_freq": m.freq,
                 "block_steps": m.block_steps,
-                "ms_per_step": m.median_ms,
-                "ms_per_step_min": min(m.round_ms),
-                "ms_per_step_iqr": [q[0], q[2]],
+                "ms_per_step": s["median"],
+                "ms_per_step_min": s["min"],
+                "ms_per_step_iqr": [s["q1"], s["q3"]],
                 "ratio_to_sgd": m.median_ms / sgd,
                 "ratio_to_adamw": m.median_ms / adamw,
                 "round_ms": m.round_ms,
@@ -299,7 +301,8 @@ def summarize(results: list[Measurement]) -> dict[str, Any]:
 
 
 @contextmanager
-def _timed(store: dict[str, float], key: str) -> Iterator[None]:
+def _clock(store: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``store[key]``."""
     start = time.perf_counter()
     try:
         yield
@@ -307,36 +310,55 @@ def _timed(store: dict[str, float], key: str) -> Iterator[None]:
         store[key] = store.get(key, 0.0) + time.perf_counter() - start
 
 
-def _phase_step(
-    runner: Runner, wrap_hvp: Callable[[dict[str, float]], Callable[[], None]]
-) -> dict[str, float]:
-    """One Hessian step of an AdaHessian, timed by phase (seconds)."""
-    t: dict[str, float] = {}
-    restore = wrap_hvp(t)
+@contextmanager
+def _clocking(owner: Any, name: str, store: dict[str, float]) -> Iterator[None]:
+    """While active, every call of ``owner.name`` adds its seconds to ``store["hvp"]``."""
+    original = getattr(owner, name)
+    own = name in vars(owner)  # a module's function is put back, an instance's override dropped
+
+    def clocked(*a: Any, **kw: Any) -> Any:
+        with _clock(store, "hvp"):
+            return original(*a, **kw)
+
+    setattr(owner, name, clocked)
     try:
-        x, y = runner._batch()
-        with _timed(t, "zero_grad"):
-            runner.opt.zero_grad(set_to_none=True)
-        with _timed(t, "forward"):
-            loss = runner.workload.loss(runner.model(x), y)
-        with _timed(t, "backward"):
-            if runner.config.kind == "ours":
-                runner.opt.backward(loss)  # type: ignore[attr-defined]
-            else:
-                loss.backward(create_graph=True)
-        with _timed(t, "step"):
-            runner.opt.step()
+        yield
     finally:
-        restore()
-    hvp = t.get("hvp", 0.0)
+        if own:
+            setattr(owner, name, original)
+        else:
+            delattr(owner, name)
+
+
+def _phase_step(runner: Runner, hvp: tuple[Any, str] | None) -> dict[str, float]:
+    """One step timed by phase (seconds); ``hvp`` names the (owner, function) that computes an
+    AdaHessian's Hessian-vector products, timed apart from the phase that calls it."""
+    t: dict[str, float] = {}
+    x, y = runner._batch()
+    with _clocking(*hvp, t) if hvp else nullcontext():
+        with _clock(t, "zero_grad"):
+            runner.opt.zero_grad(set_to_none=True)
+        with _clock(t, "forward"):
+            loss = runner.workload.loss(runner.model(x), y)
+        with _clock(t, "backward"):
+            runner.backward(loss)
+        with _clock(t, "step"):
+            runner.opt.step()
+    if hvp is None:
+        return {
+            "zero_grad": t["zero_grad"],
+            "forward": t["forward"],
+            "gradient": t["backward"],
+            "update": t["step"],
+        }
+    hvp_s = t.get("hvp", 0.0)
     # The HVP runs inside `backward` for ours and inside `step` for torch-optimizer.
-    inside = "backward" if runner.config.kind == "ours" else "step"
-    t[inside] -= hvp
+    t["backward" if runner.config.kind == "ours" else "step"] -= hvp_s
     return {
         "zero_grad": t["zero_grad"],
         "forward": t["forward"],
         "gradient_with_graph": t["backward"],
-        "hvp": hvp,
+        "hvp": hvp_s,
         "update": t["step"],
     }
 
@@ -348,54 +370,18 @@ def measure_phases(workload: Workload, args: argparse.Namespace, steps: int) -> 
     ours = Runner(Config("ours", "ours", 1), copy.deepcopy(base), workload, args)
     ref = Runner(Config("torch-optimizer", "torch_optimizer"), copy.deepcopy(base), workload, args)
     sgd = Runner(Config("sgd", "sgd"), copy.deepcopy(base), workload, args)
-
-    def wrap_ours(t: dict[str, float]) -> Callable[[], None]:
-        original = ours_module.hutchinson_products
-
-        def timed(*a: Any, **kw: Any) -> Any:
-            with _timed(t, "hvp"):
-                return original(*a, **kw)
-
-        ours_module.hutchinson_products = timed  # type: ignore[assignment]
-
-        def restore() -> None:
-            ours_module.hutchinson_products = original
-
-        return restore
-
-    def wrap_ref(t: dict[str, float]) -> Callable[[], None]:
-        opt: Any = ref.opt
-        original = opt.get_trace
-
-        def timed(*a: Any, **kw: Any) -> Any:
-            with _timed(t, "hvp"):
-                return original(*a, **kw)
-
-        opt.get_trace = timed
-
-        def restore() -> None:
-            del opt.get_trace
-
-        return restore
-
-    samples: dict[str, list[dict[str, float]]] = {"ours_k1": [], "torch_optimizer": [], "sgd": []}
-    for runner in (ours, ref, sgd):
-        runner.steps(2)
+    timers: dict[str, tuple[Runner, tuple[Any, str] | None]] = {
+        "ours_k1": (ours, (ours_module, "hutchinson_products")),
+        "torch_optimizer": (ref, (ref.opt, "get_trace")),
+        "sgd": (sgd, None),
+    }
+    for runner, _ in timers.values():
+        timed(runner.step, 2)
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in timers}
     for _ in range(steps):
         gc.collect()
-        samples["ours_k1"].append(_phase_step(ours, wrap_ours))
-        samples["torch_optimizer"].append(_phase_step(ref, wrap_ref))
-        t: dict[str, float] = {}
-        x, y = sgd._batch()
-        with _timed(t, "zero_grad"):
-            sgd.opt.zero_grad(set_to_none=True)
-        with _timed(t, "forward"):
-            loss = workload.loss(sgd.model(x), y)
-        with _timed(t, "gradient"):
-            loss.backward()
-        with _timed(t, "update"):
-            sgd.opt.step()
-        samples["sgd"].append(t)
+        for name, (runner, hvp) in timers.items():
+            samples[name].append(_phase_step(runner, hvp))
     return {
         name: {key: statistics.median(s[key] for s in rows) * 1e3 for key in rows[0]}
         for name, rows in samples.items()
@@ -405,122 +391,88 @@ def measure_phases(workload: Workload, args: argparse.Namespace, steps: int) -> 
 # -- output ----------------------------------------------------------------------------------
 
 
-def print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _ok(flag: bool) -> str:
+    return "[green]met[/]" if flag else "[red]NOT met[/]"
 
-    console = Console(width=None if sys.stdout.isatty() else 120)
+
+def print_report(report: dict[str, Any]) -> None:
+    out = console(120)
     m = report["machine"]
-    console.print(
-        f"[bold]Optimizer step cost[/] -- torch {m['torch']}, {m['torch_threads']} threads, {m['cpu']}"
-    )
+    out.print(f"[bold]Optimizer step cost[/] -- torch {m['torch']}, {m['torch_threads']} threads, {m['cpu']}")
+    columns = ("optimizer", "block", "ms/step", "IQR (ms)", "× SGD", "× AdamW", "predicted × SGD", "dev.")
     for wl in report["workloads"]:
         s = wl["summary"]
-        table = Table(title=f"{wl['description']} ({report['settings']['rounds']} rounds, median)")
-        for col in (
-            "optimizer",
-            "block",
-            "ms/step",
-            "IQR (ms)",
-            "× SGD",
-            "× AdamW",
-            "predicted × SGD",
-            "dev.",
-        ):
-            table.add_column(col, justify="left" if col == "optimizer" else "right")
         predicted = {a["hessian_update_freq"]: a for a in s["amortized"]}
+        rows = []
         for row in s["rows"]:
             pred = predicted.get(row["hessian_update_freq"]) if row["kind"] == "ours" else None
             dev = ""
             if pred is not None:
                 style = "green" if pred["target_met"] else "red"
                 dev = f"[{style}]{pred['relative_deviation']:+.1%}[/]"
-            table.add_row(
-                row["name"],
-                str(row["block_steps"]),
-                f"{row['ms_per_step']:.1f}",
-                f"{row['ms_per_step_iqr'][0]:.1f}–{row['ms_per_step_iqr'][1]:.1f}",
-                f"{row['ratio_to_sgd']:.2f}",
-                f"{row['ratio_to_adamw']:.2f}",
-                f"{pred['predicted_ratio_to_sgd']:.2f}" if pred else "",
-                dev,
-            )
-        console.print(table)
-        ok = "[green]met[/]" if s["speed_target_met"] else "[red]NOT met[/]"
-        speed = s["ours_k1_over_torch_optimizer"]
-        console.print(f"  ours k=1 / torch-optimizer = {speed:.3f} (target ≤ {SPEED_TARGET}): {ok}")
-        ok = "[green]met[/]" if s["amortized_target_met"] else "[red]NOT met[/]"
-        console.print(f"  every k within {AMORTIZED_TOLERANCE:.0%} of 1 + (r1 - 1)/k: {ok}")
-        if "phases_ms" in wl:
-            phases = Table(title=f"{wl['name']}: phases of a Hessian step (median ms)")
-            names = list(wl["phases_ms"])
-            phases.add_column("phase")
-            for name in names:
-                phases.add_column(name, justify="right")
-            keys = list(dict.fromkeys(k for name in names for k in wl["phases_ms"][name]))
-            for key in [*keys, "total"]:
-                vals = [
-                    sum(wl["phases_ms"][n].values()) if key == "total" else wl["phases_ms"][n].get(key)
-                    for n in names
+            rows.append(
+                [
+                    row["name"],
+                    row["block_steps"],
+                    f"{row['ms_per_step']:.1f}",
+                    f"{row['ms_per_step_iqr'][0]:.1f}–{row['ms_per_step_iqr'][1]:.1f}",
+                    f"{row['ratio_to_sgd']:.2f}",
+                    f"{row['ratio_to_adamw']:.2f}",
+                    f"{pred['predicted_ratio_to_sgd']:.2f}" if pred else "",
+                    dev,
                 ]
-                phases.add_row(key, *("" if v is None else f"{v:.1f}" for v in vals))
-            console.print(phases)
+            )
+        out.print(
+            table(f"{wl['description']} ({report['settings']['rounds']} rounds, median)", columns, rows)
+        )
+        speed, ok = s["ours_k1_over_torch_optimizer"], _ok(s["speed_target_met"])
+        out.print(f"  ours k=1 / torch-optimizer = {speed:.3f} (target ≤ {SPEED_TARGET}): {ok}")
+        out.print(
+            f"  every k within {AMORTIZED_TOLERANCE:.0%} of 1 + (r1 - 1)/k: {_ok(s['amortized_target_met'])}"
+        )
+        if "phases_ms" in wl:
+            phases = wl["phases_ms"]
+            keys = dict.fromkeys(k for p in phases.values() for k in p)
+            rows = [[k, *(f"{p[k]:.1f}" if k in p else None for p in phases.values())] for k in keys]
+            rows.append(["total", *(f"{sum(p.values()):.1f}" for p in phases.values())])
+            out.print(table(f"{wl['name']}: phases of a Hessian step (median ms)", ["phase", *phases], rows))
 
 
 def save_plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     workloads = report["workloads"]
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
-    for ax, wl in zip(axes[0], workloads):
-        rows = wl["summary"]["rows"]
-        names = [
-            r["name"].replace("torch-optimizer ", "torch-opt.\n").replace(" (momentum 0.9)", "") for r in rows
-        ]
-        ratios = [r["ratio_to_sgd"] for r in rows]
-        colors = [
-            "tab:gray"
-            if r["kind"] in ("sgd", "adamw")
-            else "tab:orange"
-            if r["kind"] == "torch_optimizer"
-            else "tab:blue"
-            for r in rows
-        ]
-        ax.bar(range(len(rows)), ratios, color=colors)
-        pred = {a["hessian_update_freq"]: a["predicted_ratio_to_sgd"] for a in wl["summary"]["amortized"]}
-        for i, r in enumerate(rows):
-            if r["kind"] == "ours":
-                ax.plot(
-                    [i - 0.4, i + 0.4],
-                    [pred[r["hessian_update_freq"]]] * 2,
-                    color="k",
-                    linestyle="--",
-                    linewidth=1,
-                )
-            ax.text(i, ratios[i], f"{ratios[i]:.2f}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("time per step / SGD")
-        ax.set_title(wl["description"], fontsize=9)
-    fig.suptitle("Per-step cost (dashed: amortized prediction 1 + (r1 - 1)/k)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = "Per-step cost (dashed: amortized prediction 1 + (r1 - 1)/k)"
+    with figure(path, 1, len(workloads), (6, 4.5), title) as axes:
+        for ax, wl in zip(axes[0], workloads):
+            rows = wl["summary"]["rows"]
+            names = [
+                r["name"].replace("torch-optimizer ", "torch-opt.\n").replace(" (momentum 0.9)", "")
+                for r in rows
+            ]
+            ratios = [r["ratio_to_sgd"] for r in rows]
+            colors = {"sgd": "tab:gray", "adamw": "tab:gray", "torch_optimizer": "tab:orange"}
+            ax.bar(range(len(rows)), ratios, color=[colors.get(r["kind"], "tab:blue") for r in rows])
+            pred = {a["hessian_update_freq"]: a["predicted_ratio_to_sgd"] for a in wl["summary"]["amortized"]}
+            for i, r in enumerate(rows):
+                if r["kind"] == "ours":
+                    ax.plot(
+                        [i - 0.4, i + 0.4],
+                        [pred[r["hessian_update_freq"]]] * 2,
+                        color="k",
+                        linestyle="--",
+                        linewidth=1,
+                    )
+                ax.text(i, ratios[i], f"{ratios[i]:.2f}", ha="center", va="bottom", fontsize=8)
+            ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=8)
+            ax.set_ylabel("time per step / SGD")
+            ax.set_title(wl["description"], fontsize=9)
 
 
 # -- command line ----------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (smoke test, < 1 min)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and PNG results")
+    p = parser(__doc__, "tiny sizes and few steps (smoke test, < 1 min)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", default="resnet20,transformer", help="comma-separated: resnet20, transformer")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds [7; quick 2]")
     p.add_argument(
@@ -552,30 +504,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="phase breakdown [on; quick off]",
     )
     p.add_argument("--phase-steps", type=int, default=7, help="Hessian steps sampled for the phase breakdown")
-    args = p.parse_args(argv)
-    full = {
-        "rounds": 7,
-        "block_steps": 12,
-        "warmup_steps": 5,
-        "resnet_batch": 32,
-        "lm_batch": 16,
-        "lm_seq": 64,
-        "lm_embd": 128,
-        "phases": True,
-    }
-    quick = {
-        "rounds": 2,
-        "block_steps": 5,
-        "warmup_steps": 2,
-        "resnet_batch": 4,
-        "lm_batch": 2,
-        "lm_seq": 16,
-        "lm_embd": 32,
-        "phases": False,
-    }
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = apply_mode(
+        p.parse_args(argv),
+        full={"rounds": 7, "block_steps": 12, "warmup_steps": 5, "resnet_batch": 32, "lm_batch": 16,
+              "lm_seq": 64, "lm_embd": 128, "phases": True},
+        quick={"rounds": 2, "block_steps": 5, "warmup_steps": 2, "resnet_batch": 4, "lm_batch": 2,
+               "lm_seq": 16, "lm_embd": 32, "phases": False},
+    )  # fmt: skip
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = set(args.models) - {"resnet20", "transformer"}
     if unknown or not args.models:
@@ -592,10 +527,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # torch-optimizer's documented usage, backward(create_graph=True), warns about a param<->grad
     # reference cycle; its step() detaches the gradients, which breaks the cycle.
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     started = time.perf_counter()
     report: dict[str, Any] = {
         "benchmark": "optimizer_cost",
@@ -604,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch_threads=torch.get_num_threads(),
             flush_denormal=True,
         ),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings(args),
         "method": (
             "interleaved rounds; per round each config runs one block of k*ceil(block_steps/k) steps "
             "(whole Hessian periods, starting on a Hessian step) after a warm-up of whole periods; "
@@ -615,22 +546,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for workload in make_workloads(args):
         log(f"{workload.description}: timing {len(make_configs())} configs")
-        results = measure(workload, make_configs(), args, log)
         entry: dict[str, Any] = {
             "name": workload.name,
             "description": workload.description,
-            "summary": summarize(results),
+            "summary": summarize(measure(workload, make_configs(), args)),
         }
         if args.phases:
             log(f"  {workload.name}: phase breakdown")
             entry["phases_ms"] = measure_phases(workload, args, args.phase_steps)
         report["workloads"].append(entry)
-    report["wall_seconds"] = time.perf_counter() - started
-
-    files = write_results(args.out, "optimizer_cost", report, save_plot)
-    print_report(report)
-    print(f"results: {files} ({report['wall_seconds']:.0f} s)")
-    return report
+    return finish(args.out, "optimizer_cost", report, started, save_plot, print_report)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,7 +73,20 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DEFAULT_OUT, machine_info, write_results
+from benchmarks.harness import (
+    apply_mode,
+    console,
+    figure,
+    finish,
+    free_port,
+    load_avg,
+    log,
+    machine_info,
+    parser,
+    percentiles,
+    settings,
+    table,
+)
 from service.launcher import RayLauncher, RayUnavailable, RunLayout
 from service.lifecycle import JobState
 from service.store import EventRow, JobRow, JobStore, LabelRow, encode_cursor, request_hash
@@ -98,36 +110,6 @@ LIST_KINDS = (
 HISTOGRAM = re.compile(
     r'^hutch_http_request_duration_seconds_(sum|count)\{method="(\w+)",route="([^"]+)"\} (\S+)$', re.M
 )
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def load_avg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    """p50, p99, max and mean of ``values`` in milliseconds (None when empty)."""
-    if not values:
-        return {"p50_ms": None, "p99_ms": None, "max_ms": None, "mean_ms": None}
-    ms = np.asarray(values) * 1e3
-    return {
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "max_ms": float(ms.max()),
-        "mean_ms": float(ms.mean()),
-    }
 
 
 # -- the service as a subprocess ----------------------------------------------------------------
@@ -758,20 +740,15 @@ def _s(value: float | None) -> str:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=150)
+    out = console(150)
     a = report.get("api")
     if a:
         fill = a["prefill"]
-        table = Table(
-            title=f"A. API latency: {report['settings']['clients']} concurrent clients, "
-            f"{fill['stored_jobs']:,} stored jobs, Ray unreachable (jobs stay QUEUED)"
-        )
-        for col in ("phase", "operation", "n", "p50 ms", "p99 ms", "max ms", "mean ms", "server mean ms",
-                    "errors", "phase req/s", "server CPU ms/req"):  # fmt: skip
-            table.add_column(col, justify="left" if col in ("phase", "operation") else "right")
+        title = (f"A. API latency: {report['settings']['clients']} concurrent clients, "
+                 f"{fill['stored_jobs']:,} stored jobs, Ray unreachable (jobs stay QUEUED)")  # fmt: skip
+        columns = ("phase", "operation", "n", "p50 ms", "p99 ms", "max ms", "mean ms", "server mean ms",
+                   "errors", "phase req/s", "server CPU ms/req")  # fmt: skip
+        latency = table(title, columns, [], left=("phase", "operation"))
         for phase in a["phases"]:
             first = True
             cpu_ms = phase["server_cpu_s"] * 1e3 / phase["requests"] if phase["server_cpu_s"] else None
@@ -779,7 +756,7 @@ def print_report(report: dict[str, Any]) -> None:
                 method = "POST" if op == "submit" else "GET"
                 server = phase["server_mean"].get(method, {}).get("mean_ms")
                 errors = ", ".join(f"{k}×{v}" for k, v in row["errors"].items()) or "0"
-                table.add_row(
+                latency.add_row(
                     phase["phase"] if first else "", op, str(row["count"]), _ms(row["p50_ms"]),
                     _ms(row["p99_ms"]), _ms(row["max_ms"]), _ms(row["mean_ms"]),
                     _ms(server) if op in ("submit", "list (all kinds)") else "",
@@ -788,9 +765,9 @@ def print_report(report: dict[str, Any]) -> None:
                     _ms(cpu_ms) if first and cpu_ms is not None else "",
                 )  # fmt: skip
                 first = False
-            table.add_section()
-        console.print(table)
-        console.print(
+            latency.add_section()
+        out.print(latency)
+        out.print(
             f"  prefill: {fill['bulk_inserted']:,} jobs bulk-inserted in {fill['bulk_insert_s']:.1f} s; "
             f"{fill['store_create_sample']} through JobStore.create: p50 "
             f"{_ms(fill['store_create']['p50_ms'])} ms, move p50 {_ms(fill['store_move']['p50_ms'])} ms; "
@@ -798,45 +775,39 @@ def print_report(report: dict[str, Any]) -> None:
         )
         skipped = a["server_log"]["admission_check_skipped"]
         cost = a["admission_check_ray_unreachable"]
-        console.print(
+        out.print(
             f"  /readyz {a['readyz']['status']} {a['readyz']['body'].get('checks')}: the admission check "
             f"(cluster capacity) is skipped when Ray is unreachable ({skipped} times in the log), after a "
             f"failed capacity call of {cost['wall_ms']:.1f} ms ({cost['cpu_ms']:.1f} ms CPU), made at most "
             "once per 10 s (the failure is kept)"
         )
-        console.print(
+        out.print(
             f"  store after: {a['store_after']} ({a['jobs_submitted']} submitted); server log: "
             f"{a['server_log']['tracebacks_or_db_errors']} tracebacks/DB errors; QUEUED jobs cancelled after "
             f"each phase: {[p['cancelled_after'] for p in a['phases']]}"
         )
         tick = a["reconciler_pass_ray_unreachable"]
-        console.print(
+        out.print(
             f"  one reconciler pass over {tick['queued_jobs']} QUEUED jobs with Ray unreachable: "
             f"{tick['wall_s']:.2f} s ({tick['per_job_ms']:.1f} ms/job, CPU {tick['cpu_s']:.2f} s); "
             "the service runs one per second and after every submission"
         )
     b = report.get("ray")
     if b:
-        table = Table(title="B. Time from the request to the first training step (seconds after the request)")
-        for col in ("#", "path", "request answered", "Ray job created", "first step", "job ended", "outcome"):
-            table.add_column(col, justify="left" if col in ("path", "outcome") else "right")
-        for i, run in enumerate(b["runs"], 1):
-            path = run["path"] + ("" if run["counted"] else " (warm-up)")
-            table.add_row(str(i), path, _s(run["answered_s"]), _s(run["ray_created_s"]),
-                          _s(run["first_step_s"]), _s(run["finished_s"]), run["outcome"])  # fmt: skip
-        console.print(table)
+        rows = [[i, run["path"] + ("" if run["counted"] else " (warm-up)"), _s(run["answered_s"]),
+                 _s(run["ray_created_s"]), _s(run["first_step_s"]), _s(run["finished_s"]), run["outcome"]]
+                for i, run in enumerate(b["runs"], 1)]  # fmt: skip
+        columns = ("#", "path", "request answered", "Ray job created", "first step", "job ended", "outcome")
+        title = "B. Time from the request to the first training step (seconds after the request)"
+        out.print(table(title, columns, rows, left=("path", "outcome")))
         s = b["summary"]
-        table = Table(title="B. Medians over the counted runs")
-        for col in ("path", "runs", "answered s", "Ray job created s", "Ray → first step s", "first step s"):
-            table.add_column(col, justify="left" if col == "path" else "right")
-        for path in ("service", "direct"):
-            row = s[path]
-            table.add_row(path, str(row["runs"]), _s(row["median_answered_s"]),
-                          _s(row["median_ray_created_s"]), _s(row["median_ray_to_first_step_s"]),
-                          _s(row["median_first_step_s"]))  # fmt: skip
-        console.print(table)
+        rows = [[path, s[path]["runs"], _s(s[path]["median_answered_s"]), _s(s[path]["median_ray_created_s"]),
+                 _s(s[path]["median_ray_to_first_step_s"]), _s(s[path]["median_first_step_s"])]
+                for path in ("service", "direct")]  # fmt: skip
+        columns = ("path", "runs", "answered s", "Ray job created s", "Ray → first step s", "first step s")
+        out.print(table("B. Medians over the counted runs", columns, rows))
         ratio = s["ratio_service_over_direct"]
-        console.print(
+        out.print(
             f"  service / direct: [bold]{ratio:.2f}×[/]; overhead {s['overhead_s']:+.2f} s "
             f"(service and Ray head came up in {b['service_and_head_start_s']:.1f} s, stopped in "
             f"{b['service_stop_s']:.1f} s)"
@@ -844,67 +815,55 @@ def print_report(report: dict[str, Any]) -> None:
             else "  no ratio: a path has no successful run"
         )
     m = report["machine"]
-    console.print(f"  load average at start {m['load_average_start']}, at end {m['load_average_end']}; "
-                  f"{m['logical_cpus']} logical CPUs")  # fmt: skip
+    out.print(f"  load average at start {m['load_average_start']}, at end {m['load_average_end']}; "
+              f"{m['logical_cpus']} logical CPUs")  # fmt: skip
     for note in report["notes"]:
-        console.print(f"[yellow]Note:[/] {note}")
+        out.print(f"[yellow]Note:[/] {note}")
 
 
 def save_plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [p for p in ("api", "ray") if report.get(p)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.6), squeeze=False)
-    for ax, part in zip(axes[0], panels):
-        if part == "api":
-            labels, data = [], []
-            for phase in report["api"]["phases"]:
-                for op, row in phase["ops"].items():
-                    if row["seconds"]:
-                        labels.append(f"{phase['phase']}: {op}")
-                        data.append(np.asarray(row["seconds"]) * 1e3)
-            ax.boxplot(data, whis=(1, 99), showfliers=True, flierprops={"markersize": 2})
-            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, ha="right", fontsize=6)
-            ax.set_yscale("log")
-            ax.set_ylabel("latency (ms, client-observed)")
-            stored = report["api"]["prefill"]["stored_jobs"]
-            ax.set_title(f"A: {report['settings']['clients']} clients, {stored:,} stored jobs "
-                         "(whiskers p1-p99)", fontsize=9)  # fmt: skip
-        else:
-            s = report["ray"]["summary"]
-            names = ["service", "direct"]
-            medians = [s[n]["median_first_step_s"] or 0.0 for n in names]
-            created = [s[n]["median_ray_created_s"] or 0.0 for n in names]
-            ax.bar(names, created, color="tab:gray", label="request → Ray job created")
-            ax.bar(names, [m - c for m, c in zip(medians, created)], bottom=created, color="tab:blue",
-                   label="Ray job created → first step")  # fmt: skip
-            for i, n in enumerate(names):
-                points = s[n]["first_step_s"]
-                ax.plot([i] * len(points), points, "k.", markersize=6)
-            ax.set_ylabel("seconds from the request to the first step")
-            ratio = s["ratio_service_over_direct"]
-            ax.set_title(
-                f"B: POST /v1/jobs vs JobSubmissionClient (medians, dots: runs); ratio "
-                f"{ratio:.2f}" if ratio else "B: no ratio", fontsize=9,
-            )  # fmt: skip
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, len(panels), (7, 4.6)) as axes:
+        for ax, part in zip(axes[0], panels):
+            if part == "api":
+                labels, data = [], []
+                for phase in report["api"]["phases"]:
+                    for op, row in phase["ops"].items():
+                        if row["seconds"]:
+                            labels.append(f"{phase['phase']}: {op}")
+                            data.append(np.asarray(row["seconds"]) * 1e3)
+                ax.boxplot(data, whis=(1, 99), showfliers=True, flierprops={"markersize": 2})
+                ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, ha="right", fontsize=6)
+                ax.set_yscale("log")
+                ax.set_ylabel("latency (ms, client-observed)")
+                stored = report["api"]["prefill"]["stored_jobs"]
+                ax.set_title(f"A: {report['settings']['clients']} clients, {stored:,} stored jobs "
+                             "(whiskers p1-p99)", fontsize=9)  # fmt: skip
+            else:
+                s = report["ray"]["summary"]
+                names = ["service", "direct"]
+                medians = [s[n]["median_first_step_s"] or 0.0 for n in names]
+                created = [s[n]["median_ray_created_s"] or 0.0 for n in names]
+                ax.bar(names, created, color="tab:gray", label="request → Ray job created")
+                ax.bar(names, [m - c for m, c in zip(medians, created)], bottom=created, color="tab:blue",
+                       label="Ray job created → first step")  # fmt: skip
+                for i, n in enumerate(names):
+                    points = s[n]["first_step_s"]
+                    ax.plot([i] * len(points), points, "k.", markersize=6)
+                ax.set_ylabel("seconds from the request to the first step")
+                ratio = s["ratio_service_over_direct"]
+                ax.set_title(
+                    f"B: POST /v1/jobs vs JobSubmissionClient (medians, dots: runs); ratio "
+                    f"{ratio:.2f}" if ratio else "B: no ratio", fontsize=9,
+                )  # fmt: skip
+                ax.legend(fontsize=7)
 
 
 # -- command line ---------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="few jobs and requests (smoke test)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and PNG results")
+    p = parser(__doc__, "few jobs and requests (smoke test)")
     p.add_argument("--part", choices=("all", "api", "ray"), default="all", help="which part to run")
     p.add_argument("--clients", type=int, default=20, help="concurrent API clients")
     p.add_argument(
@@ -921,13 +880,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="training steps of the first-step job")
     p.add_argument("--job-timeout", type=float, default=300, help="seconds one first-step job may take")
     p.add_argument("--pause", type=float, default=1.0, help="seconds between first-step jobs")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    full = {"stored_jobs": 10_000, "requests": 25, "create_sample": 200, "runs": 3, "warmup": 1}
-    quick = {"stored_jobs": 500, "requests": 3, "create_sample": 20, "runs": 1, "warmup": 0}
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = apply_mode(
+        p.parse_args(argv),
+        full={"stored_jobs": 10_000, "requests": 25, "create_sample": 200, "runs": 3, "warmup": 1},
+        quick={"stored_jobs": 500, "requests": 3, "create_sample": 20, "runs": 1, "warmup": 0},
+    )
     if min(args.clients, args.requests, args.runs, args.steps, args.stored_jobs) < 1 or args.warmup < 0:
         p.error("--clients, --requests, --runs, --steps and --stored-jobs must be at least 1")
     return args
@@ -941,7 +898,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"warning: load average {load_start} on {os.cpu_count()} CPUs: other work shares the machine")
     report: dict[str, Any] = {
         "benchmark": "service_latency",
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": settings(args),
         "notes": [],
     }
     notes = report["notes"]
@@ -968,11 +925,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"Other work shared the machine: 1-min load average {load_start[:1]} at start, "
             f"{report['machine']['load_average_end'][:1]} at end, on {os.cpu_count()} CPUs."
         )
-    report["wall_seconds"] = time.perf_counter() - started
-    files = write_results(args.out, "service_latency", report, save_plot)
-    print_report(report)
-    print(f"results: {files} ({report['wall_seconds']:.0f} s)")
-    return report
+    return finish(args.out, "service_latency", report, started, save_plot, print_report)
 
 
 if __name__ == "__main__":

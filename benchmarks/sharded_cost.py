@@ -55,8 +55,6 @@ import inspect
 import math
 import multiprocessing
 import os
-import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -76,7 +74,22 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DEFAULT_OUT, machine_info, write_results
+from benchmarks.harness import (
+    apply_mode,
+    console,
+    figure,
+    finish,
+    free_port,
+    interleaved,
+    log,
+    machine_info,
+    parser,
+    spread,
+    table,
+    timed,
+    whole_periods,
+)
+from benchmarks.harness import settings as settings_of
 from benchmarks.shapes import gpt2_small_shapes
 from trainer.backends import DDPBackend
 from trainer.models import resnet20, transformer_lm
@@ -295,23 +308,9 @@ class Runner:
 
     def timed_block(self, n: int) -> float:
         """``n`` steps started together on all ranks; the slowest rank's seconds."""
-        gc.collect()
-        dist.barrier()
-        gc.disable()
-        try:
-            start = time.perf_counter()
-            for _ in range(n):
-                self.step()
-            elapsed = time.perf_counter() - start
-        finally:
-            gc.enable()
-        t = torch.tensor([elapsed], dtype=torch.float64)
+        t = torch.tensor([timed(self.step, n, before=dist.barrier)], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
-
-
-def whole_periods(steps: int, freq: int) -> int:
-    return freq * math.ceil(max(steps, 1) / freq)
 
 
 def accounting_run(
@@ -387,12 +386,15 @@ def timing_run(workload: Workload, settings: dict[str, Any], rank: int, world: i
     for runner in runners:
         for _ in range(whole_periods(settings["warmup_steps"], runner.freq)):
             runner.step()
-    rounds: list[list[float]] = [[] for _ in configs]
-    for r in range(settings["rounds"]):
-        for i in [(j + r) % len(runners) for j in range(len(runners))]:
-            rounds[i].append(runners[i].timed_block(blocks[i]) / blocks[i] * 1e3)
+
+    def block(runner: Runner, n: int) -> Callable[[], float]:
+        return lambda: runner.timed_block(n) / n * 1e3
+
+    def done(r: int) -> None:
         if rank == 0:
-            print(f"  N={world}: timing round {r + 1}/{settings['rounds']} done", file=sys.stderr, flush=True)
+            log(f"  N={world}: timing round {r + 1}/{settings['rounds']} done")
+
+    rounds = interleaved([block(runner, n) for runner, n in zip(runners, blocks)], settings["rounds"], done)
     return [
         {
             "name": name,
@@ -444,9 +446,8 @@ def _worker(rank: int, world: int, port: int, settings: dict[str, Any], out: str
 
 
 def run_world(world: int, settings: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """Run the ``world`` ranks; their results, gathered by rank 0."""
+    port = free_port()
     out = str(tmp / f"world{world}.pt")
     # Ranks forked from a forkserver that imported torch once start in milliseconds; spawned ones
     # import torch again each (seconds on a small machine). Nothing is timed before they start.
@@ -547,18 +548,17 @@ def summarize_world(world: int, ranks: list[dict[str, Any]], n_params: int, elem
     timing = []
     if ranks[0]["timing"]:
         rows = ranks[0]["timing"]  # the block times are already the maximum over ranks
-        base = statistics.median(rows[0]["round_ms"])
+        base = spread(rows[0]["round_ms"])["median"]
         for row in rows:
-            median = statistics.median(row["round_ms"])
-            q = statistics.quantiles(row["round_ms"], n=4) if len(row["round_ms"]) > 1 else [median] * 3
+            ms = spread(row["round_ms"])
             timing.append(
                 {
                     **{
                         k: row[k] for k in ("name", "kind", "hessian_update_freq", "block_steps", "last_loss")
                     },
-                    "ms_per_step": median,
-                    "ms_per_step_iqr": [q[0], q[2]],
-                    "ratio_to_ddp_adamw": median / base,
+                    "ms_per_step": ms["median"],
+                    "ms_per_step_iqr": [ms["q1"], ms["q3"]],
+                    "ratio_to_ddp_adamw": ms["median"] / base,
                     "round_ms": row["round_ms"],
                 }
             )
@@ -644,16 +644,16 @@ def world_one_overhead(rounds: int, block: int) -> list[dict[str, Any]]:
     at a frequency so large that every timed step is an ordinary one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         g = torch.Generator().manual_seed(0)
         x, y = torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g)
 
         def loss_fn(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
             return F.mse_loss(model(batch[0]), batch[1])
+
+        def per_step_ms(step: Callable[[], None]) -> Callable[[], float]:
+            return lambda: timed(step, block) * 1e3 / block
 
         rows = []
         for freq in (1, 10_000):
@@ -674,17 +674,8 @@ def world_one_overhead(rounds: int, block: int) -> list[dict[str, Any]]:
             for _ in range(3):
                 single_step()
                 sharded_step()
-            times: dict[str, list[float]] = {"single": [], "sharded": []}
-            for r in range(rounds):
-                order = [("single", single_step), ("sharded", sharded_step)]
-                for name, step in order if r % 2 == 0 else order[::-1]:
-                    gc.disable()
-                    start = time.perf_counter()
-                    for _ in range(block):
-                        step()
-                    times[name].append((time.perf_counter() - start) * 1000 / block)
-                    gc.enable()
-            single_ms, sharded_ms = statistics.median(times["single"]), statistics.median(times["sharded"])
+            times = interleaved([per_step_ms(single_step), per_step_ms(sharded_step)], rounds)
+            single_ms, sharded_ms = (spread(ms)["median"] for ms in times)
             rows.append(
                 {
                     "hessian_update_freq": freq,
@@ -729,30 +720,19 @@ def _ok(flag: bool) -> str:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 130)
+    out = console(130)
     m, s = report["machine"], report["summary"]
-    console.print(
+    out.print(
         f"[bold]Sharded AdaHessian cost[/] -- {report['workload']}, P = {report['n_params']:,} parameters, "
         f"torch {m['torch']}, {m['logical_cpus']} CPUs, {m['cpu']}"
     )
 
-    table = Table(title="1. Optimizer state per rank (after the first step)")
-    for col in (
-        "N",
-        "rank",
-        "shard elements",
-        "state bytes",
-        "total/N",
-        "deviation",
-        f"≤{STATE_TOLERANCE:.0%}",
-    ):
-        table.add_column(col, justify="right")
+    columns = ["N", "rank", "shard elements", "state bytes", "total/N", "deviation"]
+    title = "1. Optimizer state per rank (after the first step)"
+    state = table(title, [*columns, f"≤{STATE_TOLERANCE:.0%}"], [], left=())
     for w in report["worlds"]:
         for row in w["state"]["ranks"]:
-            table.add_row(
+            state.add_row(
                 str(w["world_size"]),
                 str(row["rank"]),
                 f"{row['owned_numel']:,}",
@@ -761,47 +741,37 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{row['deviation']:+.1%}",
                 "yes" if row["within_tolerance"] else "[red]no[/]",
             )
-        table.add_section()
-    console.print(table)
+        state.add_section()
+    out.print(state)
     total = report["worlds"][0]["state"]["total_single_process_bytes"]
-    console.print(f"  single-process state 2 × P × 4 = {total:,} bytes")
+    out.print(f"  single-process state 2 × P × 4 = {total:,} bytes")
     for w in report["worlds"]:
         st = w["state"]
-        console.print(
+        out.print(
             f"  N={w['world_size']}: Σ ranks = {st['sum_over_ranks']:,} B; layout imbalance "
             f"(largest share / (P/N) - 1) = {st['plan_imbalance']:+.1%}; "
             f"padded buffers N·S/P = {st['padding_factor']:.3f}"
         )
         if w["world_size"] > 1:
             for line in st["plan_describe"].splitlines():
-                console.print(f"    {line}", overflow="ellipsis", no_wrap=True, markup=False)
-    console.print(f"  every rank within {STATE_TOLERANCE:.0%} of total/N: {_ok(s['state_target_met'])}")
+                out.print(f"    {line}", overflow="ellipsis", no_wrap=True, markup=False)
+    out.print(f"  every rank within {STATE_TOLERANCE:.0%} of total/N: {_ok(s['state_target_met'])}")
     peak = max(w["state"]["max_deviation"] for w in report["worlds"])
-    console.print(
+    out.print(
         f"  largest rank (peak memory) within {STATE_TOLERANCE:.0%} above total/N: "
         f"{_ok(peak <= STATE_TOLERANCE)} ({peak:+.1%})"
     )
 
-    table = Table(title="2. Bytes sent per rank per step (max over ranks) and ratio to the ZeRO-1 minimum")
-    for col in (
-        "N",
-        "step",
-        "minimum",
-        "opt.bytes_sent",
-        "× min",
-        "ring (patched)",
-        "× min",
-        "socket writes",
-        "× min",
-    ):
-        table.add_column(col, justify="left" if col == "step" else "right")
+    def top(values: list[Any] | None) -> float | None:
+        return None if values is None or None in values else max(values)
+
+    columns = ["N", "step", "minimum"]
+    columns += [c for name in ("opt.bytes_sent", "ring (patched)", "socket writes") for c in (name, "× min")]
+    title = "2. Bytes sent per rank per step (max over ranks) and ratio to the ZeRO-1 minimum"
+    traffic = table(title, columns, [], left=("step",))
     for w in report["worlds"]:
         for row in w["traffic"]:
-
-            def top(values: list[Any] | None) -> float | None:
-                return None if values is None or None in values else max(values)
-
-            table.add_row(
+            traffic.add_row(
                 str(w["world_size"]),
                 row["step"],
                 _fmt_bytes(row["minimum_bytes"]),
@@ -812,29 +782,24 @@ def print_report(report: dict[str, Any]) -> None:
                 _fmt_bytes(top(row["socket_bytes_per_rank"])),
                 _fmt_ratio(row["socket_over_minimum"]),
             )
-        table.add_section()
-    console.print(table)
-    console.print(
+        traffic.add_section()
+    out.print(traffic)
+    out.print(
         "  minimum: ordinary 2(N-1)/N·P·b; Hessian global 3(N-1)/N·P·b; Hessian local 2(N-1)/N·P·b "
         "(b = 4; 12-byte stats all-reduce excluded)"
     )
-    console.print(
+    out.print(
         "  opt.bytes_sent = ring bytes of the tensors passed to the collectives (± the stats all-reduce): "
         f"{_ok(s['reported_equals_ring'])}"
     )
-    console.print(f"  global-scope losses agree across world sizes: max rel. diff {s['loss_agreement']:.1e}")
+    out.print(f"  global-scope losses agree across world sizes: max rel. diff {s['loss_agreement']:.1e}")
     for text in s["step_warnings"]:
-        console.print(f"  warning raised inside a step: {text}", markup=False)
+        out.print(f"  warning raised inside a step: {text}", markup=False)
 
     if report["worlds"][0]["timing"]:
         names = [t["name"] for t in report["worlds"][0]["timing"]]
-        rounds = report["settings"]["rounds"]
-        table = Table(title=f"3. Time per step (median of {rounds} interleaved rounds, max over ranks)")
-        table.add_column("N", justify="right")
-        for name in names:
-            table.add_column(f"{name} ms", justify="right")
-            if name != names[0]:
-                table.add_column("× DDP", justify="right")
+        columns = ["N", f"{names[0]} ms", *(c for name in names[1:] for c in (f"{name} ms", "× DDP"))]
+        rows = []
         for w in report["worlds"]:
             cells = [str(w["world_size"])]
             for t in w["timing"]:
@@ -843,113 +808,103 @@ def print_report(report: dict[str, Any]) -> None:
                 )
                 if t["kind"] != "ddp":
                     cells.append(f"{t['ratio_to_ddp_adamw']:.2f}")
-            table.add_row(*cells)
-        console.print(table)
-    table = Table(title="4. GPT-2 small (124M) parameter set: state and bytes per rank, from the layout")
-    for col in ("N", "state / (total/N)", "ordinary step / ZeRO-1 min", "Hessian step / min", "targets"):
-        table.add_column(col, justify="right")
-    for row in report["gpt2_small"]:
-        table.add_row(
-            str(row["world_size"]),
+            rows.append(cells)
+        rounds = report["settings"]["rounds"]
+        title = f"3. Time per step (median of {rounds} interleaved rounds, max over ranks)"
+        out.print(table(title, columns, rows, left=()))
+    rows = [
+        [
+            row["world_size"],
             f"{row['state_over_total_over_n']:.4f} (≤{1 + STATE_TOLERANCE:.2f})",
             f"{row['ordinary_over_minimum']:.4f} (≤{1 + TRAFFIC_TOLERANCE:.2f})",
             f"{row['hessian_global_over_minimum']:.4f} (≤{1 + TRAFFIC_TOLERANCE:.2f})",
             _ok(row["targets_met"]),
-        )
-    console.print(table)
-    table = Table(
-        title="5. Sharded step at world 1 against the single-process AdaHessian (300 small tensors)"
-    )
-    for col in ("steps", "single-process ms", "sharded (world 1) ms", "ratio", f"≤{OVERHEAD_TARGET}"):
-        table.add_column(col, justify="right")
-    for row in report["world_one_overhead"]:
-        table.add_row(
+        ]
+        for row in report["gpt2_small"]
+    ]
+    columns = ["N", "state / (total/N)", "ordinary step / ZeRO-1 min", "Hessian step / min", "targets"]
+    title = "4. GPT-2 small (124M) parameter set: state and bytes per rank, from the layout"
+    out.print(table(title, columns, rows, left=()))
+    rows = [
+        [
             row["steps"],
             f"{row['single_process_ms']:.2f}",
             f"{row['sharded_world1_ms']:.2f}",
             f"{row['ratio']:.2f}",
             _ok(row["target_met"]),
-        )
-    console.print(table)
-    console.print(f"[yellow]Note:[/] {report['note']}")
+        ]
+        for row in report["world_one_overhead"]
+    ]
+    columns = ["steps", "single-process ms", "sharded (world 1) ms", "ratio", f"≤{OVERHEAD_TARGET}"]
+    title = "5. Sharded step at world 1 against the single-process AdaHessian (300 small tensors)"
+    out.print(table(title, columns, rows, left=()))
+    out.print(f"[yellow]Note:[/] {report['note']}")
 
 
 def save_plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     worlds = report["worlds"]
     sizes = [w["world_size"] for w in worlds]
     panels = 3 if worlds[0]["timing"] else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
+    with figure(path, 1, panels, (5.2, 4.2), report["workload"]) as grid:
+        axes = grid[0]
+        ax = axes[0]
+        max_n = max(sizes)
+        width = 0.8 / max_n
+        for i, w in enumerate(worlds):
+            ranks = w["state"]["ranks"]
+            for r, row in enumerate(ranks):
+                x = i + (r - (len(ranks) - 1) / 2) * width
+                ax.bar(x, row["state_bytes"] / 1e6, width=width * 0.9, color="tab:blue")
+            target = w["state"]["total_over_n"] / 1e6
+            ax.plot([i - 0.45, i + 0.45], [target] * 2, "k--", linewidth=1)
+        ax.set_xticks(range(len(sizes)), [f"N={n}" for n in sizes])
+        ax.set_ylabel("optimizer state per rank (MB)")
+        ax.set_title("state per rank (bars) vs total/N (dashed)", fontsize=9)
 
-    ax = axes[0]
-    max_n = max(sizes)
-    width = 0.8 / max_n
-    for i, w in enumerate(worlds):
-        ranks = w["state"]["ranks"]
-        for r, row in enumerate(ranks):
-            x = i + (r - (len(ranks) - 1) / 2) * width
-            ax.bar(x, row["state_bytes"] / 1e6, width=width * 0.9, color="tab:blue")
-        target = w["state"]["total_over_n"] / 1e6
-        ax.plot([i - 0.45, i + 0.45], [target] * 2, "k--", linewidth=1)
-    ax.set_xticks(range(len(sizes)), [f"N={n}" for n in sizes])
-    ax.set_ylabel("optimizer state per rank (MB)")
-    ax.set_title("state per rank (bars) vs total/N (dashed)", fontsize=9)
-
-    ax = axes[1]
-    labels = [row["step"] for row in worlds[0]["traffic"]]
-    multi = [w for w in worlds if w["world_size"] > 1]
-    bar = 0.8 / len(labels)
-    colors = ["tab:blue", "tab:orange", "tab:cyan", "tab:green", "tab:gray"]
-    for j, label in enumerate(labels):
-        for i, w in enumerate(multi):
-            row = w["traffic"][j]
-            ring = row["ring_bytes_per_rank"]
-            wire = row["socket_bytes_per_rank"]
-            value = max(ring) if ring else (max(wire) if wire and None not in wire else 0.0)
-            x = i + (j - (len(labels) - 1) / 2) * bar
-            color = colors[j % len(colors)]
-            ax.bar(x, value / 1e6, width=bar * 0.9, color=color, label=label if i == 0 else None)
-            if wire and None not in wire:
-                ax.bar(x, max(wire) / 1e6, width=bar * 0.9, fill=False, edgecolor=color, linestyle="--")
-            ax.plot([x - bar / 2, x + bar / 2], [row["minimum_bytes"] / 1e6] * 2, "k-", linewidth=1.5)
-    ax.set_xticks(range(len(multi)), [f"N={w['world_size']}" for w in multi])
-    ax.set_ylabel("bytes sent per rank per step (MB)")
-    ax.set_title("solid: ring bytes (DDP: socket); dashed: socket bytes (gloo); black: minimum", fontsize=8)
-    ax.legend(fontsize=7)
-
-    if panels == 3:
-        ax = axes[2]
-        names = [t["name"] for t in worlds[0]["timing"]]
-        for j, name in enumerate(names):
-            ratios = [w["timing"][j]["ratio_to_ddp_adamw"] for w in worlds]
-            ax.plot(sizes, ratios, marker="o", label=name)
-        ax.set_xticks(sizes)
-        ax.set_xlabel("world size N")
-        ax.set_ylabel("time per step / DDP + AdamW")
-        ax.set_title("time ratio (2-core CPU: N=4 oversubscribed)", fontsize=9)
+        ax = axes[1]
+        labels = [row["step"] for row in worlds[0]["traffic"]]
+        multi = [w for w in worlds if w["world_size"] > 1]
+        bar = 0.8 / len(labels)
+        colors = ["tab:blue", "tab:orange", "tab:cyan", "tab:green", "tab:gray"]
+        for j, label in enumerate(labels):
+            for i, w in enumerate(multi):
+                row = w["traffic"][j]
+                ring = row["ring_bytes_per_rank"]
+                wire = row["socket_bytes_per_rank"]
+                value = max(ring) if ring else (max(wire) if wire and None not in wire else 0.0)
+                x = i + (j - (len(labels) - 1) / 2) * bar
+                color = colors[j % len(colors)]
+                ax.bar(x, value / 1e6, width=bar * 0.9, color=color, label=label if i == 0 else None)
+                if wire and None not in wire:
+                    ax.bar(x, max(wire) / 1e6, width=bar * 0.9, fill=False, edgecolor=color, linestyle="--")
+                ax.plot([x - bar / 2, x + bar / 2], [row["minimum_bytes"] / 1e6] * 2, "k-", linewidth=1.5)
+        ax.set_xticks(range(len(multi)), [f"N={w['world_size']}" for w in multi])
+        ax.set_ylabel("bytes sent per rank per step (MB)")
+        ax.set_title(
+            "solid: ring bytes (DDP: socket); dashed: socket bytes (gloo); black: minimum", fontsize=8
+        )
         ax.legend(fontsize=7)
-    fig.suptitle(report["workload"], fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+        if panels == 3:
+            ax = axes[2]
+            names = [t["name"] for t in worlds[0]["timing"]]
+            for j, name in enumerate(names):
+                ratios = [w["timing"][j]["ratio_to_ddp_adamw"] for w in worlds]
+                ax.plot(sizes, ratios, marker="o", label=name)
+            ax.set_xticks(sizes)
+            ax.set_xlabel("world size N")
+            ax.set_ylabel("time per step / DDP + AdamW")
+            ax.set_title("time ratio (2-core CPU: N=4 oversubscribed)", fontsize=9)
+            ax.legend(fontsize=7)
 
 
 # -- command line ----------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test, < 1 min)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and PNG results")
+    p = parser(__doc__, "tiny model and few steps (smoke test, < 1 min)")
     p.add_argument("--model", choices=("transformer", "resnet20"), default="transformer")
     p.add_argument("--worlds", default="1,2,4", help="comma-separated world sizes")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--global-batch", type=int, default=None, help="split into N micro-batches [16; quick 4]")
     p.add_argument("--lm-seq", type=int, default=None, help="[64; quick 16]")
     p.add_argument("--lm-layers", type=int, default=None, help="[2; quick 1]")
@@ -965,13 +920,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-timing", dest="timing", action="store_false", help="only state and traffic")
     p.add_argument("--lr-adam", type=float, default=1e-3)
     p.add_argument("--lr-adahessian", type=float, default=0.01)
-    args = p.parse_args(argv)
-    full = {"global_batch": 16, "lm_seq": 64, "lm_layers": 2, "lm_embd": 128, "rounds": 9, "block_steps": 8}
-    quick = {"global_batch": 4, "lm_seq": 16, "lm_layers": 1, "lm_embd": 32, "rounds": 2, "block_steps": 4}
-    full["warmup_steps"], quick["warmup_steps"] = 4, 1
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = apply_mode(
+        p.parse_args(argv),
+        full={"global_batch": 16, "lm_seq": 64, "lm_layers": 2, "lm_embd": 128, "rounds": 9, "block_steps": 8,
+              "warmup_steps": 4},
+        quick={"global_batch": 4, "lm_seq": 16, "lm_layers": 1, "lm_embd": 32, "rounds": 2, "block_steps": 4,
+               "warmup_steps": 1},
+    )  # fmt: skip
     args.worlds = sorted({int(w) for w in args.worlds.split(",") if w.strip()})
     args.timing_freqs = [int(k) for k in args.timing_freqs.split(",") if k.strip()]
     if not args.worlds or min(args.worlds) < 1:
@@ -985,11 +940,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
+    settings = settings_of(args)
     started = time.perf_counter()
     workload = make_workload(settings)
     model = fresh_model(workload, args.seed)
@@ -1058,12 +1009,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gpt2_small": gpt2,
         "world_one_overhead": overhead,
     }
-    report["wall_seconds"] = time.perf_counter() - started
-
-    files = write_results(args.out, "sharded_cost", report, save_plot)
-    print_report(report)
-    print(f"results: {files} ({report['wall_seconds']:.0f} s)")
-    return report
+    return finish(args.out, "sharded_cost", report, started, save_plot, print_report)
 
 
 if __name__ == "__main__":
