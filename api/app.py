@@ -6,6 +6,7 @@ the models of :mod:`api.schemas`. Every ``/v1`` route needs a bearer token; ``/h
 """
 
 # No `from __future__ import annotations`: FastAPI must see route annotations that use local names.
+import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -13,9 +14,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio.to_thread
 import pydantic_core
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -57,6 +58,8 @@ def create_app(settings: Settings | None = None, plane: ControlPlane | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = plane is None
+        # The sync routes run in anyio's thread pool; its size is how many requests share the CPUs.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
         app.state.plane = plane or ControlPlane.open(settings)
         try:
             yield
@@ -159,7 +162,8 @@ def _v1_router(tokens: list[bytes], settings: Settings) -> APIRouter:
             with spooled:
                 async for chunk in request.stream():
                     spooled.write(chunk)
-            package, created = await run_in_threadpool(plane.keep_package, path)
+            # Not in the API's threads (HUTCH_API_THREADS): checking a large archive takes a while.
+            package, created = await asyncio.to_thread(plane.keep_package, path)
         finally:
             path.unlink(missing_ok=True)
         if not created:
@@ -342,7 +346,7 @@ def _json(content: Any, status_code: int = 200, headers: Mapping[str, str] | Non
 
 def _install_probes(app: FastAPI, registry: CollectorRegistry) -> None:
     @app.get("/healthz", response_model=schemas.Health, tags=["probes"])
-    def healthz() -> schemas.Health:
+    async def healthz() -> schemas.Health:  # async: liveness never waits for the API's threads
         """The process is up."""
         return schemas.Health(status="ok")
 

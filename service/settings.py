@@ -102,6 +102,11 @@ class Settings(TokenSettings):
         "get 413. Ray's job API takes packages up to 100 MiB.",
     )
     max_page_size: PositiveInt = Field(default=200, description="Largest page GET /v1/jobs returns.")
+    api_threads: PositiveInt = Field(
+        default=4,
+        description="Requests the API works on at once (threads of the server's pool); more wait their "
+        "turn in order. A few keep each request short where many would share the CPUs and all be slow.",
+    )
     max_cluster_cpus: PositiveFloat | None = Field(
         default=None,
         description="CPUs the cluster can autoscale to; jobs up to this are admitted even if the cluster "

@@ -79,7 +79,7 @@ class JobRow(Base):
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200))
-    state: Mapped[str] = mapped_column(String(16))  # indexed by ix_jobs_state_priority_seq
+    state: Mapped[str] = mapped_column(String(16))  # indexed by the two indexes below
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     request_hash: Mapped[str] = mapped_column(String(64))
@@ -97,8 +97,13 @@ class JobRow(Base):
         cascade="all, delete-orphan", lazy="selectin", passive_deletes=True
     )
 
-    # The queue's order: the next job to start and a job's place in the queue read this index.
-    __table_args__ = (Index("ix_jobs_state_priority_seq", "state", "priority", "seq"),)
+    # The queue's order: the next job to start and a job's place in the queue read the first
+    # index. A list filtered by one state walks the second newest first and stops after one page
+    # (with the first, SQLite read and sorted every job in that state: 6 ms for 1,000 FAILED).
+    __table_args__ = (
+        Index("ix_jobs_state_priority_seq", "state", "priority", "seq"),
+        Index("ix_jobs_state_seq", "state", "seq"),
+    )
 
 
 class LabelRow(Base):

@@ -162,6 +162,7 @@ def test_a_store_of_an_earlier_version_gains_the_new_columns(tmp_path: Path) -> 
 
     with sqlite3.connect(tmp_path / "old.db") as connection:
         connection.execute("DROP INDEX ix_jobs_state_priority_seq")
+        connection.execute("DROP INDEX ix_jobs_state_seq")
         connection.execute("ALTER TABLE jobs DROP COLUMN priority")
         columns = [row[1] for row in connection.execute("PRAGMA table_info(jobs)")]
         assert "priority" not in columns
@@ -176,6 +177,31 @@ def test_a_store_of_an_earlier_version_gains_the_new_columns(tmp_path: Path) -> 
         upgraded.create("new-1", {**spec("new"), "priority": 2})
         assert [job.id for job in upgraded.queue()] == ["new-1", "old-1"]
         indexes = {index["name"] for index in inspect(upgraded.engine).get_indexes("jobs")}
-        assert "ix_jobs_state_priority_seq" in indexes
+        assert {"ix_jobs_state_priority_seq", "ix_jobs_state_seq"} <= indexes
     finally:
         upgraded.close()
+
+
+def test_a_list_by_one_state_walks_an_index_newest_first(tmp_path: Path) -> None:
+    """SQLite answers ``state=FAILED`` from ``ix_jobs_state_seq``, without reading and sorting every
+    job in that state (what the queue's (state, priority, seq) index made it do)."""
+    from sqlalchemy import event
+
+    store = JobStore(f"sqlite:///{tmp_path / 'hutch.db'}")
+    try:
+        for i in range(6):
+            store.create(f"job-{i}", spec(f"job-{i}"))
+            if i % 2:
+                store.move(f"job-{i}", JobState.QUEUED, JobState.CANCELLED, attempt=1)
+        statements: list[tuple[str, object]] = []
+        event.listen(store.engine, "before_cursor_execute",
+                     lambda conn, cursor, sql, params, context, many: statements.append((sql, params)))  # fmt: skip
+        jobs, cursor = store.list([JobState.CANCELLED], limit=2)
+        assert [job.id for job in jobs] == ["job-5", "job-3"] and cursor is not None
+        (sql, params), *_ = (s for s in statements if s[0].lstrip().upper().startswith("SELECT"))
+        with store.engine.connect() as connection:
+            plan = " ".join(row[3] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+        assert "ix_jobs_state_seq" in plan and "TEMP B-TREE" not in plan, plan
+        assert [job.id for job in store.list([JobState.CANCELLED], limit=2, cursor=cursor)[0]] == ["job-1"]
+    finally:
+        store.close()
