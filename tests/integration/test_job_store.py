@@ -194,8 +194,11 @@ def test_a_list_by_one_state_walks_an_index_newest_first(tmp_path: Path) -> None
             if i % 2:
                 store.move(f"job-{i}", JobState.QUEUED, JobState.CANCELLED, attempt=1)
         statements: list[tuple[str, object]] = []
-        event.listen(store.engine, "before_cursor_execute",
-                     lambda conn, cursor, sql, params, context, many: statements.append((sql, params)))  # fmt: skip
+
+        def seen(conn: object, cursor: object, sql: str, params: object, context: object, many: bool) -> None:
+            statements.append((sql, params))
+
+        event.listen(store.engine, "before_cursor_execute", seen)
         jobs, cursor = store.list([JobState.CANCELLED], limit=2)
         assert [job.id for job in jobs] == ["job-5", "job-3"] and cursor is not None
         (sql, params), *_ = (s for s in statements if s[0].lstrip().upper().startswith("SELECT"))
