@@ -115,12 +115,15 @@ Labels = Annotated[
 
 OptimizerName = Literal["adahessian", "adamw", "adam", "sgd"]
 
-# lr and eps defaults when the spec does not give them: AdaHessian's, or the usual ones.
+# lr, eps and warm-up defaults when the spec does not give them: AdaHessian's, or the usual ones.
+# AdaHessian's 10 warm-up steps make its default lr safe from the first step (benchmarks/study.py:
+# without them, at lr 0.15 and k = 2, the digits CNN reached 0.932 +- 0.042 held-out accuracy
+# instead of 0.982 +- 0.006, ResNet-20 0.310 instead of 0.577, and the char LM diverged once in 3).
 _OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
-    "adahessian": {"lr": 0.15, "eps": 1e-4},
-    "adam": {"lr": 1e-3, "eps": 1e-8},
-    "adamw": {"lr": 1e-3, "eps": 1e-8},
-    "sgd": {"lr": 0.1},
+    "adahessian": {"lr": 0.15, "eps": 1e-4, "warmup_steps": 10},
+    "adam": {"lr": 1e-3, "eps": 1e-8, "warmup_steps": 0},
+    "adamw": {"lr": 1e-3, "eps": 1e-8, "warmup_steps": 0},
+    "sgd": {"lr": 0.1, "warmup_steps": 0},
 }
 
 
@@ -212,9 +215,10 @@ class DataSpec(_ComponentSpec):
 class OptimizerSpec(_Strict):
     """Optimizer and learning-rate schedule.
 
-    ``lr`` defaults to 0.15 and ``eps`` to 1e-4 for ``adahessian``; when not given they default
-    to 1e-3 and 1e-8 for ``adam``/``adamw`` and ``lr`` to 0.1 for ``sgd``. Fields that do not
-    apply to the chosen optimizer are ignored (see the module docstring).
+    ``lr`` defaults to 0.15, ``eps`` to 1e-4 and ``warmup_steps`` to 10 for ``adahessian``; when
+    not given they default to 1e-3, 1e-8 and 0 for ``adam``/``adamw``, and ``lr`` to 0.1 and
+    ``warmup_steps`` to 0 for ``sgd``. Fields that do not apply to the chosen optimizer are
+    ignored (see the module docstring).
     """
 
     name: OptimizerName = "adahessian"
@@ -227,7 +231,7 @@ class OptimizerSpec(_Strict):
     n_samples: PositiveInt = 1
     spatial_average_block_size: PositiveInt | None = None
     hessian_scope: Literal["global", "local"] = "global"
-    warmup_steps: NonNegativeInt = 0
+    warmup_steps: NonNegativeInt = 10
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
     min_lr_ratio: UnitFloat = 0.0
     momentum: Beta = 0.9
@@ -241,7 +245,7 @@ class OptimizerSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _defaults_for_optimizer(cls, data: Any) -> Any:
-        """Fill ``lr``/``eps`` the user left out with the chosen optimizer's usual values."""
+        """Fill ``lr``, ``eps`` and ``warmup_steps`` the user left out with the optimizer's usual values."""
         if isinstance(data, Mapping):
             name = data.get("name", "adahessian")
             defaults = _OPTIMIZER_DEFAULTS.get(name) if isinstance(name, str) else None

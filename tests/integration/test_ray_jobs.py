@@ -105,17 +105,34 @@ def short_digits(num_workers: int) -> dict[str, Any]:
     return spec
 
 
-def test_digits_example_on_two_workers_reaches_95_percent_and_exports_metrics(ray_cluster, tmp_path):
+def defaults_only(seed: int) -> dict[str, Any]:
+    """The digits CNN with every optimizer setting but the Hessian frequency at its default."""
+    return {
+        "model": "cnn",
+        "data": "digits",
+        "optimizer": {"name": "adahessian", "hessian_update_freq": 2},
+        "training": {"steps": 240, "global_batch_size": 64, "seed": seed, "eval_every": 240,
+                     "checkpoint_every": 240},
+        "scaling": {"num_workers": 2},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adahessian_defaults_reach_95_percent_on_two_workers_and_export_metrics(ray_cluster, tmp_path, seed):
+    # The spec's AdaHessian defaults (lr 0.15, eps 1e-4, 10 warm-up steps; chosen by
+    # benchmarks/study.py) are safe on more than one seed.
     run_dir = tmp_path / "digits"
-    job = start_job(ray_cluster, example("digits-adahessian.yaml"), run_dir, "digits-example")
+    job = start_job(ray_cluster, defaults_only(seed), run_dir, f"digits-defaults-{seed}")
 
     def exported() -> list[str] | None:
-        assert job.poll() is None, (run_dir / "driver.log").read_text()[-4000:]
+        # The node keeps a finished job's last values exported for a while, so a short job may end
+        # before they show; it must not have failed.
+        assert job.poll() in (None, 0), (run_dir / "driver.log").read_text()[-4000:]
         try:
             text = httpx.get(ray_cluster["metrics_url"], timeout=5).text
         except httpx.HTTPError:
             return None
-        lines = [line for line in text.splitlines() if 'job_id="digits-example"' in line]
+        lines = [line for line in text.splitlines() if f'job_id="digits-defaults-{seed}"' in line]
         names = {line.split("{")[0] for line in lines}
         return lines if {"ray_hutch_loss", "ray_hutch_hessian_trace"} <= names else None
 
@@ -125,7 +142,7 @@ def test_digits_example_on_two_workers_reaches_95_percent_and_exports_metrics(ra
     assert result["status"] == "succeeded"
     assert result["metrics"]["eval_accuracy"] >= 0.95
     steps = [r["step"] for r in records(run_dir)]
-    assert steps == list(range(10, 301, 10))
+    assert steps == list(range(10, 241, 10))
 
 
 @pytest.fixture(scope="module")

@@ -57,3 +57,30 @@ def test_service_latency_quick_api(tmp_path: Path) -> None:
     assert api["stored_after_total"] == 500 + api["jobs_submitted"]
     assert api["server_log"]["tracebacks_or_db_errors"] == 0
     assert "ray" not in report
+
+
+@pytest.mark.slow
+def test_study_quick_runs_every_task_and_optimizer_and_resumes(tmp_path: Path) -> None:
+    report = run_quick("study", tmp_path, timeout=400)
+    summary = report["summary"]
+    assert list(summary) == ["digits", "tabular", "resnet20", "char_lm"]
+    for task in summary.values():
+        lines = [line["line"] for line in task["lines"]]
+        assert lines == ["adahessian", "adahessian_delayed", "adamw", "adam", "sgd"]
+        for line in task["lines"]:
+            assert line["ms_per_step"] > 0 and len(line["values"]) + line["diverged"] == 2
+            assert [s["scale"] for s in line["scales"]] == [0.5, 1.0]
+        assert "spec defaults" in task["defaults"]
+    assert [b["block"] for b in summary["char_lm"]["blocks"]] == [1, 4]
+    adahessian = [r for r in report["runs"].values() if r["spec"]["optimizer"] == "adahessian"]
+    assert adahessian and all(r["trace"] for r in adahessian if not r["diverged"])
+    for name in ("robustness", "time", "trace", "block"):
+        assert (tmp_path / f"study-{name}.png").stat().st_size > 0
+    assert "## digits CNN" in (tmp_path / "study.md").read_text()
+    # A second run finds every run in study.json and trains nothing.
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/study.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count(" 0 runs to do") == 3, again.stderr[-2000:]

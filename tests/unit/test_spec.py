@@ -115,7 +115,7 @@ def test_defaults() -> None:
     )
     assert (o.hessian_scope, o.warmup_steps, o.schedule, o.min_lr_ratio, o.momentum) == (
         "global",
-        0,
+        10,
         "cosine",
         0.0,
         0.9,
@@ -157,6 +157,12 @@ def test_lr_and_eps_defaults_follow_the_optimizer() -> None:
     adamw = OptimizerSpec.model_validate({"name": "adamw"})
     assert (adamw.lr, adamw.eps) == (1e-3, 1e-8)
     assert OptimizerSpec.model_validate({"name": "sgd"}).lr == 0.1
+    # AdaHessian warms up for 10 steps unless told otherwise (benchmarks/study.py); the others do not.
+    assert OptimizerSpec.model_validate({"name": "adahessian", "hessian_update_freq": 2}).warmup_steps == 10
+    assert OptimizerSpec.model_validate({"name": "adahessian", "warmup_steps": 0}).warmup_steps == 0
+    others = ("adam", "adamw", "sgd")
+    assert [OptimizerSpec.model_validate({"name": n}).warmup_steps for n in others] == [0, 0, 0]
+    assert OptimizerSpec.model_validate({"name": "sgd", "warmup_steps": 5}).warmup_steps == 5
     assert OptimizerSpec.model_validate({"name": "adam", "lr": 0.01}).lr == 0.01
 
 
@@ -192,7 +198,7 @@ def test_warmup_ramps_linearly_then_cosine_reaches_the_minimum() -> None:
 
 
 def test_linear_and_constant_schedules() -> None:
-    linear = OptimizerSpec(lr=1.0, schedule="linear")
+    linear = OptimizerSpec(lr=1.0, schedule="linear", warmup_steps=0)
     assert [linear.lr_at(s, 10) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
     constant = OptimizerSpec(lr=0.3, schedule="constant", warmup_steps=2)
     assert [constant.lr_at(s, 10) for s in (0, 1, 2, 9)] == pytest.approx([0.15, 0.3, 0.3, 0.3])
