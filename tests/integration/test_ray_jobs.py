@@ -108,6 +108,7 @@ def short_digits(num_workers: int) -> dict[str, Any]:
 def defaults_only(seed: int) -> dict[str, Any]:
     """The digits CNN with every optimizer setting but the Hessian frequency at its default."""
     return {
+        "name": f"digits-defaults-{seed}",
         "model": "cnn",
         "data": "digits",
         "optimizer": {"name": "adahessian", "hessian_update_freq": 2},
