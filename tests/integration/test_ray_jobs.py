@@ -218,7 +218,7 @@ def test_non_finite_loss_fails_the_job_with_its_reason(ray_cluster, tmp_path):
         "name": "diverges",
         "model": {"name": "mlp"},
         "data": {"name": "digits"},
-        "optimizer": {"lr": 1.0e6},  # the loss overflows within a few steps
+        "optimizer": {"lr": 1.0e6, "warmup_steps": 0},  # the loss overflows within a few steps
         "training": {"steps": 50, "global_batch_size": 32, "checkpoint_every": 1, "log_every": 1},
         "scaling": {"num_workers": 2},
         "max_failures": 2,
