@@ -778,7 +778,13 @@ def save_extra_plots(
                 if bad and xs:
                     ax.plot(
                         bad,
-                        [min(x["metric"] for x in line["scales"] if not x["diverged"])] * len(bad),
+                        # drawn at the line's worst finished value (max for a loss)
+                        [
+                            (min if s["metric"] == "accuracy" else max)(
+                                x["metric"] for x in line["scales"] if not x["diverged"]
+                            )
+                        ]
+                        * len(bad),
                         "x",
                         color=_COLORS[line["line"]],
                         markersize=8,
