@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from functools import cache
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,6 +17,8 @@ from trainer.data import Dataset, build_dataset, epoch_indices, is_indexed, mix_
 from trainer.data.text_chars import VOCAB_SIZE, corpus_text, decode, encode
 from trainer.models.registry import build_model
 from trainer.spec import SpecError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SMALL_ARGS = {
     "digits": {},
@@ -224,3 +230,26 @@ def test_build_dataset_errors(name: str, args: dict, message: str) -> None:
     with pytest.raises(SpecError) as caught:
         build_dataset(name, args)
     assert message in str(caught.value)
+
+
+def test_digits_read_from_the_bundled_file_equal_load_digits_and_skip_importing_sklearn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sklearn.datasets import load_digits
+
+    from trainer.data import digits
+
+    reference = load_digits()
+    pixels, target = digits._digits_arrays()
+    assert np.array_equal(pixels, reference.images) and np.array_equal(target, reference.target)
+    # Where the file is not found, load_digits itself gives the same arrays.
+    monkeypatch.setattr(digits.importlib.util, "find_spec", lambda name: None)
+    pixels, target = digits._digits_arrays()
+    assert np.array_equal(pixels, reference.images) and np.array_equal(target, reference.target)
+    # What the read saves every worker at start-up: scikit-learn is not imported at all.
+    probe = (
+        "import sys; from trainer.data.digits import DigitsDataset; DigitsDataset(); "
+        "print('sklearn' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
