@@ -30,6 +30,8 @@ from pathlib import Path
 
 import httpx
 
+from trainer.launch import ONE_MACHINE_RAY_ENV
+
 
 @dataclass(frozen=True)
 class LocalRayHead:
@@ -115,6 +117,7 @@ def ensure_local_head(
     temp_dir = ray_temp_dir(data_dir)
     ray = Path(sys.executable).with_name("ray")
     env = {
+        **ONE_MACHINE_RAY_ENV,
         **os.environ,
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
         # Loopback-only head of one user: Ray's token authentication is off, hutch's is on.

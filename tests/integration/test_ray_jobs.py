@@ -31,6 +31,7 @@ from tests.support import (
     start_ray_head,
     wait_for,
 )
+from trainer.launch import ONE_MACHINE_RAY_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -39,8 +40,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     gcs_port, metrics_port = free_port(), free_port()
-    # Token authentication (Ray's default for `ray start`) is off for this loopback-only cluster.
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled"}
+    # Token authentication (Ray's default for `ray start`) is off for this loopback-only cluster,
+    # and its drivers take the settings the README gives a one-machine cluster.
+    env = {
+        **ONE_MACHINE_RAY_ENV, **os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled"
+    }  # fmt: skip
     # In Ray's default temp dir, with a dashboard, like a user's own `ray start`: the latest Ray
     # on the machine, which the State API finds from inside any other cluster (see the
     # local-cluster test).
