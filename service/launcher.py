@@ -307,7 +307,9 @@ class RayLauncher:
             self._capacity = (now, self._read_capacity())
         answer = self._capacity[1]
         if isinstance(answer, RayUnavailable):
-            raise answer
+            # A new exception each time: raising the kept one again would add every caller's
+            # frames (and the requests they hold) to its traceback until the failure expires.
+            raise type(answer)(*answer.args)
         return answer
 
     def _read_capacity(self) -> ClusterCapacity | RayUnavailable:

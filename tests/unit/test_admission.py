@@ -6,11 +6,14 @@ The cluster's resources are given as numbers here; the service reads them from R
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 import pytest
 
 from service.admission import ClusterCapacity, Unschedulable, check_fits, demand, startable
+from service.launcher import RayLauncher, RayUnavailable, RunLayout
+from tests.support import free_port
 from trainer.spec import validate_spec
 
 TWO_NODES = ClusterCapacity(total={"CPU": 8.0, "GPU": 2.0}, largest_node={"CPU": 4.0, "GPU": 1.0})
@@ -114,3 +117,19 @@ def test_gpus_are_counted_apart_from_cpus() -> None:
     queue = [Queued("g1", 1, gpus=1), Queued("g2", 1, gpus=1), Queued("cpu", 1)]
     assert names(startable(queue, [], {"CPU": 8, "GPU": 1})) == ["g1"]
     assert startable([Queued("g", 1, gpus=1)], [], {"CPU": 8}) == []  # no GPU at all: it waits
+
+
+def test_a_kept_capacity_failure_holds_no_callers_frames(tmp_path: Any) -> None:
+    # The launcher keeps Ray's failure for 10 s so a burst of submissions asks Ray once. Raising
+    # that one exception again grew its traceback by every caller's frames (each request's spec
+    # and records with them): the API's memory and garbage-collector pauses grew under load.
+    launcher = RayLauncher(f"http://127.0.0.1:{free_port()}", RunLayout(tmp_path))  # nothing listens
+    raised = []
+    for _ in range(3):
+        with pytest.raises(RayUnavailable) as failure:
+            launcher.capacity()
+        raised.append(failure.value)
+    assert len({id(error) for error in raised}) == 3
+    depths = [len(traceback.extract_tb(error.__traceback__)) for error in raised]
+    assert depths[0] == depths[-1] == 2, depths  # this test's frame and capacity()'s
+    assert {str(error) for error in raised} == {str(raised[0])}
