@@ -15,7 +15,8 @@ linear warm-up over the first 5 % of the steps, then cosine decay to 0.
 The stages, each a set of independent runs spread over ``--jobs`` processes:
 
 1. *grid*: every optimizer (AdaHessian at k = 1) at the same number of learning rates, a log grid
-   of half-decades around its usual value, seed 0;
+   of half-decades around its usual value, seed 0; where the best lr is on the grid's edge, the
+   grid grows by a half-decade past it, up to twice (the same rule for every optimizer);
 2. *frequency*: AdaHessian at k = 2..5 at the k = 1 run's best learning rate (so the delayed
    AdaHessian gets these extra tuning runs);
 3. *confirm*: each optimizer's best learning rate with more seeds (mean ± std), that rate scaled
@@ -72,6 +73,10 @@ LR_GRIDS: dict[str, tuple[float, ...]] = {
     "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
     "sgd": (0.003, 0.01, 0.03, 0.1, 0.3),
 }
+EDGE_EXTENSIONS = 2
+"""Half-decades a grid may grow past an edge that holds its best lr."""
+TUNED = ("adahessian", "adamw", "adam", "sgd")
+"""The optimizers whose lr is tuned on a grid (AdaHessian at k = 1)."""
 LINES = ("adahessian", "adahessian_delayed", "adamw", "adam", "sgd")
 """The optimizers compared: AdaHessian at k = 1, AdaHessian at its best k in 2..5, and the others."""
 LINE_TITLES = {
@@ -464,6 +469,34 @@ def grid(task: Task, line: str, quick: bool) -> list[RunSpec]:
     return [RunSpec(task.name, optimizer, lr) for lr in lrs]
 
 
+def past_edge(study: Study, task: Task, specs: list[RunSpec]) -> RunSpec | None:
+    """The next half-decade past the grid's edge if its best lr sits on that edge, else None."""
+    best = study.best(task, specs)
+    # Rounded as run keys write it (3e-05, not 2.9999999999999997e-05).
+    if best.lr == specs[-1].lr:
+        return replace(best, lr=float(f"{specs[-2].lr * 10:.4g}"))
+    if best.lr == specs[0].lr:
+        return replace(best, lr=float(f"{specs[1].lr / 10:.4g}"))
+    return None
+
+
+def tune(study: Study, tasks: list[Task]) -> dict[tuple[str, str], list[RunSpec]]:
+    """Run every optimizer's lr grid; where the best lr sits on an edge, extend the grid past it
+    by a half-decade, up to ``EDGE_EXTENSIONS`` times (the same rule for every optimizer).
+    Returns each (task, optimizer)'s grid as run, lowest lr first."""
+    grids = {(t.name, line): grid(t, line, study.quick) for t in tasks for line in TUNED}
+    study.run_all("grid", [s for specs in grids.values() for s in specs])
+    for _ in range(0 if study.quick else EDGE_EXTENSIONS):
+        beyond = {key: past_edge(study, study.tasks[key[0]], specs) for key, specs in grids.items()}
+        beyond = {key: spec for key, spec in beyond.items() if spec is not None}
+        if not beyond:
+            break
+        study.run_all("grid past an edge", list(beyond.values()))
+        for key, spec in beyond.items():
+            grids[key] = sorted([*grids[key], spec], key=lambda s: s.lr)
+    return grids
+
+
 def plan(study: Study) -> dict[str, dict[str, Any]]:
     """Run the stages; return, per task, each line's best spec and the runs that confirm it."""
     quick, seeds = study.quick, range(study.seeds)
@@ -472,14 +505,11 @@ def plan(study: Study) -> dict[str, dict[str, Any]]:
     blocks = LM_BLOCKS[:2] if quick else LM_BLOCKS
     tasks = list(study.tasks.values())
 
-    study.run_all(
-        "grid",
-        [s for t in tasks for line in ("adahessian", "adamw", "adam", "sgd") for s in grid(t, line, quick)],
-    )
+    grids = tune(study, tasks)
     best: dict[str, dict[str, RunSpec]] = {t.name: {} for t in tasks}
     for t in tasks:
-        for line in ("adahessian", "adamw", "adam", "sgd"):
-            best[t.name][line] = study.best(t, grid(t, line, quick))
+        for line in TUNED:
+            best[t.name][line] = study.best(t, grids[t.name, line])
     delayed = {t.name: [replace(best[t.name]["adahessian"], freq=k) for k in freqs] for t in tasks}
     study.run_all("frequency", [s for t in tasks for s in delayed[t.name]])
     for t in tasks:
@@ -491,6 +521,10 @@ def plan(study: Study) -> dict[str, dict[str, Any]]:
         costs = study.costs[t.name]
         p: dict[str, Any] = {
             "best": best[t.name],
+            "grid_lrs": {
+                line: [s.lr for s in grids[t.name, "adahessian" if line.startswith("adahessian") else line]]
+                for line in LINES
+            },
             "seeds": {},
             "scales": {},
             "equal_time": {},
@@ -574,7 +608,7 @@ def summarize(study: Study, plans: dict[str, dict[str, Any]]) -> dict[str, Any]:
         lines = []
         for line in LINES:
             spec = p["best"][line]
-            grid_lrs = [s.lr for s in grid(task, line, study.quick)]
+            grid_lrs = p["grid_lrs"][line]
             values, diverged = _values(study, p["seeds"][line])
             equal_values, equal_div = _values(study, p["equal_time"][line])
             scales = []
@@ -629,11 +663,14 @@ def summarize(study: Study, plans: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(study: Study, summary: dict[str, Any]) -> str:
     """The study's tables, as the README links them."""
+    lrs = len(grid(next(iter(study.tasks.values())), "sgd", study.quick))
+    more = 0 if study.quick else EDGE_EXTENSIONS
     out = [
         f"# AdaHessian study{' (quick)' if study.quick else ''}",
         "",
-        f"{study.seeds} seeds per best learning rate; warm-up {WARMUP_FRACTION:.0%} of the steps then "
-        "cosine decay to 0; one thread per run. " + study.meta.get("how", ""),
+        f"{study.seeds} seeds per best learning rate; {lrs} learning rates per optimizer, and up to "
+        f"{more} more past an edge that held the best one; warm-up {WARMUP_FRACTION:.0%} "
+        "of the steps then cosine decay to 0; one thread per run. " + study.meta.get("how", ""),
         "",
     ]
     for s in summary.values():

@@ -84,3 +84,23 @@ def test_study_quick_runs_every_task_and_optimizer_and_resumes(tmp_path: Path) -
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count(" 0 runs to do") == 3, again.stderr[-2000:]
+
+
+def test_a_study_grid_grows_past_the_edge_that_holds_its_best_lr(tmp_path: Path) -> None:
+    from benchmarks.study import LR_GRIDS, RunSpec, Study, _tasks, grid, past_edge
+
+    study = Study(tmp_path / "study.json", quick=False, jobs=1, seeds=1, tasks=_tasks(False))
+    digits = study.tasks["digits"]
+    specs = grid(digits, "adam", quick=False)
+    assert [s.lr for s in specs] == list(LR_GRIDS["adam"])  # 1e-4 ... 1e-2, half-decades
+
+    def scored(accuracies: list[float]) -> None:
+        for spec, accuracy in zip(specs, accuracies):
+            study.runs[spec.key] = {"metric": accuracy, "diverged": False}
+
+    scored([0.90, 0.95, 0.97, 0.98, 0.99])  # best at the top edge: the next half-decade up
+    assert past_edge(study, digits, specs) == RunSpec("digits", "adam", 3e-2)
+    scored([0.99, 0.95, 0.97, 0.98, 0.90])  # best at the bottom edge: the next one down
+    assert past_edge(study, digits, specs) == RunSpec("digits", "adam", 3e-5)
+    scored([0.90, 0.99, 0.97, 0.98, 0.95])  # an inner best: the grid is done
+    assert past_edge(study, digits, specs) is None
