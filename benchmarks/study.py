@@ -462,8 +462,13 @@ class Study:
         return max(reversed(specs), key=lambda s: self.score(task, s))
 
 
+def tuned_as(line: str) -> str:
+    """The optimizer whose lr grid serves ``line`` (both AdaHessian lines share k = 1's)."""
+    return "adahessian" if line.startswith("adahessian") else line
+
+
 def grid(task: Task, line: str, quick: bool) -> list[RunSpec]:
-    optimizer = "adahessian" if line.startswith("adahessian") else line
+    optimizer = tuned_as(line)
     lrs = LR_GRIDS[optimizer]
     lrs = lrs[1:4:2] if quick else lrs
     return [RunSpec(task.name, optimizer, lr) for lr in lrs]
@@ -521,10 +526,7 @@ def plan(study: Study) -> dict[str, dict[str, Any]]:
         costs = study.costs[t.name]
         p: dict[str, Any] = {
             "best": best[t.name],
-            "grid_lrs": {
-                line: [s.lr for s in grids[t.name, "adahessian" if line.startswith("adahessian") else line]]
-                for line in LINES
-            },
+            "grid_lrs": {line: [s.lr for s in grids[t.name, tuned_as(line)]] for line in LINES},
             "seeds": {},
             "scales": {},
             "equal_time": {},
