@@ -1,25 +1,29 @@
 """The control plane as one object: store, Ray launcher, reconciler, and the local Ray head of
-the embedded default. The API's routes call its methods; they hold no logic of their own."""
+the embedded default. The API's routes call its methods only (never its store, launcher or the
+run files underneath); they hold no logic of their own."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.admission import check_fits
-from service.launcher import RayLauncher, RayUnavailable, RunLayout
+from service.launcher import CheckpointInfo, RayLauncher, RayUnavailable, RunLayout
 from service.lifecycle import ACTIVE_STATES, RETRYABLE_STATES, TERMINAL_STATES, JobState
 from service.local_ray import LocalRayHead, ensure_local_head, stop_local_head
 from service.packages import Package
 from service.reconciler import PassStats, Reconciler
+from service.runfiles import follow_lines, records_after, tail_lines
 from service.settings import Settings
-from service.store import JobRecord, JobStore, utcnow
+from service.store import EventRecord, JobRecord, JobStore, utcnow
 from trainer.spec import PACKAGE_URI, JobSpec
 
 log = logging.getLogger("hutch.control_plane")
@@ -30,6 +34,13 @@ class JobNotFound(LookupError):
         super().__init__(f"no job with id {job_id!r}")
 
 
+class AttemptNotFound(JobNotFound):
+    """The job exists, but not the attempt asked for: answered as a missing job is."""
+
+    def __init__(self, job_id: str, attempt: int, attempts: int) -> None:
+        LookupError.__init__(self, f"job {job_id} has no attempt {attempt} (it has {attempts})")
+
+
 class WrongState(Exception):
     """The action does not apply to the job in its current state."""
 
@@ -38,6 +49,15 @@ class WrongState(Exception):
 class Submitted:
     job: JobRecord
     created: bool
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of jobs, newest first, with the queue places of its QUEUED jobs (by job id)."""
+
+    jobs: list[JobRecord]
+    next_cursor: str | None
+    queue_positions: Mapping[str, int]
 
 
 @dataclass(frozen=True)
@@ -158,6 +178,24 @@ class ControlPlane:
             raise JobNotFound(job_id)
         return job
 
+    def list_jobs(
+        self, states: Sequence[JobState], labels: Mapping[str, str], limit: int, cursor: str | None
+    ) -> JobPage:
+        """Jobs in any of ``states`` carrying all of ``labels``, newest first, ``limit`` at most;
+        ``cursor`` is the previous page's ``next_cursor``. Queue places cost one query a page."""
+        jobs, next_cursor = self.store.list(states, labels, limit, cursor)
+        positions = self.store.queue_positions(job for job in jobs if job.state == JobState.QUEUED)
+        return JobPage(jobs, next_cursor, positions)
+
+    def queue_position(self, job: JobRecord) -> int | None:
+        """``job``'s place in the queue (1 for the next to start); None unless it is QUEUED."""
+        return self.store.queue_position(job)
+
+    def events(self, job_id: str) -> list[EventRecord]:
+        """Every state change of the job, oldest first."""
+        self.get(job_id)
+        return self.store.events(job_id)
+
     def cancel(self, job_id: str) -> JobRecord:
         """Queued jobs end at once; started ones are stopped in Ray and end when Ray says so."""
         job = self.get(job_id)
@@ -194,10 +232,61 @@ class ControlPlane:
             self.launcher.delete(self.launcher.submission_id(job_id, attempt))
         self.layout.remove(job_id)
 
+    # -- a job's files --------------------------------------------------------------------
+    def job_log(
+        self, job_id: str, attempt: int | None = None, tail: int | None = None, follow: bool = False
+    ) -> AsyncIterator[str]:
+        """The lines of one attempt's log (the latest without ``attempt``): all of them, or the
+        last ``tail``; with ``follow``, then new ones as they are written, until the attempt ends.
+
+        A missing job or attempt raises now, before a line is sent; the log itself is never read
+        whole (see :mod:`service.runfiles`)."""
+        job = self.get(job_id)
+        attempt = attempt or job.attempt
+        if attempt > job.attempt:
+            raise AttemptNotFound(job_id, attempt, job.attempt)
+        path = self.layout.log_file(job_id, attempt)
+        head, offset = tail_lines(path, tail) if tail is not None else ([], 0)
+
+        def finished() -> bool:
+            current = self.store.get(job_id)
+            return current is None or current.attempt != attempt or current.state.terminal
+
+        async def lines() -> AsyncIterator[str]:
+            for line in head:
+                yield line
+            if tail is not None and not follow:
+                return
+            async for line in follow_lines(path, offset, finished if follow else lambda: True):
+                yield line
+
+        return lines()
+
+    def metric_records(self, job_id: str, since: int | None = None) -> list[dict[str, Any]]:
+        """The job's metric records with ``step > since`` (all without it), in step order."""
+        self.get(job_id)
+        return records_after(self.layout.run_dir(job_id) / "metrics.jsonl", since)
+
+    def checkpoints(self, job_id: str) -> list[CheckpointInfo]:
+        """The checkpoints kept for the job, oldest first; a retry resumes from the newest."""
+        self.get(job_id)
+        return self.launcher.checkpoints(job_id)
+
     # -- packages -------------------------------------------------------------------------
-    def keep_package(self, spooled: Path) -> tuple[Package, bool]:
-        """Check an uploaded working directory and keep it by content; ``(package, created)``."""
-        return self.packages.adopt(spooled)
+    async def receive_package(self, chunks: AsyncIterable[bytes]) -> tuple[Package, bool]:
+        """Spool an uploaded working directory's zip as it arrives, check it and keep it by
+        content; ``(package, created)``. A refused or interrupted upload leaves nothing behind."""
+        spooled = self.packages.spool()
+        path = Path(spooled.name)
+        try:
+            with spooled:
+                async for chunk in chunks:
+                    spooled.write(chunk)
+            # In a thread of its own, not one of the API's (HUTCH_API_THREADS): checking a large
+            # archive takes a while.
+            return await asyncio.to_thread(self.packages.adopt, path)
+        finally:
+            path.unlink(missing_ok=True)
 
     # -- admission ------------------------------------------------------------------------
     def check_fits(self, spec: JobSpec) -> None:
@@ -215,9 +304,12 @@ class ControlPlane:
 
     # -- views ----------------------------------------------------------------------------
     def dashboard_url(self, job: JobRecord) -> str | None:
+        """The job's page on the Ray dashboard; None before Ray has it."""
         return self.launcher.dashboard_job_url(job.ray_job_id) if job.ray_job_id else None
 
     def readiness(self) -> dict[str, str]:
+        """``ok``, or why not, for each thing the service needs: the database, Ray, and job
+        submission (what kept the reconciler's last pass from following or starting jobs)."""
         checks = {}
         try:
             self.store.ping()

@@ -1,0 +1,51 @@
+"""What the routes share: the control plane they call, the bearer-token check of every ``/v1``
+route, and the error answers their OpenAPI entries name."""
+
+import hmac
+from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api import schemas
+from api.errors import ApiError
+from service.control_plane import ControlPlane
+
+# Error answers are JSON in api.errors' one shape on every route, the text routes too (`logs` is a
+# StreamingResponse route, so FastAPI files these under application/json, not under text/plain).
+ERRORS = {
+    400: {"model": schemas.ErrorResponse, "description": "The body cannot be read (e.g. not UTF-8)"},
+    401: {"model": schemas.ErrorResponse, "description": "Missing or wrong bearer token"},
+    404: {"model": schemas.ErrorResponse, "description": "No such job"},
+    409: {"model": schemas.ErrorResponse, "description": "The job is in the wrong state for this"},
+    413: {"model": schemas.ErrorResponse, "description": "The body is larger than the service takes"},
+    422: {"model": schemas.ErrorResponse, "description": "Invalid request; details name the fields"},
+}
+
+BEARER = HTTPBearer(auto_error=False, description="A token from HUTCH_API_TOKENS (or DATA_DIR/api-token).")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+
+
+async def control_plane(request: Request) -> ControlPlane:  # async: a sync dependency costs a thread hop
+    """The app's control plane (opened by its lifespan)."""
+    return request.app.state.plane
+
+
+Plane = Annotated[ControlPlane, Depends(control_plane)]
+
+
+class RequireToken:
+    """The dependency that refuses a request without one of ``tokens`` as its bearer token."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self.tokens = [token.encode() for token in tokens]
+
+    async def __call__(self, credentials: Credentials) -> None:  # async: no thread hop for a compare
+        if credentials is None:
+            raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
+        given = credentials.credentials.encode()
+        # Compare against every token, in constant time each, so timing says nothing.
+        matches = [hmac.compare_digest(given, token) for token in self.tokens]
+        if not any(matches):
+            raise ApiError(401, "invalid bearer token")

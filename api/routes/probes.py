@@ -1,0 +1,78 @@
+"""``/healthz``, ``/readyz`` and ``/metrics``: open (no token), for Kubernetes' probes and
+Prometheus."""
+
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.datastructures import State
+
+from api import schemas
+from api.deps import Plane
+
+UNREADY = {503: {"model": schemas.Health, "description": "Database or Ray unreachable"}}
+
+router = APIRouter(tags=["probes"])
+
+
+@router.get("/healthz", response_model=schemas.Health)
+async def healthz() -> schemas.Health:  # async: liveness never waits for the API's threads
+    """The process is up."""
+    return schemas.Health(status="ok")
+
+
+@router.get("/readyz", response_model=schemas.Health, responses=UNREADY)
+def readyz(plane: Plane) -> JSONResponse:
+    """The database and the Ray cluster answer."""
+    checks = plane.readiness()
+    ready = all(value == "ok" for value in checks.values())
+    body = schemas.Health(status="ok" if ready else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(request: Request) -> Response:
+    """Prometheus metrics: requests by route and status, latency, jobs by state, the queue's
+    oldest wait, Ray's reachability, reconciler passes, errors and time."""
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+class ServiceNumbers:
+    """The control plane's own gauges and counters, read at each scrape (none before the app's
+    lifespan has opened its control plane)."""
+
+    def __init__(self, app_state: State) -> None:
+        self.app_state = app_state
+
+    def collect(self) -> Iterator[Metric]:
+        plane = getattr(self.app_state, "plane", None)
+        if plane is None:
+            return
+        now = plane.telemetry()
+        jobs = GaugeMetricFamily("hutch_jobs", "Jobs in the store by state", labels=["state"])
+        for state, count in now.jobs_by_state.items():  # none while the database is out of reach
+            jobs.add_metric([str(state)], count)
+        yield jobs
+        if now.oldest_queued_s is not None:
+            yield GaugeMetricFamily(
+                "hutch_queue_oldest_seconds", "How long the longest-waiting QUEUED job has waited",
+                value=now.oldest_queued_s,
+            )  # fmt: skip
+        yield GaugeMetricFamily("hutch_ray_up", "1 if the Ray cluster answers, else 0", value=int(now.ray_up))
+        passes = now.reconciler
+        yield CounterMetricFamily("hutch_reconciler_passes", "Reconciler passes", value=passes.passes)
+        yield CounterMetricFamily(
+            "hutch_reconciler_errors", "Reconciler passes that failed (the database out of reach, …)",
+            value=passes.failed_passes,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "hutch_reconciler_seconds", "Time spent in reconciler passes", value=passes.seconds
+        )
+        failed = CounterMetricFamily(
+            "hutch_job_failures", "Jobs this service saw fail, by cause", labels=["cause"]
+        )
+        for cause, count in passes.failed_jobs.items():
+            failed.add_metric([str(cause)], count)
+        yield failed
