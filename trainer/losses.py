@@ -36,7 +36,8 @@ from torch.nn import functional as F
 
 from trainer.backends.base import LossFn
 from trainer.batches import Batch
-from trainer.spec import SpecError, import_factory
+from trainer.spec import SpecError
+from trainer.user_code import import_factory
 
 LOSS_FIELD = "training.loss"
 METRICS_FIELD = "training.metrics"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from trainer.spec import BUILTIN_DATASETS, BUILTIN_MODELS, JobSpec, SpecError, import_factory
+from trainer.spec import BUILTIN_DATASETS, BUILTIN_MODELS, JobSpec, SpecError
+from trainer.user_code import import_factory
 
 
 def check_spec(spec: JobSpec) -> None:

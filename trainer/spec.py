@@ -24,19 +24,16 @@ switching ``optimizer.name`` or ``backend.name`` never requires deleting lines:
 
 This module imports neither torch nor the model and data code: the control plane validates
 specs without them. Import paths (``"package.module:factory"``) are checked for syntax here and
-imported only on the workers (:func:`import_factory`).
+imported only on the workers (:mod:`trainer.user_code`).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
-import inspect
 import json
-import math
 import re
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -57,6 +54,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from trainer.lr_schedule import ScheduleName, scheduled_lr
 
 BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "transformer_lm")
 """Model names that need no import path (factories in :mod:`trainer.models`)."""
@@ -232,7 +231,7 @@ class OptimizerSpec(_Strict):
     spatial_average_block_size: PositiveInt | None = None
     hessian_scope: Literal["global", "local"] = "global"
     warmup_steps: NonNegativeInt = 10
-    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    schedule: ScheduleName = "cosine"
     min_lr_ratio: UnitFloat = 0.0
     momentum: Beta = 0.9
     max_grad_norm: PositiveFloat | None = Field(
@@ -254,29 +253,16 @@ class OptimizerSpec(_Strict):
         return data
 
     def lr_at(self, step: int, total_steps: int) -> float:
-        """Learning rate of the update made after ``step`` completed steps (``0 <= step``).
-
-        With ``W = warmup_steps``, ``T = total_steps`` and ``lr_min = lr * min_lr_ratio``:
-
-        - warm-up, ``step < W``: ``lr * (step + 1) / W`` (linear, reaching ``lr`` at ``W - 1``);
-        - then, with ``p = clamp((step - W) / (T - W), 0, 1)``:
-          ``constant``: ``lr``; ``linear``: ``lr_min + (lr - lr_min) * (1 - p)``;
-          ``cosine``: ``lr_min + (lr - lr_min) * (1 + cos(pi * p)) / 2``.
-
-        So the decay starts at ``lr`` right after warm-up and reaches ``lr_min`` at ``step = T``.
-        """
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        if self.schedule == "constant":
-            return self.lr
-        decay_steps = total_steps - self.warmup_steps
-        progress = 1.0 if decay_steps <= 0 else min(1.0, (step - self.warmup_steps) / decay_steps)
-        lr_min = self.lr * self.min_lr_ratio
-        if self.schedule == "linear":
-            return lr_min + (self.lr - lr_min) * (1.0 - progress)
-        return lr_min + (self.lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        """Learning rate of the update made after ``step`` completed steps, by this section's
+        schedule (:func:`trainer.lr_schedule.scheduled_lr` says how)."""
+        return scheduled_lr(
+            step,
+            total_steps,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            schedule=self.schedule,
+            min_lr_ratio=self.min_lr_ratio,
+        )
 
     def adahessian_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`trainer.optim.AdaHessian` (add ``hessian_scope`` for sharding)."""
@@ -727,69 +713,3 @@ def load_spec(path: str | Path) -> JobSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"{path}: cannot read: {exc}") from None
     return validate_spec(parse_spec_text(text, suffix, str(path)), str(path))
-
-
-# -- import paths ------------------------------------------------------------------------------
-
-
-def import_factory(path: str, what: str | None = None) -> Callable[..., Any]:
-    """Import ``"package.module:attribute"`` and return it if callable; raises :class:`SpecError`.
-
-    ``what`` names the thing in error messages (e.g. ``model 'pkg.nets:big'``).
-    """
-    what = what or f"import path {path!r}"
-    if not IMPORT_PATH.fullmatch(path):
-        raise SpecError(f"{what}: malformed import path, expected 'package.module:factory'")
-    module_name, attribute = path.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or whatever the module raises while importing
-        raise SpecError(
-            f"{what}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
-        ) from None
-    try:
-        factory = getattr(module, attribute)
-    except AttributeError:
-        raise SpecError(f"{what}: module {module_name!r} has no attribute {attribute!r}") from None
-    if not callable(factory):
-        raise SpecError(f"{what}: {path} is a {type(factory).__name__}, not a callable factory")
-    return factory
-
-
-def call_factory(
-    factory: Callable[..., Any], args: Mapping[str, Any], defaults: Mapping[str, Any], what: str
-) -> Any:
-    """Call ``factory(**defaults_it_accepts, **args)``; raises :class:`SpecError` on arguments it rejects.
-
-    ``defaults`` (e.g. a data set's number of classes) are passed only where the factory's
-    signature takes them; every key of ``args`` (the user's) must be accepted.
-    """
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # some builtins have no signature: pass everything
-        signature = None
-    kwargs = dict(args)
-    if signature is not None:
-        params = signature.parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        named = [
-            n
-            for n, p in params.items()
-            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        ]
-        if not takes_any:
-            unknown = sorted(set(args) - set(named))
-            if unknown:
-                raise SpecError(
-                    f"{what}: does not accept argument{'s' if len(unknown) > 1 else ''} "
-                    f"{', '.join(map(repr, unknown))}; it takes: {', '.join(named) or 'no arguments'}"
-                )
-        kwargs = {k: v for k, v in defaults.items() if takes_any or k in named} | kwargs
-        try:
-            signature.bind(**kwargs)
-        except TypeError as exc:
-            raise SpecError(f"{what}: {exc}") from None
-    try:
-        return factory(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise SpecError(f"{what}: rejected arguments {kwargs}: {exc}") from exc

@@ -36,7 +36,8 @@ import torch
 
 from trainer import seeding
 from trainer.batches import Batch, BatchError, batch_size, rank_slice
-from trainer.spec import BUILTIN_DATASETS, SpecError, call_factory, check_component_name, import_factory
+from trainer.spec import BUILTIN_DATASETS, SpecError, check_component_name
+from trainer.user_code import call_factory, import_factory
 
 Task = Literal["classification", "language_model", "custom"]
 TASKS: tuple[str, ...] = ("classification", "language_model", "custom")

@@ -16,7 +16,8 @@ from torch import nn
 from trainer.models.resnet import resnet20
 from trainer.models.small import cnn, mlp
 from trainer.models.transformer import transformer_lm
-from trainer.spec import BUILTIN_MODELS, SpecError, call_factory, check_component_name, import_factory
+from trainer.spec import BUILTIN_MODELS, SpecError, check_component_name
+from trainer.user_code import call_factory, import_factory
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
