@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -73,7 +72,8 @@ from benchmarks.harness import (
     timed,
     whole_periods,
 )
-from trainer.models import resnet20, transformer_lm
+from benchmarks.workloads import Workload, image_batches, lm_factory, token_batches
+from trainer.models import resnet20
 from trainer.optim import AdaHessian
 
 OURS_FREQS = (1, 2, 3, 4, 5)
@@ -84,53 +84,21 @@ AMORTIZED_TOLERANCE = 0.05  # |measured / predicted - 1|
 # -- workloads -------------------------------------------------------------------------------
 
 
-@dataclass
-class Workload:
-    """A model factory, a pool of fixed batches and the loss to train on them."""
-
-    name: str
-    description: str
-    make_model: Callable[[], nn.Module]
-    batches: list[tuple[torch.Tensor, torch.Tensor]]
-
-    @staticmethod
-    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-
-
 def make_workloads(args: argparse.Namespace) -> list[Workload]:
     """The selected workloads, with data drawn from a generator seeded by ``--seed``."""
     gen = torch.Generator().manual_seed(args.seed)
     workloads = []
     if "resnet20" in args.models:
-        batches = [
-            (
-                torch.randn(args.resnet_batch, 3, 32, 32, generator=gen),
-                torch.randint(0, 10, (args.resnet_batch,), generator=gen),
-            )
-            for _ in range(args.data_batches)
-        ]
+        batches = image_batches(gen, args.resnet_batch, args.data_batches)
         workloads.append(
             Workload(
                 "resnet20", f"ResNet-20, random CIFAR-shaped batch {args.resnet_batch}", resnet20, batches
             )
         )
     if "transformer" in args.models:
-        vocab, seq = 96, args.lm_seq
-
-        def make_lm() -> nn.Module:
-            return transformer_lm(
-                vocab_size=vocab,
-                block_size=seq,
-                n_layer=args.lm_layers,
-                n_head=args.lm_heads,
-                n_embd=args.lm_embd,
-            )
-
-        batches = []
-        for _ in range(args.data_batches):
-            tokens = torch.randint(0, vocab, (args.lm_batch, seq + 1), generator=gen)
-            batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+        seq = args.lm_seq
+        make_lm = lm_factory(seq, args.lm_layers, args.lm_heads, args.lm_embd)
+        batches = token_batches(gen, args.lm_batch, seq, args.data_batches)
         desc = (
             f"GPT LM {args.lm_layers}L/{args.lm_heads}H/{args.lm_embd}d, random tokens {args.lm_batch}x{seq}"
         )

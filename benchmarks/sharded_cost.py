@@ -61,7 +61,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -91,8 +90,9 @@ from benchmarks.harness import (
 )
 from benchmarks.harness import settings as settings_of
 from benchmarks.shapes import gpt2_small_shapes
+from benchmarks.workloads import Workload, image_batches, lm_factory, token_batches
 from trainer.backends import DDPBackend
-from trainer.models import resnet20, transformer_lm
+from trainer.models import resnet20
 from trainer.optim import AdaHessian
 from trainer.optim.partition import FlatLayout
 
@@ -130,45 +130,17 @@ THEORY = {
 # -- workload --------------------------------------------------------------------------------
 
 
-@dataclass
-class Workload:
-    """A model factory and a fixed pool of global batches (input, target)."""
-
-    name: str
-    description: str
-    make_model: Callable[[], nn.Module]
-    batches: list[tuple[torch.Tensor, torch.Tensor]]
-
-    @staticmethod
-    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-
-    def micro_batch(self, index: int, rank: int, world: int) -> list[torch.Tensor]:
-        """Rank ``rank``'s equal, contiguous slice of global batch ``index``."""
-        size = self.batches[index][0].shape[0] // world
-        return [t[rank * size : (rank + 1) * size].contiguous() for t in self.batches[index]]
-
-
 def make_workload(settings: dict[str, Any]) -> Workload:
     """The same model and data on every rank: everything is drawn from seeded generators."""
     gen = torch.Generator().manual_seed(settings["seed"])
     batch = settings["global_batch"]
     if settings["model"] == "resnet20":
-        batches = [
-            (torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
-            for _ in range(settings["data_batches"])
-        ]
+        batches = image_batches(gen, batch, settings["data_batches"])
         return Workload("resnet20", f"ResNet-20, random CIFAR-shaped global batch {batch}", resnet20, batches)
-    vocab, seq = 96, settings["lm_seq"]
+    seq = settings["lm_seq"]
     layers, heads, embd = settings["lm_layers"], settings["lm_heads"], settings["lm_embd"]
-
-    def make_lm() -> nn.Module:
-        return transformer_lm(vocab_size=vocab, block_size=seq, n_layer=layers, n_head=heads, n_embd=embd)
-
-    batches = []
-    for _ in range(settings["data_batches"]):
-        tokens = torch.randint(0, vocab, (batch, seq + 1), generator=gen)
-        batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+    make_lm = lm_factory(seq, layers, heads, embd)
+    batches = token_batches(gen, batch, seq, settings["data_batches"])
     desc = f"GPT LM {layers}L/{heads}H/{embd}d, random tokens, global batch {batch}x{seq}"
     return Workload("transformer", desc, make_lm, batches)
 
