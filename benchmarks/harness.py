@@ -4,7 +4,9 @@ A benchmark script builds its parser with :func:`parser` (``--quick``, ``--out``
 fills the settings a mode chooses with :func:`apply_mode`, reports progress with :func:`log`,
 times work with :func:`timed` and :func:`interleaved`, prints :func:`table`\\ s, and ends with
 :func:`finish`, which writes ``NAME.json`` and ``NAME.png`` (drawn inside :func:`figure`) by
-:func:`write_results` and prints the report.
+:func:`write_results` and prints the report. A benchmark that starts servers gives them a
+:func:`free_port` and polls them with :func:`wait_for`; the tests that drive real processes use
+these two as well (:mod:`tests.support`), so the helpers exist once.
 """
 
 from __future__ import annotations
@@ -104,6 +106,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``condition`` every ``interval`` seconds until it returns something truthy, and return
+    that; raise :class:`TimeoutError` naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # -- timing ---------------------------------------------------------------------------------------

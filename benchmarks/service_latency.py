@@ -89,6 +89,7 @@ from benchmarks.harness import (
     percentiles,
     settings,
     table,
+    wait_for,
 )
 from service.launcher import RayLauncher, RayUnavailable, RunLayout
 from service.lifecycle import JobState
@@ -529,16 +530,6 @@ def first_record_time(path: Path) -> float | None:
     if not line.endswith("\n"):
         return None
     return float(json.loads(line)["time"])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def first_step_spec(steps: int) -> dict[str, Any]:

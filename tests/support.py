@@ -1,12 +1,12 @@
-"""Helpers for tests that drive real processes: a free port, waiting on a condition, Ray heads
-in process groups of their own."""
+"""Helpers for tests that drive real processes: Ray heads in process groups of their own, ranks
+spawned as processes, a headless browser. A free port and waiting on a condition come from
+:mod:`benchmarks.harness`, which the benchmarks that start servers share."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,23 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def end_process_group(pgid: int, grace: float = 3) -> None:

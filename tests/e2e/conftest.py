@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from api.client import Client
-from tests.support import free_port, wait_for
+from benchmarks.harness import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 HUTCH = Path(sys.executable).with_name("hutch")

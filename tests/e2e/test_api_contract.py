@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from api.client import Client
+from benchmarks.harness import wait_for
 from tests.e2e.conftest import ROOT, TOKEN, ServiceProcess
-from tests.support import wait_for
 
 SPEC: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "digits-adahessian.yaml").read_text())
 

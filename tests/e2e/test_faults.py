@@ -30,10 +30,10 @@ import psutil
 import pytest
 
 from api.client import Client
+from benchmarks.harness import wait_for
 from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, local_ray_env, running_service
 from tests.e2e.test_api_contract import assert_error, spec_with
 from tests.e2e.test_service_ray import ray_jobs
-from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -20,10 +20,11 @@ import httpx
 import pytest
 
 from api.client import Client, InvalidRequest
+from benchmarks.harness import free_port, wait_for
 from service.local_ray import own_port_options
 from tests.e2e.conftest import TOKEN, ServiceProcess
 from tests.e2e.test_api_contract import spec_with
-from tests.support import end_process_group, free_port, start_ray_head, wait_for
+from tests.support import end_process_group, start_ray_head
 
 pytestmark = pytest.mark.slow
 

@@ -25,18 +25,11 @@ import pytest
 import yaml
 
 from api.client import Client
+from benchmarks.harness import free_port, wait_for
 from service.local_ray import own_port_options
 from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, local_ray_env, running_service
 from tests.e2e.test_api_contract import spec_with
-from tests.support import (
-    CHROMIUM,
-    end_process_group,
-    forget_current_cluster,
-    free_port,
-    rendered_dom,
-    start_ray_head,
-    wait_for,
-)
+from tests.support import CHROMIUM, end_process_group, forget_current_cluster, rendered_dom, start_ray_head
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from tests.support import free_port, spawn_ranks
+from benchmarks.harness import free_port
+from tests.support import spawn_ranks
 from trainer.backends.base import average_buffers
 from trainer.seeding import seed_step
 

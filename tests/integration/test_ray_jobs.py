@@ -22,14 +22,13 @@ import httpx
 import pytest
 import yaml
 
+from benchmarks.harness import free_port, wait_for
 from service.local_ray import own_port_options
 from tests.support import (
     end_process_group,
     forget_current_cluster,
-    free_port,
     remove_placement_groups_when,
     start_ray_head,
-    wait_for,
 )
 from trainer.launch import ONE_MACHINE_RAY_ENV
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from benchmarks.harness import free_port
 from service.admission import ClusterCapacity, Unschedulable, check_fits, demand, startable
 from service.launcher import RayLauncher, RayUnavailable, RunLayout
-from tests.support import free_port
 from trainer.spec import validate_spec
 
 TWO_NODES = ClusterCapacity(total={"CPU": 8.0, "GPU": 2.0}, largest_node={"CPU": 4.0, "GPU": 1.0})
