@@ -23,6 +23,10 @@ ERRORS = {
     422: {"model": schemas.ErrorResponse, "description": "Invalid request; details name the fields"},
 }
 
+V1 = "/v1"
+"""The prefix of the versioned routes, on their own routers: a route's path (the ``route`` label of
+the request metrics) is the one a client calls."""
+
 BEARER = HTTPBearer(auto_error=False, description="A token from HUTCH_API_TOKENS (or DATA_DIR/api-token).")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import WithJsonSchema
 
 from api import schemas
-from api.deps import ERRORS, Plane
+from api.deps import ERRORS, V1, Plane
 from api.errors import ApiError
 from service.control_plane import ControlPlane
 from service.lifecycle import JobState
@@ -28,7 +28,7 @@ LOG_TEXT = {"description": "The log's lines", "content": {"text/plain": {"schema
 def router(settings: Settings) -> APIRouter:
     """The job routes. Built per app, not once per module: a page's largest size is a setting
     (``HUTCH_MAX_PAGE_SIZE``), and the schema states it as the bound of ``limit``."""
-    jobs = APIRouter()
+    jobs = APIRouter(prefix=V1)
 
     @jobs.post(
         "/jobs",

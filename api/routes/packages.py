@@ -3,12 +3,12 @@
 from fastapi import APIRouter, Request, Response
 
 from api import schemas
-from api.deps import ERRORS, Plane
+from api.deps import ERRORS, V1, Plane
 from api.errors import ApiError
 
 ZIP_BODY = {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}}
 
-router = APIRouter()
+router = APIRouter(prefix=V1)
 
 
 @router.post(
