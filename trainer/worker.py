@@ -51,7 +51,7 @@ from trainer.losses import (
 )
 from trainer.metrics import MetricsSink, WorkerGauges, read_metrics
 from trainer.models.registry import build_model
-from trainer.optim.adahessian import NonFiniteError
+from trainer.optim import NonFiniteError
 from trainer.outcome import FailureCause
 from trainer.seeding import seed_step
 from trainer.spec import JobSpec, SpecError

@@ -17,6 +17,7 @@ from torch import nn
 
 from trainer.backends.base import LossFn, StepStats, average_buffers
 from trainer.batches import Batch, batch_size, split_batch
+from trainer.optim.core import AdaHessianHyperparameters
 from trainer.optim.partition import conv_kernel_names
 from trainer.optim.replicated import ReplicatedOptimizer
 from trainer.optim.sharded import ShardedAdaHessian
@@ -28,11 +29,17 @@ def build_optimizer(
     """``options["name"]`` (default ``adahessian``) picks the optimizer; the rest are its keywords."""
     options = dict(options)
     name = options.pop("name", "adahessian")
-    if name == "adahessian":
-        return ShardedAdaHessian(
-            model.named_parameters(), group=group, conv_kernels=conv_kernel_names(model), **options
-        )
     max_grad_norm = options.pop("max_grad_norm", None)
+    if name == "adahessian":
+        scope = options.pop("hessian_scope", "global")
+        return ShardedAdaHessian(
+            model.named_parameters(),
+            AdaHessianHyperparameters(**options),
+            group=group,
+            hessian_scope=scope,
+            conv_kernels=conv_kernel_names(model),
+            max_grad_norm=max_grad_norm,
+        )
     return ReplicatedOptimizer(model.named_parameters(), name, options, group, max_grad_norm=max_grad_norm)
 
 

@@ -29,7 +29,6 @@ backend is built: it is an optional extra (``pip install hutch[deepspeed]``).
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,7 @@ from torch import nn
 
 from trainer.backends.base import LossFn, StepStats, average_buffers
 from trainer.batches import Batch, batch_size, map_tensors, split_batch
-from trainer.optim.adahessian import NonFiniteError
+from trainer.optim.core import AdaHessianHyperparameters, check_finite
 from trainer.optim.hutchinson import ProbeSource, hutchinson_products
 from trainer.optim.partition import Fragment, conv_kernel_names
 from trainer.optim.partitioned import PartitionedAdaHessian
@@ -86,7 +85,9 @@ def build_client_optimizer(
         if scope != "global":
             raise ValueError(f"hessian_scope={scope!r}: the deepspeed backend supports 'global' only")
         return PartitionedAdaHessian(
-            model.named_parameters(), conv_kernels=conv_kernel_names(model), **options
+            model.named_parameters(),
+            AdaHessianHyperparameters(**options),
+            conv_kernels=conv_kernel_names(model),
         )
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r}: must be 'adahessian' or one of {sorted(OPTIMIZERS)}")
@@ -136,7 +137,7 @@ class DeepSpeedBackend:
         self._probes: ProbeSource | None = None
         self._used = [False] * len(self.params)
         if isinstance(self.optimizer, PartitionedAdaHessian):
-            self._probes = ProbeSource(self.optimizer.seed)
+            self._probes = ProbeSource(self.optimizer.hyperparameters.seed)
             self.optimizer.bind_partition(self._fragments())
             for i, p in enumerate(self.params):  # which parameters got a gradient this step
                 p.register_post_accumulate_grad_hook(lambda _, i=i: self._used.__setitem__(i, True))
@@ -145,7 +146,7 @@ class DeepSpeedBackend:
         """Where each parameter's piece lies in this rank's flat slices, from DeepSpeed's
         ``_hp_mapping`` (the map behind its ``safe_get_full_*`` utilities)."""
         zero = self.engine.optimizer
-        index = {id(p): i for i, p in enumerate(self.optimizer.model_params)}
+        index = {id(p): i for i, p in enumerate(self.optimizer.trainable.tensors)}
         assert list(index) == [id(p) for p in self.params], (
             "the optimizer and the engine disagree on the parameters"
         )
@@ -198,9 +199,8 @@ class DeepSpeedBackend:
         flat.div_(self.world_size)
         tail = flat[-1 - len(self.params) :].tolist()
         loss, used_anywhere = tail[0], [flag > 0 for flag in tail[1:]]
-        untouched = f"at step {self.engine.global_steps + 1}; the weights were not updated"
-        if not math.isfinite(loss):
-            raise NonFiniteError(f"loss is {loss} {untouched}")
+        step = self.engine.global_steps + 1  # the step being made
+        check_finite(step, loss=loss)
         if isinstance(self.optimizer, PartitionedAdaHessian):
             averaged, offset = None, 0
             if products is not None:
@@ -212,8 +212,8 @@ class DeepSpeedBackend:
 
         self.engine.step()
         grad_norm = float(self.engine.get_global_grad_norm())
-        if not math.isfinite(grad_norm):  # DeepSpeed saw the overflow and skipped the update
-            raise NonFiniteError(f"a gradient is not finite {untouched}")
+        # A non-finite norm: DeepSpeed saw the overflow and skipped the update.
+        check_finite(step, gradient=grad_norm)
         if isinstance(self.optimizer, PartitionedAdaHessian):
             self.optimizer.finish_step()
         return StepStats(
@@ -264,10 +264,10 @@ class DeepSpeedBackend:
                 products = hutchinson_products(
                     [g for _, g in found],
                     [self.params[i] for i, _ in found],
-                    [self.optimizer.keys[i] for i, _ in found],
+                    [self.optimizer.trainable.keys[i] for i, _ in found],
                     self._probes,
                     self.optimizer.hessian_steps_done,
-                    self.optimizer.n_samples,
+                    self.optimizer.hyperparameters.n_samples,
                 )
                 torch._foreach_add_([products_sum[i] for i, _ in found], [t.float() for t in products])
             torch._foreach_add_([grads_sum[i] for i, _ in found], [g.detach().float() for _, g in found])

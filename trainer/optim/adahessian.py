@@ -1,107 +1,30 @@
-"""AdaHessian (Yao et al., arXiv 2006.00719) with a delayed Hessian.
+"""AdaHessian on one process, as a drop-in torch optimizer, with a delayed Hessian.
 
-The update, per parameter, with ``t`` the parameter's step count and ``k`` the number of
-Hessian estimates it has received::
-
-    m ← β1·m + (1-β1)·g                                   every step
-    v ← β2·v + (1-β2)·D⊙D                                 Hessian steps only
-    θ ← θ - lr·wd·θ - lr · (m / (1-β1^t)) / ((v / (1-β2^k))^(p/2) + eps)
-
-``D`` is the Hutchinson estimate of ``|diag(H)|`` (see :mod:`trainer.optim.hutchinson`).
-
-Delayed Hessian: D is estimated on steps 1, 1+f, 1+2f, … (``f = hessian_update_freq``); on
-those steps v is updated and ``k`` advances. In between, v and its bias correction
-``1-β2^k`` stay exactly as the last Hessian step left them, so the denominator is frozen
-while m and ``1-β1^t`` keep moving. v is an average over *estimates*, not over steps: no stale
-D is stored or re-applied, which is why the state is m and v only. Because the first step is
-always a Hessian step, ``k ≥ 1`` whenever an update is made and the bias correction never
-divides by zero. A parameter that first receives a gradient on a non-Hessian step (e.g. one
-unfrozen mid-run) waits for the next Hessian step before it moves.
-
-The math lives in :func:`adahessian_update`, a function over lists of tensors; the
-:class:`AdaHessian` class only keeps state, counters and the probe schedule.
+The update, its delayed-Hessian rule and its hyperparameters are the core's
+(:mod:`trainer.optim.core`); this class only keeps the state of whole tensors, the schedule and
+the probes, as torch's ``Adam`` class only manages state around its functional core.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection, Iterable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
+from trainer.optim.core import (
+    AdaHessianHyperparameters,
+    HessianSchedule,
+    ScheduledOptimizer,
+    adahessian_update,
+    check_finite,
+    refuse_duplicates,
+)
 from trainer.optim.hutchinson import ProbeSource, hessian_diagonal, hutchinson_products, param_key
 from trainer.optim.partition import averaging_units
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss, gradient or Hessian estimate is NaN or infinite; the weights were not touched."""
-
-
-def adahessian_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_hessian_diag_sqs: list[torch.Tensor],
-    hessian_diags: list[torch.Tensor] | None,
-    *,
-    steps: list[int],
-    hessian_steps: list[int],
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    hessian_power: float,
-) -> None:
-    """Apply one AdaHessian update in place.
-
-    ``steps`` and ``hessian_steps`` are the counts *including* this step. ``hessian_diags`` is
-    ``None`` on steps without a Hessian estimate, which leaves v untouched.
-    """
-    if not params:
-        return
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    if hessian_diags is not None:
-        torch._foreach_mul_(exp_hessian_diag_sqs, beta2)
-        torch._foreach_addcmul_(exp_hessian_diag_sqs, hessian_diags, hessian_diags, value=1.0 - beta2)
-
-    half_power = hessian_power / 2.0
-    if hessian_power == 1.0:
-        denom = torch._foreach_sqrt(exp_hessian_diag_sqs)
-    else:
-        denom = torch._foreach_pow(exp_hessian_diag_sqs, half_power)
-    torch._foreach_div_(denom, [(1.0 - beta2**k) ** half_power for k in hessian_steps])
-    torch._foreach_add_(denom, eps)
-
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in steps])
-
-
-class ScheduleInStateDict(Optimizer):
-    """Adds the Hessian schedule (steps done, Hessian estimates made, last trace) to torch's
-    optimizer state dict, so a resumed run makes its Hessian steps where the original would."""
-
-    _schedule_attributes: ClassVar[dict[str, str]]
-    """Key in ``state_dict()["schedule"]`` → the attribute holding it."""
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["schedule"] = {key: getattr(self, name) for key, name in self._schedule_attributes.items()}
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        schedule = state_dict.pop("schedule", None)
-        super().load_state_dict(state_dict)
-        if schedule is not None:
-            for key, name in self._schedule_attributes.items():
-                setattr(self, name, schedule[key])
-
-
-class AdaHessian(ScheduleInStateDict):
+class AdaHessian(ScheduledOptimizer):
     """AdaHessian with delayed, seeded Hutchinson estimates.
 
     Two ways to drive it:
@@ -122,6 +45,11 @@ class AdaHessian(ScheduleInStateDict):
 
     After each Hessian step :attr:`hessian_trace` holds the Hutchinson estimate of tr(H).
 
+    The keywords are the fields of :class:`~trainer.optim.core.AdaHessianHyperparameters`
+    (``lr=0.1, hessian_update_freq=2, seed=3``, …), checked there; ``lr``, ``betas``, ``eps``,
+    ``weight_decay``, ``hessian_power``, ``spatial_average_block_size`` and
+    ``average_conv_kernel`` are also per-group values, as in torch's optimizers.
+
     Pass ``model.named_parameters()`` (as torch's optimizers accept) to key each parameter's
     probe by its name, as the data-parallel paths do, so their runs equal this one; bare tensors
     are keyed by their position over all groups. ``conv_kernels`` names the parameters whose
@@ -129,57 +57,25 @@ class AdaHessian(ScheduleInStateDict):
     model); without it, 4-D tensors are taken as convolution kernels.
     """
 
-    _schedule_attributes: ClassVar[dict[str, str]] = {
-        "steps_done": "_steps_done",
-        "hessian_steps_done": "_hessian_steps_done",
-        "hessian_trace": "hessian_trace",
-    }
-
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 0.15,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-4,
-        weight_decay: float = 0.0,
-        hessian_power: float = 1.0,
-        hessian_update_freq: int = 1,
-        n_samples: int = 1,
-        spatial_average_block_size: int | None = None,
-        average_conv_kernel: bool = True,
-        seed: int = 0,
+        *,
         conv_kernels: Collection[str] | None = None,
+        **hyperparameters: Any,
     ) -> None:
-        check_hyperparameters(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            hessian_power=hessian_power,
-            hessian_update_freq=hessian_update_freq,
-            n_samples=n_samples,
-            spatial_average_block_size=spatial_average_block_size,
-        )
+        self.hyperparameters = hp = AdaHessianHyperparameters(**hyperparameters)
         defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            hessian_power=hessian_power,
-            spatial_average_block_size=spatial_average_block_size,
-            average_conv_kernel=average_conv_kernel,
+            hp.update_options(),
+            spatial_average_block_size=hp.spatial_average_block_size,
+            average_conv_kernel=hp.average_conv_kernel,
         )
         self.conv_kernels = None if conv_kernels is None else frozenset(conv_kernels)
         self._keys: dict[torch.Tensor, int] = {}
         self._units: dict[torch.Tensor, int] = {}
         super().__init__(params, defaults)
-        self.hessian_update_freq = int(hessian_update_freq)
-        self.n_samples = int(n_samples)
-        self.seed = int(seed)
-        self.hessian_trace: float | None = None
-        self._probes = ProbeSource(self.seed)
-        self._steps_done = 0
-        self._hessian_steps_done = 0
+        self.schedule = HessianSchedule(hp.hessian_update_freq)
+        self._probes = ProbeSource(hp.seed)
         # Signed z⊙Hz from `backward`, keyed by parameter, consumed by the next `step`.
         self._pending_products: dict[torch.Tensor, torch.Tensor] = {}
 
@@ -201,18 +97,6 @@ class AdaHessian(ScheduleInStateDict):
             self._keys[p] = param_key(name)
             self._units[p] = unit
 
-    # -- schedule ---------------------------------------------------------------------------
-
-    @property
-    def hessian_due(self) -> bool:
-        """Whether the next :meth:`step` estimates the Hessian (steps 1, 1+f, 1+2f, …)."""
-        return self._steps_done % self.hessian_update_freq == 0
-
-    @property
-    def steps_done(self) -> int:
-        """Number of completed :meth:`step` calls."""
-        return self._steps_done
-
     def _indexed_params(self) -> list[tuple[int, torch.Tensor]]:
         """Parameters that require a gradient now, with their probe keys."""
         return [(self._keys[p], p) for group in self.param_groups for p in group["params"] if p.requires_grad]
@@ -227,10 +111,7 @@ class AdaHessian(ScheduleInStateDict):
         gradient accumulation over micro-batches works unchanged.
         """
         if not bool(torch.isfinite(loss.detach()).all()):
-            raise NonFiniteError(
-                f"loss is {loss.detach().float().sum().item()} at step {self._steps_done + 1}; "
-                "the weights were not updated"
-            )
+            check_finite(self.steps_done + 1, loss=loss.detach().float().sum().item())
         if not self.hessian_due:
             loss.backward()
             return
@@ -245,8 +126,8 @@ class AdaHessian(ScheduleInStateDict):
             [p for _, p, _ in used],
             [i for i, _, _ in used],
             self._probes,
-            self._hessian_steps_done,
-            self.n_samples,
+            self.hessian_steps_done,
+            self.hyperparameters.n_samples,
         )
         for _, p, g in used:
             g = g.detach()
@@ -260,7 +141,7 @@ class AdaHessian(ScheduleInStateDict):
         used = [(i, p) for i, p in self._indexed_params() if p.grad is not None]
         if not any(p.grad.requires_grad for _, p in used):
             raise RuntimeError(
-                f"step {self._steps_done + 1} is a Hessian step but the gradients carry no graph: "
+                f"step {self.steps_done + 1} is a Hessian step but the gradients carry no graph: "
                 "use opt.backward(loss), or loss.backward(create_graph=True) before opt.step()"
             )
         with torch.enable_grad():
@@ -269,8 +150,8 @@ class AdaHessian(ScheduleInStateDict):
                 [p for _, p in used],
                 [i for i, _ in used],
                 self._probes,
-                self._hessian_steps_done,
-                self.n_samples,
+                self.hessian_steps_done,
+                self.hyperparameters.n_samples,
             )
         return {p: product for (_, p), product in zip(used, products)}
 
@@ -315,30 +196,22 @@ class AdaHessian(ScheduleInStateDict):
         finally:
             self._pending_products = {}
 
-        self._steps_done += 1
-        if hessian_step:
-            self._hessian_steps_done += 1
+        self.schedule.advance(hessian_step)
         return loss
 
     def _check_products(self, products: dict[torch.Tensor, torch.Tensor]) -> None:
         """Record tr(H) ≈ Σ z⊙Hz and refuse a non-finite estimate before any state changes."""
         if not products:
-            self.hessian_trace = 0.0
+            self.schedule.trace = 0.0
             return
         trace = torch.stack([t.sum(dtype=torch.float32) for t in products.values()]).sum().item()
-        if not math.isfinite(trace):
-            raise NonFiniteError(
-                f"the Hessian estimate is not finite at step {self._steps_done + 1}; "
-                "the weights were not updated"
-            )
-        self.hessian_trace = trace
+        check_finite(self.steps_done + 1, hessian=trace)
+        self.schedule.trace = trace
 
     def _check_grads(self) -> None:
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not math.isfinite(torch.stack(torch._foreach_norm(grads)).sum().item()):
-            raise NonFiniteError(
-                f"a gradient is not finite at step {self._steps_done + 1}; the weights were not updated"
-            )
+        if grads:
+            check_finite(self.steps_done + 1, gradient=torch.stack(torch._foreach_norm(grads)).sum().item())
 
     def _step_group(self, group: dict[str, Any], products: dict[torch.Tensor, torch.Tensor] | None) -> None:
         """Update one group: parameters with a fresh Hessian product, then those without."""
@@ -387,63 +260,3 @@ class AdaHessian(ScheduleInStateDict):
                 weight_decay=group["weight_decay"],
                 hessian_power=group["hessian_power"],
             )
-
-
-def refuse_duplicates(params: Iterable[torch.Tensor]) -> None:
-    """Raise ``ValueError`` if one tensor is given twice (it would be updated twice per step)."""
-    seen: set[int] = set()
-    for p in params:
-        if id(p) in seen:
-            raise ValueError(
-                f"a parameter of shape {tuple(p.shape)} is given twice: pass each tensor once "
-                "(model.parameters() and named_parameters() already drop tied duplicates)"
-            )
-        seen.add(id(p))
-
-
-def check_hyperparameters(
-    *,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    hessian_power: float,
-    hessian_update_freq: int,
-    n_samples: int,
-    spatial_average_block_size: int | None,
-) -> None:
-    """Raise ``ValueError`` naming the first AdaHessian hyperparameter out of range (shared by
-    every AdaHessian variant, so they refuse the same values with the same words)."""
-    _check("lr", lr, lr > 0.0, "must be positive")
-    _check(
-        "betas",
-        betas,
-        len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
-        "must be two numbers in [0, 1)",
-    )
-    _check("eps", eps, eps > 0.0, "must be positive")
-    _check("weight_decay", weight_decay, weight_decay >= 0.0, "must be non-negative")
-    _check("hessian_power", hessian_power, 0.0 <= hessian_power <= 1.0, "must be in [0, 1]")
-    _check(
-        "hessian_update_freq",
-        hessian_update_freq,
-        _is_int(hessian_update_freq) and hessian_update_freq >= 1,
-        "must be an integer ≥ 1",
-    )
-    _check("n_samples", n_samples, _is_int(n_samples) and n_samples >= 1, "must be an integer ≥ 1")
-    _check(
-        "spatial_average_block_size",
-        spatial_average_block_size,
-        spatial_average_block_size is None
-        or (_is_int(spatial_average_block_size) and spatial_average_block_size >= 1),
-        "must be None or an integer ≥ 1",
-    )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(name: str, value: Any, ok: bool, reason: str) -> None:
-    if not ok:
-        raise ValueError(f"AdaHessian {name}={value!r}: {reason}")

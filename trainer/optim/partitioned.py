@@ -13,106 +13,36 @@ a slice edge, and DeepSpeed's cuts ignore them. So the driver
 ``z⊙Hz`` of whole tensors, already averaged over the group (:meth:`PartitionedAdaHessian.prepare_step`),
 and says which piece of which tensor lies where in each slice, as
 :class:`~trainer.optim.partition.Fragment`s (:meth:`PartitionedAdaHessian.bind_partition`). The
-optimizer widens each piece to whole units, takes ``D``, cuts out its piece and applies
-:func:`update_fragments` to the flat slice. Its state is m and v as flat tensors the size of the
-slice, plus per-parameter step counts.
+optimizer widens each piece to whole units, takes ``D``, cuts out its piece and applies the
+core's :func:`~trainer.optim.core.update_fragments` to the flat slice. Its state is m and v as
+flat tensors the size of the slice, plus per-parameter step counts.
 
 The DDP path (:class:`~trainer.optim.sharded.ShardedAdaHessian`) uses the same fragments, the
-same per-parameter counts (:func:`advance_counts`) and the same update (:func:`update_fragments`)
-on its own aligned chunks; probes are keyed by parameter name on every path, so all follow the
+same per-parameter counts and the same update (:mod:`trainer.optim.core`) on its own aligned
+chunks; probes are keyed by parameter name on every path, so all follow the
 single-process trajectory.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from trainer.optim.adahessian import (
-    NonFiniteError,
-    ScheduleInStateDict,
-    adahessian_update,
-    check_hyperparameters,
-    refuse_duplicates,
+from trainer.optim.core import (
+    AdaHessianHyperparameters,
+    HessianSchedule,
+    ScheduledOptimizer,
+    TrainableParameters,
+    advance_counts,
+    check_finite,
+    update_fragments,
 )
-from trainer.optim.hutchinson import param_key
-from trainer.optim.partition import Fragment, averaging_units, unit_mean_abs
+from trainer.optim.partition import Fragment, unit_mean_abs
 
 
-def advance_counts(
-    used: Sequence[bool], hessian_step: bool, steps: list[int], hessian_steps: list[int]
-) -> list[bool]:
-    """Advance each used parameter's step counts (in place) and say which ones move this step.
-
-    A parameter without a gradient this step is left alone; one that has never had a Hessian
-    estimate waits for the next Hessian step (as in :class:`~trainer.optim.AdaHessian`).
-    """
-    moving = []
-    for i, was_used in enumerate(used):
-        moves = was_used and (hessian_step or hessian_steps[i] > 0)
-        if moves:
-            steps[i] += 1
-            hessian_steps[i] += hessian_step
-        moving.append(moves)
-    return moving
-
-
-def update_fragments(
-    flat: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_hessian_diag_sq: torch.Tensor,
-    diagonal: torch.Tensor | None,
-    fragments: Sequence[Fragment],
-    moving: Sequence[bool],
-    steps: Sequence[int],
-    hessian_steps: Sequence[int],
-    group: Mapping[str, Any],
-) -> None:
-    """:func:`adahessian_update` on the moving fragments of one flat slice.
-
-    Consecutive moving fragments with equal step counts form one run, updated as one tensor
-    (usually the whole slice: one set of fused ops however many parameters it holds). Elements
-    between fragments are padding, zero in every buffer, so a run may span them.
-    """
-    runs: list[list[int]] = []  # [start, end, t, k]
-    extend = False  # whether the last run ends at the previous fragment (nothing still in between)
-    for piece in fragments:
-        i = piece.param_index
-        if not moving[i]:
-            extend = False
-            continue
-        start, end = piece.flat_start, piece.flat_start + piece.numel
-        if extend and runs[-1][2] == steps[i] and runs[-1][3] == hessian_steps[i]:
-            runs[-1][1] = end
-        else:
-            runs.append([start, end, steps[i], hessian_steps[i]])
-        extend = True
-    if not runs:
-        return
-    cut = [slice(a, b) for a, b, _, _ in runs]
-    beta1, beta2 = group["betas"]
-    adahessian_update(
-        [flat[c] for c in cut],
-        [grad[c] for c in cut],
-        [exp_avg[c] for c in cut],
-        [exp_hessian_diag_sq[c] for c in cut],
-        None if diagonal is None else [diagonal[c] for c in cut],
-        steps=[t for _, _, t, _ in runs],
-        hessian_steps=[k for _, _, _, k in runs],
-        lr=group["lr"],
-        beta1=beta1,
-        beta2=beta2,
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        hessian_power=group["hessian_power"],
-    )
-
-
-class PartitionedAdaHessian(ScheduleInStateDict):
+class PartitionedAdaHessian(ScheduledOptimizer):
     """AdaHessian whose parameters are flat slices that cut across tensors (see the module doc).
 
     Construct it on ``model.named_parameters()`` and pass it to ``deepspeed.initialize`` as the
@@ -121,73 +51,39 @@ class PartitionedAdaHessian(ScheduleInStateDict):
     step, and :meth:`finish_step` after it.
     """
 
-    # DeepSpeed saves and loads this optimizer's state dict with its own checkpoints.
-    _schedule_attributes: ClassVar[dict[str, str]] = {
-        "steps_done": "steps_done",
-        "hessian_steps_done": "hessian_steps_done",
-        "hessian_trace": "hessian_trace",
-        "param_steps": "_steps",
-        "param_hessian_steps": "_hessian_steps",
-    }
-
     def __init__(
         self,
         named_params: Iterable[tuple[str, torch.nn.Parameter]],
-        lr: float = 0.15,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-4,
-        weight_decay: float = 0.0,
-        hessian_power: float = 1.0,
-        hessian_update_freq: int = 1,
-        n_samples: int = 1,
-        spatial_average_block_size: int | None = None,
-        average_conv_kernel: bool = True,
-        seed: int = 0,
+        hyperparameters: AdaHessianHyperparameters,
+        *,
         conv_kernels: Collection[str] | None = None,
     ) -> None:
-        check_hyperparameters(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            hessian_power=hessian_power,
-            hessian_update_freq=hessian_update_freq,
-            n_samples=n_samples,
-            spatial_average_block_size=spatial_average_block_size,
+        self.hyperparameters = hyperparameters
+        self.trainable = TrainableParameters.collect(
+            named_params, hyperparameters, conv_kernels, "PartitionedAdaHessian"
         )
-        named = [(name, p) for name, p in named_params if p.requires_grad]
-        if not named:
-            raise ValueError("PartitionedAdaHessian got no trainable parameters")
-        refuse_duplicates(p for _, p in named)
-        self.model_names = [name for name, _ in named]
-        self.model_params = [p for _, p in named]
-        self.keys = [param_key(name) for name in self.model_names]
-        self.units = averaging_units(
-            [(name, p.shape) for name, p in named],
-            conv_kernels=conv_kernels,
-            average_conv_kernel=average_conv_kernel,
-            block_size=spatial_average_block_size,
-        )
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power
-        )
-        super().__init__(self.model_params, defaults)
-        self.hessian_update_freq = int(hessian_update_freq)
-        self.n_samples = int(n_samples)
-        self.seed = int(seed)
-        self.steps_done = 0
-        self.hessian_steps_done = 0
-        self.hessian_trace: float | None = None
-        self._steps = [0] * len(self.model_params)
-        self._hessian_steps = [0] * len(self.model_params)
+        super().__init__(self.trainable.tensors, hyperparameters.update_options())
+        self.schedule = HessianSchedule(hyperparameters.hessian_update_freq)
+        count = len(self.trainable.tensors)
+        self._steps = [0] * count
+        self._hessian_steps = [0] * count
         self._fragments: dict[torch.Tensor, list[Fragment]] = {}
         self._products: Sequence[torch.Tensor] | None = None
         self._moving: list[bool] | None = None
 
-    @property
-    def hessian_due(self) -> bool:
-        """Whether the next step estimates the Hessian (steps 1, 1+f, 1+2f, …)."""
-        return self.steps_done % self.hessian_update_freq == 0
+    # DeepSpeed saves and loads this optimizer's state dict with its own checkpoints: the schedule
+    # carries the per-parameter counts too.
+    def _schedule_state(self) -> dict[str, Any]:
+        return {
+            **self.schedule.state_dict(),
+            "param_steps": self._steps,
+            "param_hessian_steps": self._hessian_steps,
+        }
+
+    def _load_schedule_state(self, saved: Mapping[str, Any]) -> None:
+        self.schedule.load_state_dict(saved)
+        self._steps = list(saved["param_steps"])
+        self._hessian_steps = list(saved["param_hessian_steps"])
 
     def bind_partition(self, fragments: Mapping[torch.Tensor, Sequence[Fragment]]) -> None:
         """Say, for every flat slice now in the groups, which pieces of which parameters it holds.
@@ -208,20 +104,17 @@ class PartitionedAdaHessian(ScheduleInStateDict):
         Hessian steps the signed ``z⊙Hz`` of every model parameter (whole tensors, averaged over
         the group, identical on every rank). Raises :class:`NonFiniteError` before any state
         changes if the trace estimate is not finite."""
-        if len(used) != len(self.model_params):
-            raise ValueError(f"got {len(used)} usage flags for {len(self.model_params)} parameters")
+        count = len(self.trainable.tensors)
+        if len(used) != count:
+            raise ValueError(f"got {len(used)} usage flags for {count} parameters")
         if self.hessian_due:
-            if products is None or len(products) != len(self.model_params):
+            if products is None or len(products) != count:
                 raise ValueError(
                     f"step {self.steps_done + 1} is a Hessian step: give one product per parameter"
                 )
             trace = torch.stack([t.sum(dtype=torch.float32) for t in products]).sum().item()
-            if not math.isfinite(trace):
-                raise NonFiniteError(
-                    f"the Hessian estimate is not finite at step {self.steps_done + 1}; "
-                    "the weights were not updated"
-                )
-            self.hessian_trace = trace
+            check_finite(self.steps_done + 1, hessian=trace)
+            self.schedule.trace = trace
         elif products is not None:
             raise ValueError(f"step {self.steps_done + 1} is not a Hessian step: no products expected")
         self._products = products
@@ -229,11 +122,9 @@ class PartitionedAdaHessian(ScheduleInStateDict):
 
     def finish_step(self) -> None:
         """Advance the schedule after the engine's step (which calls :meth:`step` once per group)."""
-        if self._products is not None:
-            self.hessian_steps_done += 1
+        self.schedule.advance(hessian_step=self._products is not None)
         self._products = None
         self._moving = None
-        self.steps_done += 1
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -270,7 +161,7 @@ class PartitionedAdaHessian(ScheduleInStateDict):
         assert self._products is not None
         diagonal = torch.zeros_like(flat)  # padding keeps D = 0: its m stays 0, so it never moves
         for piece in pieces:
-            unit = self.units[piece.param_index]
+            unit = self.trainable.units[piece.param_index]
             whole = self._products[piece.param_index].reshape(-1).to(device=flat.device, dtype=flat.dtype)
             lo = (piece.param_start // unit) * unit
             hi = min(whole.numel(), -(-(piece.param_start + piece.numel) // unit) * unit)
@@ -287,8 +178,8 @@ class PartitionedAdaHessian(ScheduleInStateDict):
         if schedule and "param_steps" not in schedule:
             slices = [s for s in state_dict.get("state", {}).values() if "step" in s]
             t, k = (int(slices[0]["step"]), int(slices[0]["hessian_step"])) if slices else (0, 0)
-            schedule["param_steps"] = [t] * len(self.model_params)
-            schedule["param_hessian_steps"] = [k] * len(self.model_params)
+            schedule["param_steps"] = [t] * len(self.trainable.tensors)
+            schedule["param_hessian_steps"] = [k] * len(self.trainable.tensors)
             state_dict["state"] = {
                 key: {n: v for n, v in s.items() if n not in ("step", "hessian_step")}
                 for key, s in state_dict.get("state", {}).items()

@@ -9,14 +9,13 @@ the backend and the worker loop do not care which one runs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from trainer.optim.adahessian import NonFiniteError
+from trainer.optim.core import check_finite
 
 STATE_FORMAT = "hutch.replicated.v1"
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -94,11 +93,7 @@ class ReplicatedOptimizer:
         loss = flat[offset].item()
         norm = torch.linalg.vector_norm(gradients).item()
         self._loss_sum = None
-        untouched = f"at step {self._steps_done + 1}; the weights were not updated"
-        if not math.isfinite(loss):
-            raise NonFiniteError(f"loss is {loss} {untouched}")
-        if not math.isfinite(norm):
-            raise NonFiniteError(f"a gradient is not finite {untouched}")
+        check_finite(self._steps_done + 1, loss=loss, gradient=norm)
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             gradients.mul_(self.max_grad_norm / (norm + 1e-6))  # clip_grad_norm_'s factor; .grad are views
         self.optimizer.step()

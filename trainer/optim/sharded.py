@@ -35,10 +35,17 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from trainer.optim.adahessian import NonFiniteError, check_hyperparameters, refuse_duplicates
-from trainer.optim.hutchinson import ProbeSource, hutchinson_products, param_key
-from trainer.optim.partition import FlatLayout, average_blocks_, averaging_units
-from trainer.optim.partitioned import advance_counts, update_fragments
+from trainer.optim.core import (
+    AdaHessianHyperparameters,
+    HessianSchedule,
+    OnHessianSchedule,
+    TrainableParameters,
+    advance_counts,
+    check_finite,
+    update_fragments,
+)
+from trainer.optim.hutchinson import ProbeSource, hutchinson_products
+from trainer.optim.partition import FlatLayout, average_blocks_
 
 HessianScope = Literal["global", "local"]
 STATE_FORMAT = "hutch.sharded_adahessian.v2"
@@ -47,7 +54,7 @@ still loads."""
 _READABLE_FORMATS = (STATE_FORMAT, "hutch.sharded_adahessian.v1")
 
 
-class ShardedAdaHessian:
+class ShardedAdaHessian(OnHessianSchedule):
     """AdaHessian whose optimizer state is partitioned over the ranks of ``group``.
 
     Use it like :class:`AdaHessian`'s efficient path::
@@ -59,60 +66,38 @@ class ShardedAdaHessian:
     step, :attr:`loss`, :attr:`grad_norm` (before clipping) and :attr:`hessian_trace` hold
     group-wide values. ``conv_kernels`` names the parameters averaged over their spatial block
     (:func:`~trainer.optim.partition.conv_kernel_names`); without it, 4-D tensors are.
+    ``max_grad_norm`` clips the averaged gradient by its global norm (None: no clipping).
     """
 
     def __init__(
         self,
         named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        hyperparameters: AdaHessianHyperparameters,
         *,
         group: dist.ProcessGroup | None = None,
         hessian_scope: HessianScope = "global",
-        lr: float = 0.15,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-4,
-        weight_decay: float = 0.0,
-        hessian_power: float = 1.0,
-        hessian_update_freq: int = 1,
-        n_samples: int = 1,
-        spatial_average_block_size: int | None = None,
-        average_conv_kernel: bool = True,
-        seed: int = 0,
         conv_kernels: Collection[str] | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
-        check_hyperparameters(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            hessian_power=hessian_power,
-            hessian_update_freq=hessian_update_freq,
-            n_samples=n_samples,
-            spatial_average_block_size=spatial_average_block_size,
-        )
         if hessian_scope not in ("global", "local"):
             raise ValueError(f"hessian_scope={hessian_scope!r}: must be 'global' or 'local'")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={max_grad_norm!r}: must be positive (or None: no clipping)")
+        self.hyperparameters = hyperparameters
+        self.schedule = HessianSchedule(hyperparameters.hessian_update_freq)
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        named = [(name, p) for name, p in named_params if p.requires_grad]
-        if not named:
-            raise ValueError("ShardedAdaHessian got no trainable parameters")
-        refuse_duplicates(p for _, p in named)
-        kinds = {(p.dtype, p.device) for _, p in named}
+        trainable = TrainableParameters.collect(
+            named_params, hyperparameters, conv_kernels, "ShardedAdaHessian"
+        )
+        kinds = {(p.dtype, p.device) for p in trainable.tensors}
         if len(kinds) != 1:
             raise ValueError(f"all parameters must share one dtype and device (flat buffers), got {kinds}")
-        self.names = [name for name, _ in named]
-        self.params = [p for _, p in named]
-        self._keys = [param_key(name) for name in self.names]
-        units = averaging_units(
-            [(name, p.shape) for name, p in named],
-            conv_kernels=conv_kernels,
-            average_conv_kernel=average_conv_kernel,
-            block_size=spatial_average_block_size,
-        )
+        self.names = trainable.names
+        self.params = trainable.tensors
+        self._keys = trainable.keys
+        units = trainable.units
         self.layout = FlatLayout.build(self.names, [p.shape for p in self.params], units, self.world_size)
         self.fragments = self.layout.fragments(self.rank)
         self._touched = {f.param_index for f in self.fragments}  # parameters with a piece here
@@ -120,17 +105,8 @@ class ShardedAdaHessian:
             (f.flat_start, f.numel, units[f.param_index]) for f in self.fragments if units[f.param_index] > 1
         ]
         self.hessian_scope: HessianScope = hessian_scope
-        self.hessian_update_freq = int(hessian_update_freq)
-        self.n_samples = int(n_samples)
         self.param_groups: list[dict[str, Any]] = [
-            dict(
-                lr=lr,
-                betas=tuple(betas),
-                eps=eps,
-                weight_decay=weight_decay,
-                hessian_power=hessian_power,
-                max_grad_norm=max_grad_norm,
-            )
+            dict(hyperparameters.update_options(), max_grad_norm=max_grad_norm)
         ]
 
         p0, size, chunk = self.params[0], self.layout.size, self.layout.chunk
@@ -158,26 +134,12 @@ class ShardedAdaHessian:
         self._steps = [0] * len(self.params)  # per parameter, identical on every rank
         self._hessian_steps = [0] * len(self.params)
 
-        self._probes = ProbeSource(seed)
-        self._steps_done = 0
-        self._hessian_steps_done = 0
+        self._probes = ProbeSource(hyperparameters.seed)
         self._loss_sum: torch.Tensor | None = None
         self._used = [False] * len(self.params)
         self.loss: float | None = None
         self.grad_norm: float | None = None
-        self.hessian_trace: float | None = None
         self.bytes_sent_last_step = 0
-
-    # -- schedule ---------------------------------------------------------------------------
-
-    @property
-    def hessian_due(self) -> bool:
-        """Whether the next :meth:`step` estimates the Hessian (steps 1, 1+f, 1+2f, …)."""
-        return self._steps_done % self.hessian_update_freq == 0
-
-    @property
-    def steps_done(self) -> int:
-        return self._steps_done
 
     def zero_grad(self) -> None:
         """Start a new step: the next :meth:`backward` overwrites the gradient buffer."""
@@ -208,8 +170,8 @@ class ShardedAdaHessian:
                 [self.params[i] for i, _ in wanted],
                 [self._keys[i] for i, _ in wanted],
                 self._probes,
-                self._hessian_steps_done,
-                self.n_samples,
+                self.hessian_steps_done,
+                self.hyperparameters.n_samples,
             )
             if self._flat_products is None:
                 self._flat_products = torch.zeros_like(self._flat_grads)
@@ -279,13 +241,9 @@ class ShardedAdaHessian:
         loss, trace_sum, norm_sq_sum = values[0] / world, values[1], values[2]
         used = [flag > 0 for flag in values[3:]]
         self._loss_sum = None
-        untouched = f"at step {self._steps_done + 1}; the weights were not updated"
-        if not math.isfinite(loss):
-            raise NonFiniteError(f"loss is {loss} {untouched}")
-        if not math.isfinite(norm_sq_sum):
-            raise NonFiniteError(f"a gradient is not finite {untouched}")
-        if hessian_step and not math.isfinite(trace_sum):
-            raise NonFiniteError(f"the Hessian estimate is not finite {untouched}")
+        check_finite(
+            self.steps_done + 1, loss=loss, gradient=norm_sq_sum, hessian=trace_sum if hessian_step else None
+        )
         norm = math.sqrt(norm_sq_sum)
 
         # 3. the owner's update: clip, D = |·| with spatial averaging, AdaHessian on moving pieces.
@@ -324,9 +282,8 @@ class ShardedAdaHessian:
         self.bytes_sent_last_step = (world - 1) * chunk * element * collectives + stats_bytes
         self.loss, self.grad_norm = loss, norm
         if hessian_step:
-            self.hessian_trace = trace_sum
-            self._hessian_steps_done += 1
-        self._steps_done += 1
+            self.schedule.trace = trace_sum
+        self.schedule.advance(hessian_step)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -346,11 +303,7 @@ class ShardedAdaHessian:
             "format": STATE_FORMAT,
             "world_size": self.world_size,
             "rank": self.rank,
-            "schedule": {
-                "steps_done": self._steps_done,
-                "hessian_steps_done": self._hessian_steps_done,
-                "hessian_trace": self.hessian_trace,
-            },
+            "schedule": self.schedule.state_dict(),
             "param_groups": [dict(self.param_groups[0])],
             "counts": {name: (self._steps[i], self._hessian_steps[i]) for i, name in enumerate(self.names)},
             "params": params,
@@ -370,10 +323,7 @@ class ShardedAdaHessian:
         for shard in shards:
             for name, saved in shard["params"].items():
                 pieces.setdefault(name, []).append((int(saved.get("start", 0)), saved))
-        schedule = shards[0]["schedule"]
-        self._steps_done = int(schedule["steps_done"])
-        self._hessian_steps_done = int(schedule["hessian_steps_done"])
-        self.hessian_trace = schedule["hessian_trace"]
+        self.schedule.load_state_dict(shards[0]["schedule"])
         saved_group = shards[0]["param_groups"][0]
         self.param_groups[0].update({k: v for k, v in saved_group.items() if k in self.param_groups[0]})
         counts = shards[0].get("counts", {})
