@@ -183,11 +183,13 @@ def test_probes_need_no_token(lite_service: ServiceProcess) -> None:
 def test_metrics_say_what_the_service_sees(lite_service: ServiceProcess) -> None:
     """The control plane's own numbers, read as Prometheus parses them: Ray unreachable, the
     queue's oldest wait growing, reconciler passes counted, a failure counter for every cause
-    from the start (so the first failure of a kind is an increase, not a new series)."""
+    from the start (so the first failure of a kind is an increase, not a new series), requests
+    counted by the route's full template (what the dashboard groups by)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with lite_service.client() as http:
         assert http.post("/v1/jobs", json=spec_with(name="metrics-queued")).status_code == 201
+        assert http.get("/v1/jobs/no-such-job").status_code == 404
 
     def read() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = httpx.get(lite_service.url + "/metrics").text
@@ -206,6 +208,9 @@ def test_metrics_say_what_the_service_sees(lite_service: ServiceProcess) -> None
     later = wait_for(lambda: (now := read())[passes] > first[passes] and now, 30, "another reconciler pass")
     assert later[("hutch_queue_oldest_seconds", ())] > first[("hutch_queue_oldest_seconds", ())] > 0
     assert later[("hutch_reconciler_seconds_total", ())] > 0
+    requests = "hutch_http_requests_total"
+    assert first[(requests, (("method", "POST"), ("route", "/v1/jobs"), ("status", "201")))] >= 1
+    assert first[(requests, (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404")))] >= 1
 
 
 def test_same_idempotency_key_makes_one_job_under_20_concurrent_submissions(
