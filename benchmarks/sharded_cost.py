@@ -95,6 +95,7 @@ from trainer.backends import DDPBackend
 from trainer.models import resnet20
 from trainer.optim import AdaHessian
 from trainer.optim.partition import FlatLayout
+from trainer.spec import OptimizerSpec
 
 STATE_TOLERANCE = 0.05  # state bytes of a rank / (total / N) - 1
 TRAFFIC_TOLERANCE = 0.10  # bytes per rank per step / ZeRO-1 minimum - 1
@@ -247,13 +248,14 @@ class Runner:
         model = fresh_model(workload, settings["seed"])
         self.losses: list[float] = []
         if kind == "sharded":
-            options = dict(
+            optimizer = OptimizerSpec(
                 hessian_scope=settings.get("scope", "global"),
                 hessian_update_freq=freq,
                 lr=settings["lr_adahessian"],
-                seed=settings["seed"],
             )
-            self.backend = DDPBackend(model, lambda m, b: workload.loss(m(b[0]), b[1]), options)
+            self.backend = DDPBackend(
+                model, lambda m, b: workload.loss(m(b[0]), b[1]), optimizer, seed=settings["seed"]
+            )
             self.model = model
         else:
             # DDPBackend does not synchronize buffers after its initial broadcast; nor does DDP here.
@@ -633,7 +635,7 @@ def world_one_overhead(rounds: int, block: int) -> list[dict[str, Any]]:
             single_model, sharded_model = ManySmallTensors(), ManySmallTensors()
             sharded_model.load_state_dict(single_model.state_dict())
             single = AdaHessian(single_model.named_parameters(), lr=1e-3, hessian_update_freq=freq)
-            backend = DDPBackend(sharded_model, loss_fn, {"lr": 1e-3, "hessian_update_freq": freq})
+            backend = DDPBackend(sharded_model, loss_fn, OptimizerSpec(lr=1e-3, hessian_update_freq=freq))
 
             def single_step(opt: AdaHessian = single, model: nn.Module = single_model) -> None:
                 opt.zero_grad()

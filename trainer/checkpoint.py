@@ -1,5 +1,9 @@
 """Training checkpoints: one directory with the model, every rank's optimizer shard and progress.
 
+Each backend writes and reads its own format (``save_checkpoint``/``load_checkpoint`` of
+:class:`~trainer.backends.base.TrainingBackend`) with the helpers here; the worker loop only hands
+the directories to its runner and back.
+
 Layout with the ``ddp`` backend (what rank 0 hands to ``ray.train.report(checkpoint=...)``)::
 
     model.pt            model state_dict (parameters and buffers), from rank 0

@@ -2,10 +2,11 @@
 
 Every rank builds the same model from the same seed, loads only its own equal share of the
 global batch of each step (a pure function of seed and step; :func:`trainer.data.rank_batch`),
-and calls the backend's ``train_step`` (``ddp`` or ``deepspeed``, from the spec) with the loss
-the spec names (:mod:`trainer.losses`). Rank 0 writes metric records and checkpoints (under
-DeepSpeed every rank adds its own partition's files); every rank reports at the same steps, as
-Ray Train requires. A restarted group resumes from the last checkpoint.
+and calls the backend's ``train_step`` with the loss the spec names (:mod:`trainer.losses`). The
+backend is the one the spec names (:data:`trainer.backends.BACKENDS`), and the loop asks of it only
+what :class:`~trainer.backends.base.TrainingBackend` declares: it never asks which one it has.
+Rank 0 writes metric records; checkpoints are the backend's own files; every rank reports at the
+same steps, as Ray Train requires. A restarted group resumes from the last checkpoint.
 
 The loop talks to its runner through a :class:`WorkerSession` (rank, world size, device, the
 checkpoint to resume from, reports): :class:`RaySession` under Ray Train, or any plain
@@ -27,19 +28,11 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from trainer.backends import DDPBackend, DeepSpeedBackend, StepStats
+from trainer.backends import StepStats, TrainingBackend, build_backend
 from trainer.backends.base import LossFn
 from trainer.batches import batch_size as examples_in
 from trainer.batches import to_device
-from trainer.checkpoint import (
-    DEEPSPEED_DIR,
-    TrainingState,
-    param_checksum,
-    read_checkpoint,
-    read_deepspeed_progress,
-    write_checkpoint,
-    write_deepspeed_progress,
-)
+from trainer.checkpoint import param_checksum
 from trainer.data import AnyDataset, build_dataset, dataset_model_args, dataset_task, rank_batch
 from trainer.losses import (
     LOSS_FIELD,
@@ -55,8 +48,6 @@ from trainer.optim import NonFiniteError
 from trainer.outcome import FailureCause
 from trainer.seeding import seed_step
 from trainer.spec import JobSpec, SpecError
-
-Backend = DDPBackend | DeepSpeedBackend
 
 
 class WorkerSession(Protocol):
@@ -119,31 +110,6 @@ class RaySession:
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
-def optimizer_options(spec: JobSpec) -> dict[str, Any]:
-    """Keyword arguments for the backend's optimizer, from the spec."""
-    o = spec.optimizer
-    clip = {"max_grad_norm": o.max_grad_norm}
-    if o.name == "adahessian":
-        return dict(
-            name="adahessian",
-            hessian_scope=o.hessian_scope,
-            seed=spec.training.seed,
-            **o.adahessian_kwargs(),
-            **clip,
-        )
-    if o.name == "sgd":
-        return dict(name="sgd", lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, **clip)
-    return dict(name=o.name, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, **clip)
-
-
-def build_backend(spec: JobSpec, model: torch.nn.Module, loss_fn: LossFn) -> Backend:
-    """The spec's backend around ``model``: ``ddp``, or ``deepspeed`` with its ZeRO stage and precision."""
-    options, b = optimizer_options(spec), spec.backend
-    if b.name == "deepspeed":
-        return DeepSpeedBackend(model, loss_fn, options, zero_stage=b.zero_stage, precision=b.precision)
-    return DDPBackend(model, loss_fn, options)
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -154,13 +120,12 @@ def evaluate(
     loss_fn: LossFn | None = None,
     metrics_fn: MetricsFn | None = None,
 ) -> dict[str, float]:
-    """Held-out metrics, each rank taking every world-th batch.
+    """Held-out metrics of ``model`` (in eval mode), each rank taking every world-th batch.
 
     With the built-in loss (``loss_fn`` None): loss and accuracy (or perplexity) of the task.
     With the user's loss: ``eval_loss`` is that loss, the mean over held-out examples. The
     user's ``metrics_fn`` adds ``eval_<name>`` means over examples (:func:`reduce_weighted`).
     """
-    model.eval()
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     weighted: dict[str, tuple[float, float]] = {}
@@ -183,7 +148,6 @@ def evaluate(
         for name, value in values.items():
             total, weight = weighted.get(name, (0.0, 0.0))
             weighted[name] = (total + value * examples, weight + examples)
-    model.train()
     out: dict[str, float] = {}
     if loss_fn is None:
         dist.all_reduce(totals)
@@ -239,15 +203,14 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         _stop(run_dir, rank, None, f"cannot start: {error}")
         return
     backend = build_backend(spec, model, loss_fn)
-    model = backend.model  # DeepSpeed trains the same module, in bf16 if asked
-    dtype = next(model.parameters()).dtype
+    dtype = next(backend.model.parameters()).dtype  # a backend may train in bf16
     eval_loss = loss_fn if t.loss is not None else None
     computes_loss = LOSS_FIELD if t.loss is not None else "model"
 
     start = 0
     with session.restored() as directory:
         if directory is not None:
-            start = _restore(backend, model, directory)
+            start = backend.load_checkpoint(directory)
             if rank == 0:
                 print(f"[hutch] resumed from the checkpoint at step {start}", flush=True)
     sink = None
@@ -271,7 +234,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
             return
         batch = to_device(batch, device, dtype)
         seed_step(t.seed, step, rank)  # each rank its own dropout masks, reproducibly
-        hessian_step = _hessian_due(backend)
+        hessian_step = backend.hessian_due  # a Hessian step differentiates the loss twice
         began = time.perf_counter()
         # These errors are raised on every rank alike (the same code on equally shaped shares,
         # before the step's first collective), so each rank stops without a retry.
@@ -303,9 +266,10 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         backend.average_buffers()  # BatchNorm statistics: one set, for evaluation and checkpoints
         if eval_step:
             try:
-                record.update(
-                    evaluate(model, dataset, rank, world, t.global_batch_size, eval_loss, metrics_fn)
-                )
+                with backend.evaluation() as model:
+                    record.update(
+                        evaluate(model, dataset, rank, world, t.global_batch_size, eval_loss, metrics_fn)
+                    )
             except SpecError as error:  # the user's metrics returned something unusable
                 _stop(run_dir, rank, done, f"evaluation failed: {error}")
                 return
@@ -314,7 +278,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
             sink.write(record)
             print(_progress_line(record, t.steps), flush=True)
         if checkpoint_step:
-            _save_checkpoint(session, record, backend, model, done, rank)
+            _save_checkpoint(session, record, backend, done)
 
     if rank == 0:
         if not latest:  # resumed from the final checkpoint: nothing left to train
@@ -322,16 +286,9 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         # result.json means "trained, and the final checkpoint is registered": whatever Ray's
         # teardown does after it, the job succeeded (trainer.launch holds to that).
         session.wait_until_registered()
-        checksum = param_checksum(model)
+        checksum = param_checksum(backend.model)
         result = {"status": "succeeded", "job_id": job_id, "metrics": latest, "param_checksum": checksum}
         (run_dir / "result.json").write_text(json.dumps(result, indent=2))
-
-
-def _hessian_due(backend: Backend) -> bool:
-    """Whether the coming step takes Hessian products (and so differentiates twice)."""
-    if isinstance(backend, DeepSpeedBackend):
-        return backend.hessian_due
-    return bool(getattr(backend.optimizer, "hessian_due", False))
 
 
 def _stop(
@@ -346,52 +303,21 @@ def _stop(
         print(f"[hutch] {reason}", flush=True)
 
 
-def _restore(backend: Backend, model: torch.nn.Module, directory: Path) -> int:
-    """Load a checkpoint written by :func:`_save_checkpoint`; return its completed steps."""
-    if isinstance(backend, DeepSpeedBackend):
-        backend.load_checkpoint(directory / DEEPSPEED_DIR)
-        step = read_deepspeed_progress(directory)
-    else:
-        state = read_checkpoint(directory)
-        model.load_state_dict(state.model)  # copies onto the model's device
-        backend.load_optimizer_state(state.optimizer_shards)
-        step = state.step
-    return step
-
-
 def _save_checkpoint(
-    session: WorkerSession,
-    record: dict[str, Any],
-    backend: Backend,
-    model: torch.nn.Module,
-    done: int,
-    rank: int,
+    session: WorkerSession, record: dict[str, Any], backend: TrainingBackend, done: int
 ) -> None:
-    """Every rank reports (Ray Train requires it); rank 0 attaches the checkpoint (``ddp``), or
-    every rank attaches its own files and Ray merges them into one directory (``deepspeed``).
+    """Every rank reports (Ray Train requires it), with the checkpoint files it wrote if any: the
+    backend says which ranks write (``ddp``: rank 0; ``deepspeed``: every rank its own partition,
+    and Ray merges the directories into one).
 
     Only checkpoint steps go through ``ray.train.report`` (``session.report``): each call waits
     for the controller to take the previous one (about a second here), so per-step records go
     to ``metrics.jsonl`` and the Ray gauges instead.
     """
     metrics = {k: v for k, v in record.items() if v is not None}
-    if isinstance(backend, DeepSpeedBackend):
-        with tempfile.TemporaryDirectory() as directory:
-            backend.save_checkpoint(Path(directory) / DEEPSPEED_DIR)
-            if rank == 0:
-                write_deepspeed_progress(Path(directory), done, dist.get_world_size())
-            session.report(metrics, Path(directory))
-        return
-    shards: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(backend.optimizer_state(), shards, dst=0)  # to rank 0 only, which writes
     with tempfile.TemporaryDirectory() as directory:
-        attached = None
-        if rank == 0:
-            assert shards is not None
-            state = TrainingState(done, model.state_dict(), shards)
-            write_checkpoint(Path(directory), state)
-            attached = Path(directory)
-        session.report(metrics, attached)
+        wrote = backend.save_checkpoint(Path(directory), done)
+        session.report(metrics, Path(directory) if wrote else None)
 
 
 def _progress_line(record: dict[str, Any], total: int) -> str:

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from test_sharded_adahessian import (
     OPTIM,
     assert_close_to_scale,
+    backend_options,
     global_batch,
     make_model,
     micro_batch,
@@ -82,9 +83,10 @@ def _worker(rank: int, port: int, directory: str) -> None:
         torch.set_num_threads(1)
 
         def deepspeed(stage: int, precision: str = "fp32") -> DeepSpeedBackend:
-            return DeepSpeedBackend(make_model(), loss_fn, dict(OPTIM), zero_stage=stage, precision=precision)
+            options = backend_options(OPTIM)
+            return DeepSpeedBackend(make_model(), loss_fn, **options, zero_stage=stage, precision=precision)
 
-        ddp = DDPBackend(make_model(), loss_fn, dict(OPTIM))
+        ddp = DDPBackend(make_model(), loss_fn, **backend_options(OPTIM))
         results: dict[str, Any] = {"ddp": _train(ddp, 0, STEPS, rank)}
         for stage in (1, 2):
             backend = deepspeed(stage)
@@ -93,22 +95,22 @@ def _worker(rank: int, port: int, directory: str) -> None:
             # Save at step 5, load into a fresh engine, continue to step 10.
             first = deepspeed(stage)
             _train(first, 0, 5, rank)
-            first.save_checkpoint(Path(directory) / f"zero{stage}")
+            first.save_checkpoint(Path(directory) / f"zero{stage}", 5)
             resumed = deepspeed(stage)
             resumed.load_checkpoint(Path(directory) / f"zero{stage}")
             schedule = (resumed.optimizer.steps_done, resumed.optimizer.hessian_steps_done)
             results[f"resumed{stage}"] = {**_train(resumed, 5, STEPS, rank), "schedule": schedule}
         results["zero2_chunks"] = _train(deepspeed(2), 0, STEPS, rank, chunk_size=2)
-        adamw = dict(name="adamw", lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-        results["ddp_adamw"] = _train(DDPBackend(make_model(), loss_fn, adamw), 0, 5, rank, freq=None)
-        backend = DeepSpeedBackend(make_model(), loss_fn, adamw, zero_stage=1)
+        adamw = backend_options(dict(name="adamw", lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01))
+        results["ddp_adamw"] = _train(DDPBackend(make_model(), loss_fn, **adamw), 0, 5, rank, freq=None)
+        backend = DeepSpeedBackend(make_model(), loss_fn, **adamw, zero_stage=1)
         results["zero1_adamw"] = _train(backend, 0, 5, rank, freq=None)
         results["bf16"] = _train(deepspeed(2, "bf16"), 0, STEPS, rank)
         # Frozen, never-used, sometimes-used, tied and frozen-mid-run parameters (fp32, ZeRO-2),
         # without and with clipping.
         for key, clip in (("odd", None), ("odd_clipped", 0.05)):
-            options = dict(ODD_OPTIM, max_grad_norm=clip)
-            odd = DeepSpeedBackend(make_odd_model(torch.float32), odd_loss, options, zero_stage=2)
+            options = backend_options(dict(ODD_OPTIM, max_grad_norm=clip))
+            odd = DeepSpeedBackend(make_odd_model(torch.float32), odd_loss, **options, zero_stage=2)
             history = []
             for step in range(ODD_STEPS):
                 before_step(odd.model, step)

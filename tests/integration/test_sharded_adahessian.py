@@ -20,9 +20,18 @@ from tests.support import spawn_ranks
 from trainer.backends import DDPBackend
 from trainer.optim import AdaHessian
 from trainer.optim.partition import conv_kernel_names
+from trainer.spec import OptimizerSpec
 
 GLOBAL_BATCH = 8
 OPTIM = dict(lr=0.05, hessian_update_freq=3, weight_decay=0.01, spatial_average_block_size=4, seed=3)
+
+
+def backend_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A backend's optimizer arguments for ``options`` as :class:`AdaHessian` takes them (or a
+    baseline's, with its ``name``): the spec's optimizer section and the training seed."""
+    options = dict(options)
+    seed = options.pop("seed", 0)
+    return {"optimizer": OptimizerSpec(**options), "seed": seed}
 
 
 class MixedNet(nn.Module):
@@ -92,7 +101,7 @@ def _worker(rank: int, world: int, port: int, job: dict[str, Any], out: str) -> 
         backend = DDPBackend(
             model,
             lambda m, batch: F.cross_entropy(m(batch[0], batch[1]), batch[2]),
-            dict(hessian_scope=job.get("scope", "global"), **OPTIM),
+            **backend_options(dict(hessian_scope=job.get("scope", "global"), **OPTIM)),
         )
         opt = backend.optimizer
         if job.get("resume"):
@@ -239,7 +248,7 @@ def _local_scope_worker(rank: int, world: int, port: int, out: str) -> None:
             backend = DDPBackend(
                 model,
                 lambda m, batch: F.cross_entropy(m(batch[0], batch[1]), batch[2]),
-                dict(hessian_scope=scope, **OPTIM),
+                **backend_options(dict(hessian_scope=scope, **OPTIM)),
             )
             losses, sent = [], []
             for step in range(6):

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from test_sharded_adahessian import backend_options
 from torch import nn
 from torch.nn import functional as F
 
@@ -105,7 +106,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]], out: s
         results = []
         for job in jobs:
             model = make_model()
-            backend = DDPBackend(model, loss_fn, dict(max_grad_norm=job["max_grad_norm"], **job["optimizer"]))
+            options = dict(max_grad_norm=job["max_grad_norm"], **job["optimizer"])
+            backend = DDPBackend(model, loss_fn, **backend_options(options))
             history, norms = [], []
             size = GLOBAL_BATCH // world
             for step in range(STEPS):

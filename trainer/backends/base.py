@@ -1,16 +1,21 @@
-"""The training-step interface that the worker loop calls, whatever the backend."""
+"""The contract between the worker loop and a training backend, and what backends share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from trainer.batches import Batch
+
+if TYPE_CHECKING:
+    from trainer.spec import JobSpec
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 """Computes the mean loss over the examples of a (micro-)batch: ``loss_fn(model, batch)``.
@@ -49,19 +54,47 @@ def average_buffers(module: nn.Module, group: dist.ProcessGroup | None = None) -
         )
 
 
-class TrainingBackend(Protocol):
-    """Forward, backward, Hessian products when due, and the optimizer step, for one rank.
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (dropout off, BatchNorm on its running statistics), back in train
+    mode afterwards: what :meth:`TrainingBackend.evaluation` gives for a module trained in place."""
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train()
 
-    This is what the worker loop calls every step. Checkpoints are the backend's own:
-    :class:`~trainer.backends.DDPBackend` gives name-keyed optimizer shards that load at any
-    world size; :class:`~trainer.backends.deepspeed.DeepSpeedBackend` writes the engine's files.
+
+class TrainingBackend(Protocol):
+    """Everything the worker loop asks of a backend, for one rank: the whole contract.
+
+    A backend trains ``model`` (forward, backward, Hessian products when due, the optimizer
+    step), says whether the coming step is a Hessian step, gives the model for evaluation, averages
+    buffers, and saves and restores its own checkpoint format. The worker never asks which backend
+    it has: a new backend is a class with these members, registered by name in
+    :data:`trainer.backends.BACKENDS`. :class:`~trainer.backends.DDPBackend` writes name-keyed
+    optimizer shards that load at any world size; :class:`~trainer.backends.DeepSpeedBackend`
+    writes the engine's files.
     """
 
     model: nn.Module
+    """The module being trained (its parameters are the ones a checkpoint holds)."""
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, model: nn.Module, loss_fn: LossFn) -> TrainingBackend:
+        """The backend the job ``spec`` asks for around ``model`` (collective: every rank builds
+        one, after ``torch.distributed`` is initialized)."""
+        ...
 
     @property
     def optimizer(self) -> Any:
         """Has ``param_groups``, where the worker sets each step's learning rate."""
+        ...
+
+    @property
+    def hessian_due(self) -> bool:
+        """Whether the next :meth:`train_step` takes Hessian products (and so differentiates the
+        loss twice); False for first-order optimizers."""
         ...
 
     def train_step(self, batch: Batch, chunk_size: int | None = None) -> StepStats:
@@ -71,4 +104,19 @@ class TrainingBackend(Protocol):
 
     def average_buffers(self) -> None:
         """Collective: make the model's floating-point buffers equal on every rank (their mean)."""
+        ...
+
+    def evaluation(self) -> AbstractContextManager[nn.Module]:
+        """The model to evaluate, in eval mode; back in training mode afterwards."""
+        ...
+
+    def save_checkpoint(self, directory: Path, step: int) -> bool:
+        """Collective: write this rank's part of the checkpoint after ``step`` completed steps into
+        ``directory`` (empty, this rank's own); return whether this rank wrote any file there. The
+        runner merges the directories of the ranks that did (Ray Train does)."""
+        ...
+
+    def load_checkpoint(self, directory: Path) -> int:
+        """Collective: restore the model and optimizer from what :meth:`save_checkpoint` wrote (the
+        ranks' directories merged); return the completed steps it holds."""
         ...

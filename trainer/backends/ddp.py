@@ -9,38 +9,39 @@ there is nothing left for DDP to do. Every rank starts from the same initial par
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.backends.base import LossFn, StepStats, average_buffers
+from trainer.backends.base import LossFn, StepStats, average_buffers, evaluation_mode
 from trainer.batches import Batch, batch_size, split_batch
+from trainer.checkpoint import TrainingState, read_checkpoint, write_checkpoint
 from trainer.optim.core import AdaHessianHyperparameters
 from trainer.optim.partition import conv_kernel_names
 from trainer.optim.replicated import ReplicatedOptimizer
 from trainer.optim.sharded import ShardedAdaHessian
+from trainer.spec import JobSpec, OptimizerSpec
 
 
 def build_optimizer(
-    model: nn.Module, options: dict[str, Any], group: dist.ProcessGroup | None = None
+    model: nn.Module, spec: OptimizerSpec, seed: int, group: dist.ProcessGroup | None = None
 ) -> ShardedAdaHessian | ReplicatedOptimizer:
-    """``options["name"]`` (default ``adahessian``) picks the optimizer; the rest are its keywords."""
-    options = dict(options)
-    name = options.pop("name", "adahessian")
-    max_grad_norm = options.pop("max_grad_norm", None)
-    if name == "adahessian":
-        scope = options.pop("hessian_scope", "global")
+    """The optimizer ``spec`` names: the sharded AdaHessian (probes drawn from ``seed``), or a
+    replicated first-order baseline."""
+    if spec.name == "adahessian":
         return ShardedAdaHessian(
             model.named_parameters(),
-            AdaHessianHyperparameters(**options),
+            AdaHessianHyperparameters.from_spec(spec, seed),
             group=group,
-            hessian_scope=scope,
+            hessian_scope=spec.hessian_scope,
             conv_kernels=conv_kernel_names(model),
-            max_grad_norm=max_grad_norm,
+            max_grad_norm=spec.max_grad_norm,
         )
-    return ReplicatedOptimizer(model.named_parameters(), name, options, group, max_grad_norm=max_grad_norm)
+    return ReplicatedOptimizer(model.named_parameters(), spec, group)
 
 
 class DDPBackend:
@@ -50,16 +51,26 @@ class DDPBackend:
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        optimizer_options: dict[str, Any],
+        optimizer: OptimizerSpec,
+        seed: int = 0,
         group: dist.ProcessGroup | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.group = group
+        self._root = dist.get_global_rank(group, 0) if group else 0  # the group's rank 0
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor, src=dist.get_global_rank(group, 0) if group else 0, group=group)
-        self.optimizer = build_optimizer(model, optimizer_options, group)
+                dist.broadcast(tensor, src=self._root, group=group)
+        self.optimizer = build_optimizer(model, optimizer, seed, group)
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, model: nn.Module, loss_fn: LossFn) -> DDPBackend:
+        return cls(model, loss_fn, spec.optimizer, seed=spec.training.seed)
+
+    @property
+    def hessian_due(self) -> bool:
+        return self.optimizer.hessian_due
 
     def train_step(self, batch: Batch, chunk_size: int | None = None) -> StepStats:
         """One step on this rank's micro-batch, in chunks of ``chunk_size`` examples if given.
@@ -67,7 +78,7 @@ class DDPBackend:
         Each chunk's mean loss is weighted by its share of the micro-batch, so gradients and
         Hessian products accumulate to those of the whole micro-batch.
         """
-        hessian_step = self.optimizer.hessian_due
+        hessian_step = self.hessian_due
         self.model.train()
         self.optimizer.zero_grad()
         size = batch_size(batch)
@@ -87,8 +98,34 @@ class DDPBackend:
     def average_buffers(self) -> None:
         average_buffers(self.model, self.group)
 
+    def evaluation(self) -> AbstractContextManager[nn.Module]:
+        return evaluation_mode(self.model)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
     def optimizer_state(self) -> dict[str, Any]:
+        """This rank's optimizer state, keyed by parameter name."""
         return self.optimizer.state_dict()
 
     def load_optimizer_state(self, shards: Sequence[dict[str, Any]]) -> None:
+        """Load the optimizer states of every rank of a saved run, at any world size then and now."""
         self.optimizer.load_state_dict(shards)
+
+    def save_checkpoint(self, directory: Path, step: int) -> bool:
+        """Collective: the group's rank 0 gathers every rank's optimizer state and writes them with
+        the model (:func:`trainer.checkpoint.write_checkpoint`); the other ranks write nothing."""
+        rank = dist.get_rank(self.group)
+        shards: list[Any] | None = [None] * dist.get_world_size(self.group) if rank == 0 else None
+        dist.gather_object(self.optimizer_state(), shards, dst=self._root, group=self.group)
+        if rank != 0:
+            return False
+        assert shards is not None
+        write_checkpoint(directory, TrainingState(step, self.model.state_dict(), shards))
+        return True
+
+    def load_checkpoint(self, directory: Path) -> int:
+        """Load a checkpoint written by :meth:`save_checkpoint` at any world size."""
+        state = read_checkpoint(directory)
+        self.model.load_state_dict(state.model)  # copies onto the model's device
+        self.load_optimizer_state(state.optimizer_shards)
+        return state.step

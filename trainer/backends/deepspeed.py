@@ -29,6 +29,7 @@ backend is built: it is an optional extra (``pip install hutch[deepspeed]``).
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.backends.base import LossFn, StepStats, average_buffers
+from trainer.backends.base import LossFn, StepStats, average_buffers, evaluation_mode
 from trainer.batches import Batch, batch_size, map_tensors, split_batch
+from trainer.checkpoint import DEEPSPEED_DIR, read_deepspeed_progress, write_deepspeed_progress
 from trainer.optim.core import AdaHessianHyperparameters, check_finite
 from trainer.optim.hutchinson import ProbeSource, hutchinson_products
 from trainer.optim.partition import Fragment, conv_kernel_names
 from trainer.optim.partitioned import PartitionedAdaHessian
-from trainer.optim.replicated import OPTIMIZERS
+from trainer.optim.replicated import first_order_optimizer
+from trainer.spec import JobSpec, OptimizerSpec
 
 CHECKPOINT_TAG = "hutch"
 """The tag (sub-directory) under which the engine's checkpoint files are written."""
@@ -71,27 +74,25 @@ def deepspeed_config(zero_stage: int, precision: str, max_grad_norm: float | Non
 
 
 def build_client_optimizer(
-    model: nn.Module, options: dict[str, Any]
+    model: nn.Module, spec: OptimizerSpec, seed: int
 ) -> PartitionedAdaHessian | torch.optim.Optimizer:
-    """``options["name"]`` (default ``adahessian``) picks the optimizer; the rest are its keywords.
+    """The optimizer ``spec`` names, for DeepSpeed to drive: AdaHessian over the engine's slices
+    (probes drawn from ``seed``), or a plain torch optimizer, which ZeRO partitions itself.
 
-    ``hessian_scope`` must be ``global`` (the DeepSpeed path always averages products over the
-    group); first-order baselines are plain torch optimizers, which ZeRO partitions itself.
+    ``hessian_scope`` must be ``global``: the DeepSpeed path always averages products over the
+    group.
     """
-    options = dict(options)
-    name = options.pop("name", "adahessian")
-    if name == "adahessian":
-        scope = options.pop("hessian_scope", "global")
-        if scope != "global":
-            raise ValueError(f"hessian_scope={scope!r}: the deepspeed backend supports 'global' only")
+    if spec.name == "adahessian":
+        if spec.hessian_scope != "global":
+            raise ValueError(
+                f"hessian_scope={spec.hessian_scope!r}: the deepspeed backend supports 'global' only"
+            )
         return PartitionedAdaHessian(
             model.named_parameters(),
-            AdaHessianHyperparameters(**options),
+            AdaHessianHyperparameters.from_spec(spec, seed),
             conv_kernels=conv_kernel_names(model),
         )
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r}: must be 'adahessian' or one of {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad], **options)
+    return first_order_optimizer([p for p in model.parameters() if p.requires_grad], spec)
 
 
 class DeepSpeedBackend:
@@ -106,7 +107,8 @@ class DeepSpeedBackend:
         self,
         model: nn.Module,
         loss_fn: LossFn,
-        optimizer_options: dict[str, Any],
+        optimizer: OptimizerSpec,
+        seed: int = 0,
         zero_stage: int = 1,
         precision: str = "fp32",
     ) -> None:
@@ -115,13 +117,11 @@ class DeepSpeedBackend:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines drown the progress
         self.loss_fn = loss_fn
-        options = dict(optimizer_options)
-        max_grad_norm = options.pop("max_grad_norm", None)
-        self.optimizer = build_client_optimizer(model, options)
+        self.optimizer = build_client_optimizer(model, optimizer, seed)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=self.optimizer,
-            config=deepspeed_config(zero_stage, precision, max_grad_norm),
+            config=deepspeed_config(zero_stage, precision, optimizer.max_grad_norm),
             dist_init_required=False,
         )
         if not isinstance(self.engine.optimizer, DeepSpeedZeroOptimizer):
@@ -141,6 +141,18 @@ class DeepSpeedBackend:
             self.optimizer.bind_partition(self._fragments())
             for i, p in enumerate(self.params):  # which parameters got a gradient this step
                 p.register_post_accumulate_grad_hook(lambda _, i=i: self._used.__setitem__(i, True))
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec, model: nn.Module, loss_fn: LossFn) -> DeepSpeedBackend:
+        b = spec.backend
+        return cls(
+            model,
+            loss_fn,
+            spec.optimizer,
+            seed=spec.training.seed,
+            zero_stage=b.zero_stage,
+            precision=b.precision,
+        )
 
     def _fragments(self) -> dict[torch.Tensor, list[Fragment]]:
         """Where each parameter's piece lies in this rank's flat slices, from DeepSpeed's
@@ -284,18 +296,32 @@ class DeepSpeedBackend:
     def average_buffers(self) -> None:
         average_buffers(self.model)
 
+    def evaluation(self) -> AbstractContextManager[nn.Module]:
+        return evaluation_mode(self.model)
+
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: Path) -> None:
+    def save_checkpoint(self, directory: Path, step: int) -> bool:
         """Collective: the engine writes this rank's ZeRO partition (with the optimizer's state)
-        and, from rank 0, the model under ``directory/CHECKPOINT_TAG``."""
-        directory.mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+        and, from rank 0, the model under ``directory/deepspeed/CHECKPOINT_TAG``; rank 0 adds the
+        progress (:func:`trainer.checkpoint.write_deepspeed_progress`). Every rank writes."""
+        engine_directory = directory / DEEPSPEED_DIR
+        engine_directory.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(engine_directory), tag=CHECKPOINT_TAG, save_latest=False)
+        if dist.get_rank() == 0:
+            write_deepspeed_progress(directory, step, self.world_size)
+        return True
 
-    def load_checkpoint(self, directory: Path) -> None:
-        """Collective: load what :meth:`save_checkpoint` wrote (every rank's files must be there)."""
+    def load_checkpoint(self, directory: Path) -> int:
+        """Collective: load what :meth:`save_checkpoint` wrote (every rank's files must be there,
+        from a group of the same size)."""
+        engine_directory = directory / DEEPSPEED_DIR
         path, _ = self.engine.load_checkpoint(
-            str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(engine_directory),
+            tag=CHECKPOINT_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
         )
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory / CHECKPOINT_TAG}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {engine_directory / CHECKPOINT_TAG}")
+        return read_deepspeed_progress(directory)

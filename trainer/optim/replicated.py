@@ -10,12 +10,15 @@ the backend and the worker loop do not care which one runs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from trainer.optim.core import check_finite
+
+if TYPE_CHECKING:
+    from trainer.spec import OptimizerSpec
 
 STATE_FORMAT = "hutch.replicated.v1"
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -25,8 +28,20 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 }
 
 
+def first_order_optimizer(params: Iterable[torch.Tensor], spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """The torch optimizer ``spec.name`` names, with the spec's values of its settings."""
+    if spec.name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {spec.name!r}: must be 'adahessian' or one of {sorted(OPTIMIZERS)}")
+    if spec.name == "sgd":
+        settings = dict(lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    else:
+        settings = dict(lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay)
+    return OPTIMIZERS[spec.name](params, **settings)
+
+
 class ReplicatedOptimizer:
-    """A torch optimizer on every rank of ``group`` with all-reduced gradients."""
+    """The torch optimizer ``spec`` names on every rank of ``group``, with all-reduced gradients
+    clipped to ``spec.max_grad_norm``."""
 
     hessian_due = False
     hessian_trace: float | None = None
@@ -34,21 +49,17 @@ class ReplicatedOptimizer:
     def __init__(
         self,
         named_params: Iterable[tuple[str, torch.nn.Parameter]],
-        name: str,
-        options: Mapping[str, Any],
+        spec: OptimizerSpec,
         group: dist.ProcessGroup | None = None,
-        max_grad_norm: float | None = None,
     ) -> None:
-        if name not in OPTIMIZERS:
-            raise ValueError(f"optimizer {name!r}: must be one of {sorted(OPTIMIZERS)}")
         named = [(n, p) for n, p in named_params if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self.optimizer = OPTIMIZERS[name](self.params, **options)
-        self.max_grad_norm = max_grad_norm
+        self.optimizer = first_order_optimizer(self.params, spec)
+        self.max_grad_norm = spec.max_grad_norm
         self._steps_done = 0
         self._loss_sum: torch.Tensor | None = None
         self.loss: float | None = None
