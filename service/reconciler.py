@@ -8,7 +8,6 @@ deterministic per attempt, so no job is submitted twice or finishes twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import signal
@@ -16,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from service.admission import startable
 from service.launcher import RayJob, RayLauncher, RayRefused, RayUnavailable, StorageUnavailable, unwritable
@@ -25,6 +23,7 @@ from service.runfiles import last_record, tail_lines
 from service.store import JobRecord, JobStore
 from trainer.launch import UNWRITABLE
 from trainer.outcome import FailureCause
+from trainer.rundir import RunDir, storage_error_code
 
 log = logging.getLogger("hutch.reconciler")
 
@@ -228,34 +227,36 @@ class Reconciler:
 
     def _clear_outcome(self, job_id: str) -> None:
         """Remove the previous attempt's outcome files, so they are not mistaken for this one's."""
-        run_dir = self.launcher.layout.run_dir(job_id)
-        for name in ("result.json", "failure.json"):
-            try:
-                (run_dir / name).unlink(missing_ok=True)
-            except OSError as error:  # read-only storage: nothing can start (EROFS even if missing)
-                raise unwritable(run_dir, error) from error
+        run = RunDir(self.launcher.layout.run_dir(job_id))
+        try:
+            run.clear_outcome()
+        except OSError as error:  # read-only storage: nothing can start (EROFS even if missing)
+            raise unwritable(run.path, error) from error
 
     def _failure(self, job: JobRecord, ray_job: RayJob) -> tuple[str, FailureCause]:
         """Why the job failed, and the cause in a word: the trainer's own reason if it wrote one,
-        else the driver's last ``error:`` line, else Ray's message."""
-        run_dir = self.launcher.layout.run_dir(job.id)
-        result = _read_json(run_dir / "result.json")
+        else the driver's last ``error:`` line, else the storage's state if it refuses writes,
+        else Ray's message."""
+        run = RunDir(self.launcher.layout.run_dir(job.id))
+        result = run.read_result()
         if result and result.get("status") == "failed" and result.get("reason"):
             try:
                 cause = FailureCause(result.get("cause"))
             except ValueError:  # written by a trainer from before causes
                 cause = FailureCause.INFRASTRUCTURE
             return str(result["reason"]), cause
-        lines, _ = tail_lines(self.launcher.layout.log_file(job.id, job.attempt), 5)
-        errors = [line.strip() for line in lines if line.strip().startswith("error:")]
-        if not errors and job.ray_job_id:  # the storage may have refused the line: ask Ray's copy
-            lines = self.launcher.driver_output_tail(job.ray_job_id, 5)
-            errors = [line.strip() for line in lines if line.strip().startswith("error:")]
-        if errors:  # a spec the driver refused, or a run directory it could not write
-            reason = errors[-1].removeprefix("error:").strip()
-            return reason, FailureCause.INFRASTRUCTURE if UNWRITABLE in reason else FailureCause.JOB_ERROR
+        lines, _ = tail_lines(run.log_file(job.attempt), DRIVER_LINES)
+        error = _last_error_line(lines)
+        if error is None and job.ray_job_id:  # the storage may have refused the line: ask Ray's copy
+            error = _last_error_line(self.launcher.driver_output_tail(job.ray_job_id, DRIVER_LINES))
+        if error is not None:  # a spec the driver refused, or a storage it could not write
+            unwritten = UNWRITABLE in error or storage_error_code(error) is not None
+            return error, FailureCause.INFRASTRUCTURE if unwritten else FailureCause.JOB_ERROR
         reason = driver_failure(ray_job.message)
         if ENTRYPOINT_FAILED.match(ray_job.message or ""):  # the driver died without a result
+            storage = run.storage_problem()
+            if storage is not None:  # whatever the driver managed to say, this is why
+                reason = f"training failed: {storage}; {reason}"
             reason = f"{reason}; {self._resume_hint(job)}"
         return reason, FailureCause.INFRASTRUCTURE
 
@@ -265,6 +266,17 @@ class Reconciler:
         if not saved:
             return "no checkpoint was saved, so a retry starts from the beginning"
         return f"retry it to resume from its last checkpoint at step {saved[-1].step}"
+
+
+DRIVER_LINES = 200
+"""How much of the end of the driver's output is searched for its ``error:`` line: it prints
+that line last, but a driver killed mid-exit can be followed by the workers' last lines."""
+
+
+def _last_error_line(lines: list[str]) -> str | None:
+    """The reason in the driver's last ``error: …`` line (the workers' lines carry a prefix)."""
+    errors = [line.strip() for line in lines if line.strip().startswith("error:")]
+    return errors[-1].removeprefix("error:").strip() if errors else None
 
 
 ENTRYPOINT_FAILED = re.compile(r"Job entrypoint command failed with exit code (-?\d+)")
@@ -278,9 +290,9 @@ def driver_failure(message: str | None) -> str:
         return "the Ray job failed (see the job's logs)"
     first, _, logs = message.partition("\n")
     lines = [line.strip() for line in logs.splitlines() if line.strip()]
-    errors = [line.removeprefix("error:").strip() for line in lines if line.startswith("error:")]
-    if errors:
-        return errors[-1]
+    error = _last_error_line(lines)
+    if error is not None:
+        return error
     match = ENTRYPOINT_FAILED.match(first)
     if match is None:  # a failure of Ray's own (the supervisor died, the runtime_env failed, …)
         return message.strip()
@@ -294,10 +306,3 @@ def driver_failure(message: str | None) -> str:
         return f"the job's driver (python -m trainer) was killed by {name} (exit code {code})"
     last = f"; its last log line: {lines[-1]}" if lines else ""
     return f"the job's driver (python -m trainer) exited with code {code} without a reason{last}"
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

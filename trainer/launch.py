@@ -1,14 +1,13 @@
 """Run one job spec as a Ray Train ``TorchTrainer`` and write its outcome to the run directory.
 
 This is what the job entrypoint (``python -m trainer``) calls, on the Ray cluster named by
-``RAY_ADDRESS`` or on a local one it starts. Outcome files in the run directory:
-``metrics.jsonl`` (records), ``result.json`` (status, final metrics, ``param_checksum``),
-``failure.json`` (why a run stopped, when it did).
+``RAY_ADDRESS`` or on a local one it starts. The driver turns a run's failure record into its
+failed result; where the storage refuses even that, its last output line says why
+(``error: …``), and Ray keeps that line (see :mod:`trainer.rundir` for the files).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.outcome import FailureCause
+from trainer.rundir import RunDir, storage_error_code, storage_reason
 from trainer.spec import JobSpec
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -49,7 +49,8 @@ takes these from the driver. A variable the user set wins."""
 
 
 def _connect_ray(spec: JobSpec) -> bool:
-    """Join ``RAY_ADDRESS`` if set, else start a local cluster; True if this call started Ray."""
+    """Join ``RAY_ADDRESS`` if set, else start a local cluster; True if this call connected
+    (False when the caller had connected already: it disconnects, not us)."""
     import ray
 
     if ray.is_initialized():
@@ -57,7 +58,7 @@ def _connect_ray(spec: JobSpec) -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-        return False
+        return True
     for name, value in ONE_MACHINE_RAY_ENV.items():  # read by Ray Train's controller
         os.environ.setdefault(name, value)
     needed = spec.scaling.num_workers * spec.scaling.cpus_per_worker
@@ -96,28 +97,24 @@ def run_job(spec: JobSpec, run_dir: Path, job_id: str, storage_path: Path | None
 
     from trainer.worker import train_loop_per_worker
 
-    run_dir = run_dir.absolute()
+    run = RunDir(run_dir.absolute())
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
-        for stale in ("result.json", "failure.json"):
-            (run_dir / stale).unlink(missing_ok=True)
+        run.write_spec(spec.model_dump_json(indent=2))
+        run.clear_outcome()
     except OSError as error:  # nothing started; the reason goes where Ray keeps the driver's log
-        print(f"error: {_unwritable(run_dir, error)}", file=sys.stderr, flush=True)
-        return 1
+        return _failed_unwritten(_unwritable(run.path, error))
     try:
-        started = _connect_ray(spec)
+        connected = _connect_ray(spec)
     except Exception as error:  # unreachable cluster, bad token, …: say so, no traceback
         reason = f"cannot reach the Ray cluster ({os.environ.get('RAY_ADDRESS') or 'local'}): {error}"
-        _write_failure(run_dir, reason)
-        return _outcome(run_dir, job_id)
+        return _outcome(run, job_id, _write_failure(run, reason))
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "job_id": job_id},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run.path), "job_id": job_id},
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
         ),
@@ -129,46 +126,58 @@ def run_job(spec: JobSpec, run_dir: Path, job_id: str, storage_path: Path | None
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+    unwritten = None
     try:
         trainer.fit()
     except Exception as error:  # Ray's TrainingFailedError and friends: report, don't trace back
-        _after_fit_error(run_dir, error)
+        unwritten = _after_fit_error(run, error)
     finally:
-        if started:
+        # Disconnected, the driver gets no more of the workers' lines from Ray, so the outcome
+        # printed next is its last line: the reconciler reads it from Ray's tail of the log.
+        if connected:
             ray.shutdown()
-    return _outcome(run_dir, job_id)
+    return _outcome(run, job_id, unwritten)
 
 
-def _outcome(run_dir: Path, job_id: str) -> int:
-    """Write ``result.json`` for a failed run, print the outcome, return the exit code."""
-    if run_dir in _UNWRITTEN_FAILURES:  # already printed as the driver's last `error:` line
-        return 1
-    failure = run_dir / "failure.json"
-    if failure.exists():
-        stopped = json.loads(failure.read_text())
+def _outcome(run: RunDir, job_id: str, unwritten: str | None = None) -> int:
+    """Write ``result.json`` for a failed run, print the outcome, return the exit code.
+
+    ``unwritten`` is a failure whose ``failure.json`` the storage refused: it becomes the
+    driver's last line (``error: …``), which Ray keeps wherever the storage is."""
+    if unwritten is not None:
+        return _failed_unwritten(unwritten)
+    stopped = run.read_failure()
+    if stopped is not None:
         reason, cause = stopped["reason"], stopped.get("cause", FailureCause.INFRASTRUCTURE)
-        result = {"status": "failed", "job_id": job_id, "reason": reason, "cause": cause}
         try:
-            (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+            run.write_result({"status": "failed", "job_id": job_id, "reason": reason, "cause": cause})
         except OSError as error:
-            print(f"error: {reason} ({_unwritable(run_dir, error)})", file=sys.stderr, flush=True)
-            return 1
+            return _failed_unwritten(f"{reason} ({_unwritable(run.path, error)})")
         print(f"[hutch] job {job_id} failed: {reason}")
         return 1
-    result_path = run_dir / "result.json"
-    if not result_path.exists():
-        _write_failure(run_dir, "the run ended without writing result.json (see the Ray logs)")
-        return _outcome(run_dir, job_id)
-    result = json.loads(result_path.read_text())
+    result = run.read_result()
+    if result is None:
+        unwritten = _write_failure(run, "the run ended without writing result.json (see the Ray logs)")
+        return _outcome(run, job_id, unwritten)
     print(f"[hutch] job {job_id} succeeded: {json.dumps(result['metrics'])}")
-    print(f"[hutch] param_checksum {json.dumps(result['param_checksum'])}; results in {run_dir}")
+    print(f"[hutch] param_checksum {json.dumps(result['param_checksum'])}; results in {run.path}")
     return 0
+
+
+def _failed_unwritten(reason: str) -> int:
+    """Print a failure the storage would not take as the driver's last line; exit code 1.
+
+    stdout is flushed first: lines still in its buffer (the workers' output that Ray relays)
+    would otherwise come out after this one at exit and push it out of the tail Ray keeps."""
+    sys.stdout.flush()
+    print(f"error: {reason}", file=sys.stderr, flush=True)
+    return 1
 
 
 PLACEMENT_GROUP_REMOVED = "placement group was removed"
 
 
-def _after_fit_error(run_dir: Path, error: Exception) -> None:
+def _after_fit_error(run: RunDir, error: Exception) -> str | None:
     """Decide what an error out of ``fit()`` means for the job.
 
     Rank 0 writes a succeeded ``result.json`` only after the final checkpoint is registered, so
@@ -177,8 +186,10 @@ def _after_fit_error(run_dir: Path, error: Exception) -> None:
     (a busy dashboard) for a dead controller and removes the run's placement group, which
     destroys its workers (ray-project/ray#65447). Mid-run, that is a worker-group failure that
     ``max_failures`` retries; past them the job fails with that reason rather than Ray's
-    per-rank dump."""
-    result = _read_json(run_dir / "result.json")
+    per-rank dump.
+
+    Returns the reason if the storage refused its ``failure.json`` (see :func:`_outcome`)."""
+    result = run.read_result()
     if result is not None and result.get("status") == "succeeded":
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         print(
@@ -186,7 +197,7 @@ def _after_fit_error(run_dir: Path, error: Exception) -> None:
             f"from Ray's teardown: {type(error).__name__}: {first_line}",
             flush=True,
         )
-        return
+        return None
     if PLACEMENT_GROUP_REMOVED in str(error):
         reason = (
             "training failed: Ray removed the job's placement group, which destroyed its workers "
@@ -195,42 +206,18 @@ def _after_fit_error(run_dir: Path, error: Exception) -> None:
             "checkpoint, or raise max_failures to let Ray restart it by itself"
         )
     else:
-        reason = _storage_failure(error, run_dir) or f"training failed: {type(error).__name__}: {error}"
-    _write_failure(run_dir, reason)
+        reason = _storage_failure(error, run) or f"training failed: {type(error).__name__}: {error}"
+    return _write_failure(run, reason)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-STORAGE_ERRORS = {
-    errno.ENOSPC: "full",
-    errno.EDQUOT: "full (over its quota)",
-    errno.EROFS: "read-only",
-}
-
-
-def _storage_failure(error: Exception, run_dir: Path) -> str | None:
+def _storage_failure(error: Exception, run: RunDir) -> str | None:
     """The reason for a run that failed because the storage cannot be written, or None.
 
     Ray Train passes a worker's OSError on as text; but after ``max_failures`` restarts the
     last error can be a secondary one (an actor gone), so the run directory is also tried."""
-    text = str(error)
-    code = next((c for c in STORAGE_ERRORS if f"[Errno {c}]" in text or os.strerror(c) in text), None)
-    if code is None:
-        probe = run_dir / ".write-probe"
-        try:
-            probe.write_bytes(b"\n")
-            probe.unlink()
-        except OSError as failed:
-            code = failed.errno if failed.errno in STORAGE_ERRORS else None
-    if code is None:
-        return None
-    return f"training failed: the storage is {STORAGE_ERRORS[code]} ([Errno {code}] {os.strerror(code)})"
+    code = storage_error_code(str(error))
+    problem = storage_reason(code) if code is not None else run.storage_problem()
+    return f"training failed: {problem}" if problem else None
 
 
 UNWRITABLE = "cannot be written"
@@ -241,14 +228,10 @@ def _unwritable(run_dir: Path, error: OSError) -> str:
     return f"the run directory {run_dir} {UNWRITABLE}: {error.strerror or error}"
 
 
-_UNWRITTEN_FAILURES: dict[Path, str] = {}
-"""Failures whose ``failure.json`` could not be written (this process runs one job)."""
-
-
-def _write_failure(run_dir: Path, reason: str) -> None:
+def _write_failure(run: RunDir, reason: str) -> str | None:
+    """Record why the run failed; the reason again if the storage refused it (full or read-only)."""
     try:
-        failure = {"reason": reason, "cause": str(FailureCause.INFRASTRUCTURE)}
-        (run_dir / "failure.json").write_text(json.dumps(failure))
-    except OSError as error:  # the storage is full or read-only: say it where Ray keeps the log
-        _UNWRITTEN_FAILURES[run_dir] = reason
-        print(f"error: {reason} ({_unwritable(run_dir, error)})", file=sys.stderr, flush=True)
+        run.write_failure(reason, FailureCause.INFRASTRUCTURE)
+    except OSError as error:
+        return f"{reason} ({_unwritable(run.path, error)})"
+    return None
