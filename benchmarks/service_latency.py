@@ -91,9 +91,10 @@ from benchmarks.harness import (
     table,
     wait_for,
 )
-from service.launcher import RayLauncher, RayUnavailable, RunLayout
+from service.launcher import RayLauncher, RayUnavailable
 from service.lifecycle import JobState
 from service.store import EventRow, JobRow, JobStore, LabelRow, encode_cursor, request_hash
+from trainer.rundir import RunLayout
 from trainer.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -589,7 +590,7 @@ def run_service_job(api: httpx.Client, ray: Any, storage: Path, spec: dict[str, 
     answered = time.time() - t0
     response.raise_for_status()
     job_id = response.json()["id"]
-    metrics = storage / "runs" / job_id / "metrics.jsonl"
+    metrics = RunLayout(storage).run(job_id).metrics_file
 
     def job() -> dict[str, Any]:
         return api.get(f"/v1/jobs/{job_id}").json()
@@ -622,9 +623,8 @@ def run_direct_job(ray: Any, dashboard: str, storage: Path, spec: dict[str, Any]
     job_id = f"direct-{uuid.uuid4().hex[:8]}"
     submission = f"bench-{job_id}"
     t0 = time.time()
-    run_dir = layout.run_dir(job_id)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    run = layout.run(job_id)
+    run.write_spec(json.dumps(spec, indent=2))
     ray.submit_job(
         entrypoint=launcher.entrypoint(job_id, 1), submission_id=submission, runtime_env=RUNTIME_ENV
     )
@@ -635,7 +635,7 @@ def run_direct_job(ray: Any, dashboard: str, storage: Path, spec: dict[str, Any]
 
     first, finished = None, None
     try:
-        found = first_step_time(run_dir / "metrics.jsonl", lambda: status() in RAY_TERMINAL, timeout, job_id)
+        found = first_step_time(run.metrics_file, lambda: status() in RAY_TERMINAL, timeout, job_id)
         first = found - t0 if found is not None else None
         state = wait_for(lambda: (s := status()) in RAY_TERMINAL and s, timeout, f"{job_id} to end", 0.2)
         info = ray.get_job_info(submission)

@@ -16,14 +16,14 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.admission import check_fits
-from service.launcher import CheckpointInfo, RayLauncher, RayUnavailable, RunLayout
+from service.launcher import CheckpointInfo, RayLauncher, RayUnavailable
 from service.lifecycle import ACTIVE_STATES, RETRYABLE_STATES, TERMINAL_STATES, JobState
 from service.local_ray import LocalRayHead, ensure_local_head, stop_local_head
 from service.packages import Package
 from service.reconciler import PassStats, Reconciler
-from service.runfiles import follow_lines, records_after, tail_lines
 from service.settings import Settings
 from service.store import EventRecord, JobRecord, JobStore, utcnow
+from trainer.rundir import RunLayout, follow_lines, records_after, tail_lines
 from trainer.spec import PACKAGE_URI, JobSpec
 
 log = logging.getLogger("hutch.control_plane")
@@ -240,12 +240,12 @@ class ControlPlane:
         last ``tail``; with ``follow``, then new ones as they are written, until the attempt ends.
 
         A missing job or attempt raises now, before a line is sent; the log itself is never read
-        whole (see :mod:`service.runfiles`)."""
+        whole (see :mod:`trainer.rundir`)."""
         job = self.get(job_id)
         attempt = attempt or job.attempt
         if attempt > job.attempt:
             raise AttemptNotFound(job_id, attempt, job.attempt)
-        path = self.layout.log_file(job_id, attempt)
+        path = self.layout.run(job_id).log_file(attempt)
         head, offset = tail_lines(path, tail) if tail is not None else ([], 0)
 
         def finished() -> bool:
@@ -265,7 +265,7 @@ class ControlPlane:
     def metric_records(self, job_id: str, since: int | None = None) -> list[dict[str, Any]]:
         """The job's metric records with ``step > since`` (all without it), in step order."""
         self.get(job_id)
-        return records_after(self.layout.run_dir(job_id) / "metrics.jsonl", since)
+        return records_after(self.layout.run(job_id).metrics_file, since)
 
     def checkpoints(self, job_id: str) -> list[CheckpointInfo]:
         """The checkpoints kept for the job, oldest first; a retry resumes from the newest."""

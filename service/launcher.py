@@ -5,12 +5,8 @@ deterministic, so a submission repeated after a crash is answered "already exist
 instead of starting a second run. Its entrypoint is the trainer's (``python -m trainer``), its
 metadata carries hutch's job id, and it shows in the Ray dashboard's Jobs page with its logs.
 
-Run directories and checkpoints live under the shared storage path (seen by the service and
-by every Ray node)::
-
-    STORAGE/runs/<job id>/           spec.json, metrics.jsonl, result.json, logs/attempt-<n>.log
-    STORAGE/checkpoints/<job id>/    Ray Train's run: checkpoint_* directories
-    STORAGE/packages/<sha256>.zip    uploaded working directories (service.packages)
+Run directories, checkpoints and packages live under the shared storage path, seen by the
+service and by every Ray node (:class:`trainer.rundir.RunLayout`).
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ import contextlib
 import json
 import re
 import shlex
-import shutil
 import sys
 import threading
 import time
@@ -33,35 +28,8 @@ import httpx
 
 from service.admission import ClusterCapacity
 from service.packages import PackageStore, UnknownPackage
+from trainer.rundir import RunLayout
 from trainer.spec import PACKAGE_URI
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Paths of one job's files under the shared storage."""
-
-    storage: Path
-
-    def run_dir(self, job_id: str) -> Path:
-        return self.storage / "runs" / job_id
-
-    def log_file(self, job_id: str, attempt: int) -> Path:
-        return self.run_dir(job_id) / "logs" / f"attempt-{attempt}.log"
-
-    @property
-    def checkpoint_root(self) -> Path:
-        return self.storage / "checkpoints"
-
-    def checkpoint_dir(self, job_id: str) -> Path:
-        return self.checkpoint_root / job_id
-
-    @property
-    def package_root(self) -> Path:
-        return self.storage / "packages"
-
-    def remove(self, job_id: str) -> None:
-        shutil.rmtree(self.run_dir(job_id), ignore_errors=True)
-        shutil.rmtree(self.checkpoint_dir(job_id), ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -180,15 +148,15 @@ class RayLauncher:
         return f"{self.dashboard_url}/#/jobs/{submission_id}"
 
     def entrypoint(self, job_id: str, attempt: int, spec: Mapping[str, Any] | None = None) -> str:
-        run_dir = self.layout.run_dir(job_id)
+        run = self.layout.run(job_id)
         # With a pip runtime_env, Ray activates a virtualenv (on top of the image's packages) for
         # the entrypoint: its `python` sees the job's packages, this interpreter would not.
         pip = bool(((spec or {}).get("runtime_env") or {}).get("pip"))
         words = [
-            "python" if pip else self.python, "-m", "trainer", str(run_dir / "spec.json"),
-            "--run-dir", str(run_dir), "--job-id", job_id,
+            "python" if pip else self.python, "-m", "trainer", str(run.spec_file),
+            "--run-dir", str(run.path), "--job-id", job_id,
             "--storage-path", str(self.layout.checkpoint_root),
-            "--log-file", str(self.layout.log_file(job_id, attempt)),
+            "--log-file", str(run.log_file(attempt)),
         ]  # fmt: skip
         return shlex.join(words)
 
@@ -209,14 +177,13 @@ class RayLauncher:
 
     def submit(self, job_id: str, attempt: int, spec: Mapping[str, Any], name: str) -> str:
         """Start attempt ``attempt`` of a job (resuming from its checkpoints, if any); idempotent."""
-        run_dir = self.layout.run_dir(job_id)
+        run = self.layout.run(job_id)
         # The trainer does not need the runtime_env (Ray applies it), and its env_vars may be secrets.
         trainer_spec = {key: value for key, value in spec.items() if key != "runtime_env"}
         try:
-            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-            (run_dir / "spec.json").write_text(json.dumps(trainer_spec, indent=2))
+            run.write_spec(json.dumps(trainer_spec, indent=2))
         except OSError as error:  # full or read-only: nothing was submitted, the job waits
-            raise unwritable(run_dir, error) from error
+            raise unwritable(run.path, error) from error
         submission_id = self.submission_id(job_id, attempt)
         try:
             runtime_env = self.runtime_env(spec)

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from service.admission import startable
 from service.launcher import RayJob, RayLauncher, RayRefused, RayUnavailable, StorageUnavailable, unwritable
 from service.lifecycle import JobState
-from service.runfiles import last_record, tail_lines
 from service.store import JobRecord, JobStore
 from trainer.launch import UNWRITABLE
 from trainer.outcome import FailureCause
-from trainer.rundir import RunDir, storage_error_code
+from trainer.rundir import last_record, storage_error_code, tail_lines
 
 log = logging.getLogger("hutch.reconciler")
 
@@ -221,13 +220,13 @@ class Reconciler:
             self.stats.failed_jobs[cause] += 1
 
     def _refresh_metrics(self, job: JobRecord) -> None:
-        record = last_record(self.launcher.layout.run_dir(job.id) / "metrics.jsonl")
+        record = last_record(self.launcher.layout.run(job.id).metrics_file)
         if record is not None and record != job.latest_metrics:
             self.store.update_fields(job.id, attempt=job.attempt, latest_metrics=record)
 
     def _clear_outcome(self, job_id: str) -> None:
         """Remove the previous attempt's outcome files, so they are not mistaken for this one's."""
-        run = RunDir(self.launcher.layout.run_dir(job_id))
+        run = self.launcher.layout.run(job_id)
         try:
             run.clear_outcome()
         except OSError as error:  # read-only storage: nothing can start (EROFS even if missing)
@@ -237,7 +236,7 @@ class Reconciler:
         """Why the job failed, and the cause in a word: the trainer's own reason if it wrote one,
         else the driver's last ``error:`` line, else the storage's state if it refuses writes,
         else Ray's message."""
-        run = RunDir(self.launcher.layout.run_dir(job.id))
+        run = self.launcher.layout.run(job.id)
         result = run.read_result()
         if result and result.get("status") == "failed" and result.get("reason"):
             try:

@@ -1,4 +1,4 @@
-"""Where a job's metric records go: ``metrics.jsonl`` in the run directory and Ray metrics.
+"""Where a job's metric records go: the run directory's metrics file and Ray metrics.
 
 Records are written by rank 0 only. After a restart from a checkpoint at step s, records past
 s are dropped before new ones are appended, so the file holds each step once. The same values
@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from trainer.rundir import records_after
 
 GAUGES = {
     "step": "Training steps done",
@@ -53,14 +55,15 @@ class WorkerGauges:
 
 
 class MetricsSink:
-    """Appends records to ``metrics.jsonl`` and mirrors them to Ray gauges."""
+    """Appends records to the run's metrics file (:class:`trainer.rundir.RunDir`) and mirrors them
+    to Ray gauges."""
 
     def __init__(self, path: Path, job_id: str, resume_step: int = 0, export_to_ray: bool = True) -> None:
         self.path = path
         self.job_id = job_id
         path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_records_after(resume_step)
-        kept = read_metrics(path)
+        kept = records_after(path, None)
         # Hessian steps are counted from the start of training, across restarts.
         self.resumed_hessian_steps = int(kept[-1].get("hessian_steps", 0)) if kept else 0
         self._gauges: dict[str, Any] = {}
@@ -89,10 +92,3 @@ class MetricsSink:
             gauge = self._gauges.get(name)
             if gauge is not None and value is not None:
                 gauge.set(float(value), tags={"job_id": self.job_id})
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a run, in order (an empty list before the first one)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

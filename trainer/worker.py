@@ -15,7 +15,6 @@ checkpoint to resume from, reports): :class:`RaySession` under Ray Train, or any
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -42,10 +41,11 @@ from trainer.losses import (
     explain_double_backward,
     reduce_weighted,
 )
-from trainer.metrics import MetricsSink, WorkerGauges, read_metrics
+from trainer.metrics import MetricsSink, WorkerGauges
 from trainer.models.registry import build_model
 from trainer.optim import NonFiniteError
 from trainer.outcome import FailureCause
+from trainer.rundir import RunDir, last_record
 from trainer.seeding import seed_step
 from trainer.spec import JobSpec, SpecError
 
@@ -187,10 +187,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
     """The loop on one rank of an initialised ``torch.distributed`` group (see the module doc)."""
     spec = JobSpec.model_validate(config["spec"])
-    run_dir, job_id = Path(config["run_dir"]), config["job_id"]
+    run, job_id = RunDir(Path(config["run_dir"])), config["job_id"]
     rank, world, device = session.rank, session.world, session.device
-    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
-    (run_dir / "workers" / f"rank-{rank}.pid").write_text(str(os.getpid()))
+    run.write_pid(rank, os.getpid())
 
     t = spec.training
     torch.manual_seed(t.seed)
@@ -200,7 +199,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         metrics_fn = build_metrics(t.metrics)
         model = build_model(spec.model.name, spec.model.args, dataset_model_args(dataset)).to(device)
     except SpecError as error:
-        _stop(run_dir, rank, None, f"cannot start: {error}")
+        _stop(run, rank, None, f"cannot start: {error}")
         return
     backend = build_backend(spec, model, loss_fn)
     dtype = next(backend.model.parameters()).dtype  # a backend may train in bf16
@@ -215,7 +214,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
                 print(f"[hutch] resumed from the checkpoint at step {start}", flush=True)
     sink = None
     if rank == 0:
-        path, export = run_dir / "metrics.jsonl", session.export_metrics
+        path, export = run.metrics_file, session.export_metrics
         sink = MetricsSink(path, job_id, resume_step=start, export_to_ray=export)
     hessian_steps = sink.resumed_hessian_steps if sink is not None else 0  # rank 0 reports it
     own_gauges = WorkerGauges(job_id, rank) if session.export_metrics else None
@@ -230,7 +229,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         try:
             batch = rank_batch(dataset, step, t.seed, t.global_batch_size, rank, world)
         except ValueError as error:
-            _stop(run_dir, rank, done, f"training stopped: data set {spec.data.name!r}: {error}")
+            _stop(run, rank, done, f"training stopped: data set {spec.data.name!r}: {error}")
             return
         batch = to_device(batch, device, dtype)
         seed_step(t.seed, step, rank)  # each rank its own dropout masks, reproducibly
@@ -241,16 +240,16 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         try:
             stats = backend.train_step(batch, t.chunk_size)
         except NonFiniteError as error:
-            _stop(run_dir, rank, done, f"training stopped: {error}", FailureCause.NON_FINITE_LOSS)
+            _stop(run, rank, done, f"training stopped: {error}", FailureCause.NON_FINITE_LOSS)
             return
         except SpecError as error:  # the user's loss returned something unusable
-            _stop(run_dir, rank, done, f"training stopped: {error}")
+            _stop(run, rank, done, f"training stopped: {error}")
             return
         except RuntimeError as error:
             reason = explain_double_backward(error, computes_loss) if hessian_step else None
             if reason is None:
                 raise
-            _stop(run_dir, rank, done, f"training stopped: {reason}")
+            _stop(run, rank, done, f"training stopped: {reason}")
             return
         seconds = time.perf_counter() - began
         hessian_steps += stats.hessian_step
@@ -271,7 +270,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
                         evaluate(model, dataset, rank, world, t.global_batch_size, eval_loss, metrics_fn)
                     )
             except SpecError as error:  # the user's metrics returned something unusable
-                _stop(run_dir, rank, done, f"evaluation failed: {error}")
+                _stop(run, rank, done, f"evaluation failed: {error}")
                 return
         latest.update({k: v for k, v in record.items() if v is not None})
         if sink is not None:
@@ -282,24 +281,21 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
 
     if rank == 0:
         if not latest:  # resumed from the final checkpoint: nothing left to train
-            latest = (read_metrics(run_dir / "metrics.jsonl") or [{}])[-1]
+            latest = last_record(run.metrics_file) or {}
         # result.json means "trained, and the final checkpoint is registered": whatever Ray's
         # teardown does after it, the job succeeded (trainer.launch holds to that).
         session.wait_until_registered()
         checksum = param_checksum(backend.model)
         result = {"status": "succeeded", "job_id": job_id, "metrics": latest, "param_checksum": checksum}
-        (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        run.write_result(result)
 
 
 def _stop(
-    run_dir: Path, rank: int, step: int | None, reason: str, cause: FailureCause = FailureCause.JOB_ERROR
+    run: RunDir, rank: int, step: int | None, reason: str, cause: FailureCause = FailureCause.JOB_ERROR
 ) -> None:
     """Record why the run stopped (rank 0 writes; the job fails with this reason, no retry)."""
     if rank == 0:
-        failure: dict[str, Any] = {"reason": reason, "cause": str(cause)}
-        if step is not None:
-            failure["step"] = step
-        (run_dir / "failure.json").write_text(json.dumps(failure))
+        run.write_failure(reason, cause, step)
         print(f"[hutch] {reason}", flush=True)
 
 

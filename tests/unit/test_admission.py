@@ -13,7 +13,8 @@ import pytest
 
 from benchmarks.harness import free_port
 from service.admission import ClusterCapacity, Unschedulable, check_fits, demand, startable
-from service.launcher import RayLauncher, RayUnavailable, RunLayout
+from service.launcher import RayLauncher, RayUnavailable
+from trainer.rundir import RunLayout
 from trainer.spec import validate_spec
 
 TWO_NODES = ClusterCapacity(total={"CPU": 8.0, "GPU": 2.0}, largest_node={"CPU": 4.0, "GPU": 1.0})

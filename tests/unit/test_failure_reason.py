@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from service.lifecycle import JobState
 from service.reconciler import Reconciler
 from service.store import JobRecord
 from trainer.outcome import FailureCause
+from trainer.rundir import RunLayout
 
 ROOT = Path(__file__).resolve().parents[2]
 REASON = "training failed: the storage is full ([Errno 28] No space left on device)"
@@ -47,20 +47,12 @@ def test_the_drivers_unwritten_failure_is_its_last_line_after_buffered_output() 
     assert done.stdout.splitlines()[-1] == "error: training failed: the storage is full", done.stdout[-300:]
 
 
-@dataclass
-class _Layout:
-    root: Path
-
-    def run_dir(self, job_id: str) -> Path:
-        return self.root / job_id
-
-
 class _RayLogs:
     """The launcher's answers the reconciler reads for a failed job; stands in for Ray's job
     API, which replays here the driver output recorded from the failing run."""
 
     def __init__(self, root: Path, output: list[str]) -> None:
-        self.layout = _Layout(root)
+        self.layout = RunLayout(root)
         self.output = output
 
     def driver_output_tail(self, submission_id: str, lines: int) -> list[str]:
@@ -110,7 +102,7 @@ def full_storage(tmp_path: Path) -> Iterator[Path]:
     if not mounted:
         pytest.skip("needs root to mount a tmpfs (here: not root, or mount refused)")
     try:
-        (place / "fault-full-1").mkdir()
+        RunLayout(place).run("fault-full-1").path.mkdir(parents=True)
         with (place / "filler").open("wb", buffering=0) as out:
             chunk = bytes(1 << 16)
             while chunk:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from service.launcher import RayLauncher, RunLayout
+from service.launcher import RayLauncher
 from service.packages import UnknownPackage
+from trainer.rundir import RunLayout
 from trainer.spec import displayed_spec
 
 HUTCH_VARS = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_COLOR_PREFIX": "0"}

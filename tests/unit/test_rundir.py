@@ -7,7 +7,7 @@ import json
 import threading
 from pathlib import Path
 
-from service.runfiles import BLOCK, follow_lines, last_record, records_after, tail_lines
+from trainer.rundir import BLOCK, follow_lines, last_record, records_after, tail_lines
 
 
 def test_tail_of_a_log_bigger_than_many_blocks(tmp_path: Path) -> None:
