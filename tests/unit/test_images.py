@@ -343,9 +343,10 @@ def test_control_plane_pins_ray_at_the_project_pin() -> None:
 
 
 def control_plane_sources() -> list[Path]:
-    """What the control-plane image runs: api/, service/ and the job spec model."""
-    sources = [*(ROOT / "api").glob("*.py"), *(ROOT / "service").glob("*.py"), ROOT / "trainer" / "spec.py"]
-    return sorted(sources)
+    """What the control-plane image runs: api/, service/ and the trainer modules they import (the job
+    spec model, its lr schedule, the run directory, failure causes)."""
+    shared = [ROOT / "trainer" / name for name in ("spec.py", "lr_schedule.py", "rundir.py", "outcome.py")]
+    return sorted([*(ROOT / "api").rglob("*.py"), *(ROOT / "service").glob("*.py"), *shared])
 
 
 def imported_top_level_modules(path: Path) -> set[str]:
@@ -360,7 +361,7 @@ def imported_top_level_modules(path: Path) -> set[str]:
 
 
 def test_control_plane_requirements_cover_what_it_imports() -> None:
-    """Each third-party module api/, service/ and trainer/spec.py import is named in the list itself
+    """Each third-party module api/, service/ and their trainer modules import is named in the list itself
     (not only reached through another pin, which could drop it)."""
     named = {canonicalize_name(r.name) for r in requirements_file(CONTROL_PLANE_REQUIREMENTS)}
     providers = metadata.packages_distributions()
