@@ -76,14 +76,12 @@ class MetricsSink:
             }
 
     def _drop_records_after(self, step: int) -> None:
+        """Keep the records up to ``step``; a last line cut short (a write the storage refused
+        when full) goes too, rather than failing every restart that reads it."""
         if not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in records_after(self.path, None) if record.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as out:

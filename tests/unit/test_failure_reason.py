@@ -23,6 +23,7 @@ from service.launcher import RayJob
 from service.lifecycle import JobState
 from service.reconciler import Reconciler
 from service.store import JobRecord
+from trainer.metrics import MetricsSink
 from trainer.outcome import FailureCause
 from trainer.rundir import RunLayout
 
@@ -124,3 +125,13 @@ def test_a_failure_without_a_reason_names_a_storage_that_refuses_writes(full_sto
     reason, cause = reconciler._failure(_job(), _failed_as_ray_says(output))
     assert reason.startswith(f"{REASON}; the job's driver (python -m trainer) exited with code 1"), reason
     assert cause == FailureCause.INFRASTRUCTURE
+
+
+def test_a_restart_drops_a_metric_line_the_full_storage_cut_short(tmp_path: Path) -> None:
+    """The second way a full storage's reason was lost (seen in the 20-run loop): rank 0's append
+    to metrics.jsonl stopped mid-line, and the restarted run failed parsing it (JSONDecodeError)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 10, "hessian_steps": 5}\n{"step": 20}\n{"step": 30, "lo')
+    sink = MetricsSink(path, "fault-full-1", resume_step=10, export_to_ray=False)
+    assert path.read_text() == '{"step": 10, "hessian_steps": 5}\n'
+    assert sink.resumed_hessian_steps == 5
