@@ -73,6 +73,7 @@ from benchmarks.harness import (
     whole_periods,
 )
 from benchmarks.workloads import Workload, image_batches, lm_factory, token_batches
+from trainer.double_backward import twice_differentiable
 from trainer.models import resnet20
 from trainer.optim import AdaHessian
 
@@ -166,12 +167,21 @@ class Runner:
         else:
             loss.backward()
 
+    @property
+    def hessian_due(self) -> bool:
+        """Whether this step differentiates the loss twice (torch-optimizer's: every step)."""
+        if self.config.kind == "ours":
+            return self.opt.hessian_due  # type: ignore[attr-defined]
+        return self.config.kind == "torch_optimizer"
+
     def step(self) -> None:
-        """One full training step, exactly as a user would write it for this optimizer."""
+        """One full training step, exactly as a user would write it for this optimizer (Hessian
+        steps with attention on its twice-differentiable kernel, as hutch's workers run them)."""
         x, y = self._batch()
-        self.opt.zero_grad(set_to_none=True)
-        self.backward(self.workload.loss(self.model(x), y))
-        self.opt.step()
+        with twice_differentiable() if self.hessian_due else nullcontext():
+            self.opt.zero_grad(set_to_none=True)
+            self.backward(self.workload.loss(self.model(x), y))
+            self.opt.step()
 
 
 # -- the interleaved measurement -------------------------------------------------------------
@@ -303,7 +313,8 @@ def _phase_step(runner: Runner, hvp: tuple[Any, str] | None) -> dict[str, float]
     AdaHessian's Hessian-vector products, timed apart from the phase that calls it."""
     t: dict[str, float] = {}
     x, y = runner._batch()
-    with _clocking(*hvp, t) if hvp else nullcontext():
+    switch = twice_differentiable() if runner.hessian_due else nullcontext()
+    with switch, _clocking(*hvp, t) if hvp else nullcontext():
         with _clock(t, "zero_grad"):
             runner.opt.zero_grad(set_to_none=True)
         with _clock(t, "forward"):

@@ -15,13 +15,8 @@ a floating scalar tensor, or that does not depend on the parameters, is a :class
 naming the field and the function, e.g. ``training.loss: pkg.losses:bad returned a tensor of
 shape (8, 10); a loss must be a scalar``.
 
-Double backward. AdaHessian's Hessian-vector products differentiate the gradient once more, so
-every operation in the model and the loss needs a differentiable backward. Most of torch does;
-the known exceptions are fused attention kernels (``F.scaled_dot_product_attention`` with its
-flash or memory-efficient backends: on the CPU and on CUDA its default picks one of them),
-custom ``autograd.Function``\\ s marked ``@once_differentiable`` or whose ``backward`` runs
-outside autograd (``torch.no_grad()``, NumPy, a C++/CUDA extension), and a few fused ops of
-extensions. :func:`explain_double_backward` turns torch's error into a reason that says so.
+Double backward: AdaHessian differentiates the loss twice; :mod:`trainer.double_backward` says
+what that asks of the model and the loss, and explains torch's refusals.
 """
 
 from __future__ import annotations
@@ -175,39 +170,6 @@ def reduce_weighted(per_rank: Sequence[Mapping[str, tuple[float, float]]]) -> di
             entry[0] += total
             entry[1] += weight
     return {name: total / weight for name, (total, weight) in sums.items() if weight > 0}
-
-
-# -- double backward -------------------------------------------------------------------------
-
-_NOT_DIFFERENTIABLE = (
-    re.compile(r"derivative for (?P<op>\S+) is not implemented"),
-    re.compile(r"(?P<op>)differentiate twice a function that was marked with @once_differentiable"),
-    re.compile(r"(?P<op>)does not require grad and does not have a grad_fn"),
-)
-
-
-def explain_double_backward(error: BaseException, field: str) -> str | None:
-    """A reason for the job's failure when ``error`` (raised in a Hessian step) is torch refusing
-    to differentiate a backward pass; ``None`` for any other error.
-
-    ``field`` is what computes the loss: ``training.loss`` or ``model``.
-    """
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    for pattern in _NOT_DIFFERENTIABLE:
-        match = pattern.search(message)
-        if match is None:
-            continue
-        op = match.group("op")
-        which = f"{op} does" if op else "an operation in the model or the loss does"
-        return (
-            f"{field}: the Hessian-vector product needs double backward (the gradient is "
-            f"differentiated once more), which {which} not support: {message}. Known cases: "
-            "fused/flash attention kernels (run F.scaled_dot_product_attention under "
-            "torch.nn.attention.sdpa_kernel(SDPBackend.MATH), or write the attention out), custom "
-            "autograd Functions marked @once_differentiable or whose backward leaves autograd; "
-            "or train with a first-order optimizer (optimizer.name: adamw)"
-        )
-    return None
 
 
 def _shown(value: Any) -> str:

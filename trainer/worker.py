@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,12 +33,12 @@ from trainer.batches import batch_size as examples_in
 from trainer.batches import to_device
 from trainer.checkpoint import param_checksum
 from trainer.data import AnyDataset, build_dataset, dataset_model_args, dataset_task, rank_batch
+from trainer.double_backward import explain_double_backward, twice_differentiable
 from trainer.losses import (
     LOSS_FIELD,
     MetricsFn,
     build_loss,
     build_metrics,
-    explain_double_backward,
     reduce_weighted,
 )
 from trainer.metrics import MetricsSink, WorkerGauges
@@ -238,7 +238,8 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         # These errors are raised on every rank alike (the same code on equally shaped shares,
         # before the step's first collective), so each rank stops without a retry.
         try:
-            stats = backend.train_step(batch, t.chunk_size)
+            with twice_differentiable() if hessian_step else nullcontext():
+                stats = backend.train_step(batch, t.chunk_size)
         except NonFiniteError as error:
             _stop(run, rank, done, f"training stopped: {error}", FailureCause.NON_FINITE_LOSS)
             return

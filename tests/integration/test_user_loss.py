@@ -64,10 +64,19 @@ def recording_reviews(log_dir: str, **args: Any) -> Any:
 
 
 def sdpa_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A loss through torch's fused attention kernel, which has no double backward."""
+    """A loss through torch's fused attention, whose default kernel has no double backward (the
+    worker switches Hessian steps to its math kernel)."""
     x = model.tokens(batch["input_ids"]).unsqueeze(1)
     pooled = F.scaled_dot_product_attention(x, x, x).squeeze(1).mean(dim=1)
     return F.cross_entropy(model.head(pooled), batch["labels"])
+
+
+def direct_flash_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Attention through the fused kernel called as its op (as the flash-attn package is): out of
+    the switch's reach, with no double backward."""
+    x = model.tokens(batch["input_ids"]).unsqueeze(1)
+    attended = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(x, x, x)[0]
+    return F.cross_entropy(model.head(attended.squeeze(1).mean(dim=1)), batch["labels"])
 
 
 def per_example_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,7 +156,8 @@ def test_dict_batch_user_loss_matches_across_world_sizes_and_ranks_load_only_the
         1,
         [
             job(tmp_path, "one", 1),
-            job(tmp_path, "fused", 1, loss="tests.integration.test_user_loss:sdpa_loss", steps=1),
+            job(tmp_path, "fused", 1, loss="tests.integration.test_user_loss:sdpa_loss", steps=2),
+            job(tmp_path, "direct", 1, loss="tests.integration.test_user_loss:direct_flash_loss", steps=1),
             job(tmp_path, "unreduced", 1, loss="tests.integration.test_user_loss:per_example_loss", steps=1),
         ],
     )
@@ -174,13 +184,19 @@ def test_dict_batch_user_loss_matches_across_world_sizes_and_ranks_load_only_the
         assert single[step] == expected
         assert rank0[step] == expected[:share] and rank1[step] == expected[share:]
 
+    # Fused attention, whose default CPU kernel has no double backward, trains: the Hessian step
+    # (step 1) runs on its math kernel, the ordinary step (2) on the fused one.
+    fused_records, fused = outcome(tmp_path, "fused")
+    assert fused["status"] == "succeeded", fused
+    assert [r["hessian_step"] for r in fused_records] == [True, False]
+    assert fused_records[0]["hessian_trace"] is not None
     # Unusable user code: the job stops at its first step with a reason that names the field.
-    _, fused = outcome(tmp_path, "fused")
-    assert fused["step"] == 1
-    assert fused["reason"].startswith(
+    _, direct = outcome(tmp_path, "direct")
+    assert direct["step"] == 1
+    assert direct["reason"].startswith(
         "training stopped: training.loss: the Hessian-vector product needs double backward"
     )
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward does not support" in fused["reason"]
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward does not support" in direct["reason"]
     _, unreduced = outcome(tmp_path, "unreduced")
     assert unreduced["reason"] == (
         "training stopped: training.loss: tests.integration.test_user_loss:per_example_loss returned a "

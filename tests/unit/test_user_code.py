@@ -1,5 +1,5 @@
 """The user's own loss, metrics and batch structures: generic batches, checks that name the
-field, and the double-backward failure explained (one triggered for real, with fused attention)."""
+field, and the own-code example taking a Hessian step (double backward: test_double_backward.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from trainer.losses import (
     UserCodeError,
     build_loss,
     build_metrics,
-    explain_double_backward,
     reduce_weighted,
 )
 from trainer.optim import AdaHessian
@@ -159,45 +158,6 @@ def test_metrics_are_means_over_examples_across_ranks() -> None:
     # rank 0 saw batches of 4 (acc 1.0) and 2 (acc 0.5); rank 1 one batch of 4 (acc 0.0).
     per_rank = [{"acc": (1.0 * 4 + 0.5 * 2, 6.0)}, {"acc": (0.0, 4.0), "only_here": (3.0, 4.0)}, {}]
     assert reduce_weighted(per_rank) == {"acc": pytest.approx(5 / 10), "only_here": 0.75}
-
-
-# -- double backward ------------------------------------------------------------------------
-
-
-class FusedAttention(nn.Module):
-    """Attention through torch's fused kernel (flash on the CPU): no double backward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv = nn.Linear(8, 24)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.head(F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0].mean(1))
-
-
-def test_fused_attention_fails_the_hessian_step_with_a_readable_reason() -> None:
-    torch.manual_seed(0)
-    model = FusedAttention()
-    opt = AdaHessian(model.parameters(), seed=0)
-    loss = F.cross_entropy(model(torch.randn(4, 5, 8)), torch.tensor([0, 1, 2, 0]))
-    with pytest.raises(RuntimeError) as caught:
-        opt.backward(loss)  # a Hessian step: grad, then grad of g·z
-    reason = explain_double_backward(caught.value, "training.loss")
-    assert reason is not None, str(caught.value)
-    assert reason.startswith("training.loss: the Hessian-vector product needs double backward")
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward does not support" in reason
-    assert "SDPBackend.MATH" in reason and "optimizer.name: adamw" in reason
-    # The math kernel has a double backward: the same model trains once it is selected.
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        loss = F.cross_entropy(model(torch.randn(4, 5, 8)), torch.tensor([0, 1, 2, 0]))
-        opt.backward(loss)
-    opt.step()
-    assert opt.hessian_trace is not None
-    assert explain_double_backward(RuntimeError("CUDA out of memory"), "model") is None
 
 
 def test_the_own_code_example_builds_and_takes_a_hessian_step(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,9 +1,9 @@
 """A tiny Hugging Face-style encoder: ``model(input_ids=…, attention_mask=…)`` returns a dict
 with ``logits``, like a ``…ForSequenceClassification`` model.
 
-One self-attention layer with the attention written out (softmax of q·kᵀ): AdaHessian
-differentiates the loss twice, and the fused kernels behind ``F.scaled_dot_product_attention``
-have no double backward (the CPU's flash kernel refuses it; see hutch's README).
+One self-attention layer with the attention written out (softmax of q·kᵀ), to show every step;
+``F.scaled_dot_product_attention`` trains just as well (hutch runs AdaHessian's Hessian steps on
+its math kernel, which can be differentiated twice; see hutch's README).
 """
 
 from __future__ import annotations
