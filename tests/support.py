@@ -4,6 +4,7 @@ spawned as processes, a headless browser. A free port and waiting on a condition
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,58 @@ def spawn_ranks(fn: Callable[..., None], args: tuple[Any, ...], nprocs: int) -> 
 
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "trainer.backends", "trainer.data"])
     torch.multiprocessing.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
+class GlooSession:
+    """A plain ``torch.distributed`` rank for :func:`trainer.worker.run_worker`: nothing to resume
+    from, reports dropped (tests/integration/test_ray_jobs.py covers Ray's session)."""
+
+    export_metrics = False
+
+    def __init__(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        yield None
+
+    def report(self, metrics: dict[str, Any], directory: Path | None) -> None:
+        pass
+
+    def wait_until_registered(self) -> None:
+        pass
+
+
+def _run_worker_jobs(
+    rank: int, world: int, port: int, jobs: list[dict[str, Any]], syspath: list[str]
+) -> None:
+    import torch
+    import torch.distributed as dist
+
+    sys.path[:0] = syspath  # as a job's working_dir would be
+    from trainer.worker import run_worker
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        for job in jobs:
+            run_worker(job, GlooSession())
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_worker_jobs(world: int, jobs: list[dict[str, Any]], syspath: list[str] | None = None) -> None:
+    """Run each job (``{"spec", "run_dir", "job_id"}``, as Ray Train's config) in turn through the
+    worker loop on ``world`` gloo processes, with ``syspath`` importable."""
+    from benchmarks.harness import free_port
+
+    for job in jobs:
+        Path(job["run_dir"]).mkdir(parents=True, exist_ok=True)
+    spawn_ranks(_run_worker_jobs, (world, free_port(), jobs, syspath or []), world)
 
 
 REMOVE_PLACEMENT_GROUPS = """

@@ -350,19 +350,26 @@ class ScalingSpec(_Strict):
 class BackendSpec(_Strict):
     """How workers share the work: ``ddp`` (sharded AdaHessian over torch.distributed) or ``deepspeed``.
 
-    ``zero_stage`` (1 or 2) is used by ``deepspeed`` only and ignored with ``ddp``; ``bf16``
-    precision is supported by ``deepspeed`` only, for now.
+    ``zero_stage`` (1 or 2) is used by ``deepspeed`` only and ignored with ``ddp``. ``precision``
+    ``bf16`` on ``ddp`` is mixed precision: autocast forward passes, fp32 parameters, gradients
+    and optimizer state; on ``deepspeed``, the engine's bf16 (bf16 model and gradients, fp32
+    master weights and state). ``hessian_precision`` is used by ``ddp`` with ``bf16`` only.
     """
-
-    # bf16 only with name: deepspeed (what _bf16_needs_deepspeed checks), stated in the schema.
-    model_config = ConfigDict(json_schema_extra={"anyOf": [
-        {"properties": {"precision": {"const": "fp32"}}},
-        {"required": ["name"], "properties": {"name": {"const": "deepspeed"}}},
-    ]})  # fmt: skip
 
     name: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Annotated[Integer, Field(json_schema_extra={"enum": [1, 2]})] = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="fp32, or bf16: ddp autocasts forward passes to bf16 over fp32 parameters, "
+        "gradients and optimizer state; deepspeed trains a bf16 model with fp32 master weights.",
+    )
+    hessian_precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="With ddp and precision bf16: whether Hessian steps (forward, gradient and "
+        "Hessian-vector product) run in fp32, so training follows fp32's path, or under bf16 "
+        "autocast too (cheaper; near-zero curvature estimates then pick up rounding and training "
+        "takes another path). README, 'bf16'.",
+    )
 
     @field_validator("zero_stage")
     @classmethod
@@ -370,13 +377,6 @@ class BackendSpec(_Strict):
         if stage not in (1, 2):
             raise ValueError("must be 1 or 2")
         return stage
-
-    @field_validator("precision")
-    @classmethod
-    def _bf16_needs_deepspeed(cls, precision: str, info: ValidationInfo) -> str:
-        if precision == "bf16" and info.data.get("name") == "ddp":
-            raise ValueError("bf16 needs backend.name 'deepspeed' (the ddp backend trains in fp32 only)")
-        return precision
 
 
 PACKAGE_URI = re.compile(r"hutch://packages/(?P<sha256>[0-9a-f]{64})\.zip")

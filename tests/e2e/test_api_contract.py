@@ -73,7 +73,8 @@ BAD_SUBMISSIONS = [
     ("steps a string", spec_with(**{"training.steps": "many"}), 422, "invalid_spec", ["training.steps"]),
     ("hessian freq zero", spec_with(**{"optimizer.hessian_update_freq": 0}), 422, "invalid_spec",
      ["optimizer.hessian_update_freq"]),
-    ("bf16 under ddp", spec_with(**{"backend.precision": "bf16"}), 422, "invalid_spec", ["backend"]),
+    ("fp16 precision", spec_with(**{"backend.precision": "fp16"}), 422, "invalid_spec",
+     ["backend.precision", "'fp32' or 'bf16'"]),
     ("body over the limit", {**spec_with(), "labels": {"x": "y" * 2_000_000}}, 413, "payload_too_large",
      ["larger than"]),
 ]  # fmt: skip

@@ -8,10 +8,7 @@ The loop is :func:`trainer.worker.run_worker`, the function Ray Train runs, here
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,33 +18,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from benchmarks.harness import free_port
-from tests.support import spawn_ranks
+from tests.support import run_worker_jobs
 from trainer.data import epoch_indices
 from trainer.spec import validate_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "own-code"
 GLOBAL_BATCH, STEPS = 16, 6
-
-
-class GlooSession:
-    """A plain process group's rank: no checkpoint to resume, reports dropped."""
-
-    export_metrics = False
-
-    def __init__(self) -> None:
-        self.rank, self.world, self.device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-
-    @contextlib.contextmanager
-    def restored(self) -> Iterator[None]:
-        yield None
-
-    def report(self, metrics: dict[str, Any], directory: Path | None) -> None:
-        pass
-
-    def wait_until_registered(self) -> None:
-        pass
 
 
 def recording_reviews(log_dir: str, **args: Any) -> Any:
@@ -111,24 +88,8 @@ def spec(name: str, workers: int, run_dir: Path, **training: Any) -> dict[str, A
     ).model_dump(mode="json")
 
 
-def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
-    sys.path.insert(0, str(EXAMPLE))  # as a job's working_dir would be
-    from trainer.worker import run_worker
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        for job in jobs:
-            run_worker(job, GlooSession())
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def run_jobs(world: int, jobs: list[dict[str, Any]]) -> None:
-    for job in jobs:
-        Path(job["run_dir"]).mkdir(parents=True, exist_ok=True)
-    spawn_ranks(_worker, (world, free_port(), jobs), world)
+    run_worker_jobs(world, jobs, syspath=[str(EXAMPLE)])
 
 
 def job(tmp_path: Path, name: str, workers: int, **training: Any) -> dict[str, Any]:

@@ -36,6 +36,16 @@ def test_optimizer_cost_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_hessian_precision_quick(tmp_path: Path) -> None:
+    report = run_quick("hessian_precision", tmp_path, timeout=120)
+    assert [w["name"] for w in report["workloads"]] == ["transformer", "resnet20"]
+    for workload in report["workloads"]:
+        for point in workload["points"].values():
+            assert 0 < point["diag_bf16_error"] < point["diag_probe_noise"]
+        assert workload["cost"]["fp32_ms"] > 0 and workload["cost"]["bf16_ms"] > 0
+
+
+@pytest.mark.slow
 def test_sharded_cost_quick(tmp_path: Path) -> None:
     report = run_quick("sharded_cost", tmp_path, timeout=400)
     assert [w["world_size"] for w in report["worlds"]] == [1, 2, 4]

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,20 @@ def average_buffers(module: nn.Module, group: dist.ProcessGroup | None = None) -
         torch._foreach_copy_(
             buffers, [piece.view_as(b) for piece, b in zip(flat.split([b.numel() for b in buffers]), buffers)]
         )
+
+
+Precision = Literal["fp32", "bf16"]
+"""What a backend computes in: ``fp32``, or ``bf16`` (mixed: bf16 arithmetic where autocast
+allows it, fp32 master parameters and optimizer state)."""
+
+
+def autocast(device: torch.device, precision: Precision) -> AbstractContextManager[Any]:
+    """Within: forward passes on ``device`` compute in bf16 where torch's autocast allows it
+    (matrix products, convolutions) and in fp32 where it keeps precision (softmax, norms,
+    losses), with ``precision == "bf16"``; nothing changes with ``"fp32"``. Parameters stay fp32,
+    so their gradients come out in fp32 (the backward of autocast's casts); backward passes need
+    not run inside (autograd repeats the forward's dtypes)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @contextmanager

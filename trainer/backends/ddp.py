@@ -8,8 +8,8 @@ there is nothing left for DDP to do. Every rank starts from the same initial par
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.backends.base import LossFn, StepStats, average_buffers, evaluation_mode
+from trainer.backends.base import LossFn, Precision, StepStats, autocast, average_buffers, evaluation_mode
 from trainer.batches import Batch, batch_size, split_batch
 from trainer.checkpoint import TrainingState, read_checkpoint, write_checkpoint
 from trainer.optim.core import AdaHessianHyperparameters
@@ -45,7 +45,15 @@ def build_optimizer(
 
 
 class DDPBackend:
-    """One data-parallel rank training ``model``: sharded AdaHessian, or a replicated baseline."""
+    """One data-parallel rank training ``model``: sharded AdaHessian, or a replicated baseline.
+
+    ``precision="bf16"`` is mixed precision: forward passes run under bf16 autocast
+    (:func:`~trainer.backends.base.autocast`) while parameters, gradients and optimizer state stay
+    fp32. So gradients accumulate over chunks and are reduced across ranks in fp32: reducing them
+    in bf16 would halve those bytes but round every partial sum to 8 bits of mantissa, which
+    grows with the number of chunks and ranks. ``hessian_precision`` says whether Hessian steps run
+    in fp32 (the default: training then follows fp32's path to 1e-3) or autocast too (``"bf16"``).
+    """
 
     def __init__(
         self,
@@ -54,10 +62,20 @@ class DDPBackend:
         optimizer: OptimizerSpec,
         seed: int = 0,
         group: dist.ProcessGroup | None = None,
+        precision: Precision = "fp32",
+        hessian_precision: Precision = "fp32",
     ) -> None:
+        if precision not in ("fp32", "bf16") or hessian_precision not in ("fp32", "bf16"):
+            raise ValueError(
+                f"precision={precision!r}, hessian_precision={hessian_precision!r}: each must be "
+                "'fp32' or 'bf16'"
+            )
         self.model = model
         self.loss_fn = loss_fn
         self.group = group
+        self.precision: Precision = precision
+        self.hessian_precision: Precision = hessian_precision if precision == "bf16" else "fp32"
+        self._device = next(model.parameters()).device
         self._root = dist.get_global_rank(group, 0) if group else 0  # the group's rank 0
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
@@ -66,7 +84,14 @@ class DDPBackend:
 
     @classmethod
     def from_spec(cls, spec: JobSpec, model: nn.Module, loss_fn: LossFn) -> DDPBackend:
-        return cls(model, loss_fn, spec.optimizer, seed=spec.training.seed)
+        return cls(
+            model,
+            loss_fn,
+            spec.optimizer,
+            seed=spec.training.seed,
+            precision=spec.backend.precision,
+            hessian_precision=spec.backend.hessian_precision,
+        )
 
     @property
     def hessian_due(self) -> bool:
@@ -79,12 +104,14 @@ class DDPBackend:
         Hessian products accumulate to those of the whole micro-batch.
         """
         hessian_step = self.hessian_due
+        precision = self.hessian_precision if hessian_step else self.precision
         self.model.train()
         self.optimizer.zero_grad()
         size = batch_size(batch)
         for chunk in split_batch(batch, chunk_size):
             weight = batch_size(chunk) / size
-            loss = self.loss_fn(self.model, chunk)
+            with autocast(self._device, precision):
+                loss = self.loss_fn(self.model, chunk)
             self.optimizer.backward(loss if weight == 1.0 else loss * weight)
         self.optimizer.step()
         return StepStats(
@@ -98,8 +125,11 @@ class DDPBackend:
     def average_buffers(self) -> None:
         average_buffers(self.model, self.group)
 
-    def evaluation(self) -> AbstractContextManager[nn.Module]:
-        return evaluation_mode(self.model)
+    @contextmanager
+    def evaluation(self) -> Iterator[nn.Module]:
+        """The model in eval mode, its forward passes in the training precision."""
+        with evaluation_mode(self.model) as model, autocast(self._device, self.precision):
+            yield model
 
     # -- checkpoints ---------------------------------------------------------------------------
 
