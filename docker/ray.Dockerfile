@@ -52,7 +52,7 @@ RUN index="${TORCH_INDEX}"; \
     python -m pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${index}" \
       "torch==${TORCH_VERSION}"
 
-# The rest of hutch's dependencies (pyproject.toml and its deepspeed extra), pinned to the versions
+# The rest of hutch's dependencies (pyproject.toml, its deepspeed and hf extras), pinned to the versions
 # CI tests; hutch itself is installed with --no-deps below, so this list is complete on purpose
 # (tests/unit/test_images.py checks it against pyproject.toml).
 COPY --chown=1000:100 docker/control-plane-requirements.txt /tmp/hutch/control-plane-requirements.txt
@@ -63,7 +63,8 @@ RUN python -m pip install --no-cache-dir \
       scikit-learn==1.9.1 \
       matplotlib==3.11.2 \
       deepspeed==0.19.8 \
-      ninja==1.13.2
+      ninja==1.13.2 \
+      transformers==5.25.0
 
 COPY --chown=1000:100 pyproject.toml README.md /tmp/hutch/src/
 COPY --chown=1000:100 api /tmp/hutch/src/api
@@ -76,6 +77,6 @@ RUN python -m pip install --no-cache-dir --no-deps /tmp/hutch/src \
  && mkdir -p "${TORCH_EXTENSIONS_DIR}" \
  && python -m pip check \
  && python -m trainer --help > /dev/null \
- && python -c "import torch, deepspeed, trainer.launch, trainer.worker"
+ && python -c "import torch, deepspeed, transformers, trainer.launch, trainer.worker"
 
 WORKDIR /home/ray

@@ -133,12 +133,17 @@ class CheckedMetrics:
         return out
 
 
-def build_loss(path: str | None, task: str) -> LossFn:
-    """The loss a job trains on: the user's ``path``, or the built-in one of ``task``.
+def build_loss(path: str | None, task: str, model: str | None = None) -> LossFn:
+    """The loss a job trains on: the user's ``path``, or the built-in one of ``task`` (for a
+    language model built by ``model: hf``, the model's own ``.loss``, the same cross-entropy).
 
     Raises :class:`~trainer.spec.SpecError` naming ``training.loss`` when the path cannot be
     imported, or when a ``custom`` data set comes without one.
     """
+    if path is None and model == "hf" and task == "language_model":
+        from trainer.models.hf import own_loss
+
+        return own_loss
     if path is None:
         if task not in TASK_LOSSES:
             raise SpecError(

@@ -24,6 +24,10 @@ def check_spec(spec: JobSpec) -> None:
             )
         if spec.optimizer.name == "adahessian" and spec.optimizer.hessian_scope != "global":
             raise SpecError("optimizer.hessian_scope: the deepspeed backend supports 'global' only")
+    if spec.model.name == "hf":
+        from trainer.models.hf import check_args
+
+        check_args(spec.model.args)
     if spec.model.name not in BUILTIN_MODELS:
         import_factory(spec.model.name, f"model {spec.model.name!r}")
     if spec.data.name not in BUILTIN_DATASETS:

@@ -57,7 +57,7 @@ from pydantic_core import PydanticCustomError
 
 from trainer.lr_schedule import ScheduleName, scheduled_lr
 
-BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "transformer_lm")
+BUILTIN_MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet20", "transformer_lm", "hf")
 """Model names that need no import path (factories in :mod:`trainer.models`)."""
 
 BUILTIN_DATASETS: tuple[str, ...] = ("digits", "synthetic_images", "text_chars")
@@ -194,7 +194,8 @@ class _ComponentSpec(_Strict):
 
 
 class ModelSpec(_ComponentSpec):
-    """The network: ``mlp``, ``cnn``, ``resnet20``, ``transformer_lm`` or ``package.module:factory``.
+    """The network: ``mlp``, ``cnn``, ``resnet20``, ``transformer_lm``, ``hf`` (a Hugging Face causal
+    LM: ``args.config`` or ``args.pretrained``, :mod:`trainer.models.hf`) or ``package.module:factory``.
 
     ``args`` go to the factory on top of the defaults the data set supplies (classes, channels,
     vocabulary size, context length); see :func:`trainer.models.registry.build_model`.
@@ -202,6 +203,24 @@ class ModelSpec(_ComponentSpec):
 
     kind: ClassVar[str] = "model"
     builtins: ClassVar[tuple[str, ...]] = BUILTIN_MODELS
+
+    @model_validator(mode="after")
+    def _hf_config_or_pretrained(self) -> ModelSpec:
+        """``hf`` takes exactly one of ``config`` (with a ``model_type``) and ``pretrained`` (a path);
+        whether the directory is there is the preflight's question (where the storage is)."""
+        if self.name != "hf":
+            return self
+        config, pretrained = self.args.get("config"), self.args.get("pretrained")
+        if (config is None) == (pretrained is None):
+            raise ValueError("hf takes exactly one of args.config (a Hugging Face config with its "
+                             "model_type) and args.pretrained (a save_pretrained directory)")  # fmt: skip
+        if config is not None and not (
+            isinstance(config, Mapping) and isinstance(config.get("model_type"), str)
+        ):
+            raise ValueError("hf's args.config must be a mapping with a model_type (gpt2, llama, …)")
+        if pretrained is not None and not (isinstance(pretrained, str) and pretrained.strip()):
+            raise ValueError("hf's args.pretrained must be the path of a save_pretrained directory")
+        return self
 
 
 class DataSpec(_ComponentSpec):

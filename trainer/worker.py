@@ -195,7 +195,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
     torch.manual_seed(t.seed)
     try:  # the same on every rank, before any collective: every rank stops alike
         dataset = build_dataset(spec.data.name, spec.data.args)
-        loss_fn = build_loss(t.loss, dataset_task(dataset))
+        loss_fn = build_loss(t.loss, dataset_task(dataset), spec.model.name)
         metrics_fn = build_metrics(t.metrics)
         model = build_model(spec.model.name, spec.model.args, dataset_model_args(dataset)).to(device)
     except SpecError as error:

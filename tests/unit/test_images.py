@@ -309,11 +309,12 @@ def test_ray_image_pins_are_the_tested_versions() -> None:
 
 
 def test_ray_image_pins_every_dependency_of_hutch() -> None:
-    """hutch goes into the Ray image with --no-deps: pyproject's list and the deepspeed extra must all
-    be pinned there, with at least the extras pyproject asks for."""
+    """hutch goes into the Ray image with --no-deps: pyproject's list and the deepspeed and hf extras
+    must all be pinned there, with at least the extras pyproject asks for."""
     pins = {canonicalize_name(r.name): r for r in image_requirements(RAY_DOCKERFILE)}
     project = PYPROJECT["project"]
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["deepspeed"]]
+    optional = project["optional-dependencies"]
+    wanted = [*project["dependencies"], *optional["deepspeed"], *optional["hf"]]
     for requirement in map(Requirement, wanted):
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{requirement} is not pinned in {RAY_DOCKERFILE.name}"

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from trainer.models.hf import hf
 from trainer.models.resnet import resnet20
 from trainer.models.small import cnn, mlp
 from trainer.models.transformer import transformer_lm
@@ -24,6 +25,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": cnn,
     "resnet20": resnet20,
     "transformer_lm": transformer_lm,
+    "hf": hf,
 }
 """The built-in factories, by the name a spec uses (the same names as :data:`trainer.spec.BUILTIN_MODELS`)."""
 
