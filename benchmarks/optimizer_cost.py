@@ -30,7 +30,11 @@ steps as what they are (an Adam-type step, not an SGD step).
 Results go to ``--out`` (default ``benchmarks/results/``): ``optimizer_cost.json`` (machine,
 settings, per-round raw times, summary) and ``optimizer_cost.png`` (bar plot of ratios to SGD).
 With ``--phases`` (on by default in a full run) the Hessian step of both AdaHessians is also split
-into phases (forward, gradient with graph, Hessian-vector product, update).
+into phases (forward, gradient with graph, Hessian-vector product, update). With ``--variants`` (on
+by default) the LM's ordinary and Hessian steps of our AdaHessian are timed with its attention
+written out (as it was before it used ``F.scaled_dot_product_attention``) and through SDPA with
+the math-kernel switch on Hessian steps, in fp32 and under bf16 autocast (CPU autocast: on a
+GPU, bf16 and the fused kernels gain far more).
 """
 
 from __future__ import annotations
@@ -72,7 +76,8 @@ from benchmarks.harness import (
     timed,
     whole_periods,
 )
-from benchmarks.workloads import Workload, image_batches, lm_factory, token_batches
+from benchmarks.workloads import Workload, image_batches, lm_factory, token_batches, write_attention_out
+from trainer.backends.base import autocast
 from trainer.double_backward import twice_differentiable
 from trainer.models import resnet20
 from trainer.optim import AdaHessian
@@ -367,6 +372,82 @@ def measure_phases(workload: Workload, args: argparse.Namespace, steps: int) -> 
     }
 
 
+# -- the LM's attention and precision --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LMVariant:
+    """One way to run the LM's AdaHessian steps: attention written out or through SDPA (with the
+    math-kernel switch on Hessian steps), fp32 or bf16 autocast, ordinary or Hessian steps."""
+
+    attention: str  # "written" | "sdpa"
+    precision: str  # "fp32" | "bf16"
+    hessian: bool
+
+    @property
+    def name(self) -> str:
+        step = "Hessian" if self.hessian else "ordinary"
+        return f"{self.attention}, {self.precision}, {step} step"
+
+
+LM_VARIANTS = [
+    LMVariant(attention, precision, hessian)
+    for attention, precision in (("written", "fp32"), ("sdpa", "fp32"), ("sdpa", "bf16"))
+    for hessian in (False, True)
+]
+
+
+class VariantRunner:
+    """The LM with :class:`AdaHessian` run as ``variant`` says; ordinary steps come from a Hessian
+    period longer than the run (its first step, a Hessian step, falls in the warm-up)."""
+
+    def __init__(self, variant: LMVariant, base: nn.Module, workload: Workload, args: argparse.Namespace):
+        self.variant, self.workload = variant, workload
+        self.model = copy.deepcopy(base)
+        if variant.attention == "written":
+            write_attention_out(self.model)
+        freq = 1 if variant.hessian else 10**9
+        self.opt = AdaHessian(self.model.parameters(), lr=args.lr_adahessian, hessian_update_freq=freq)
+        self.cursor = 0
+
+    def step(self) -> None:
+        x, y = self.workload.batches[self.cursor % len(self.workload.batches)]
+        self.cursor += 1
+        switch = self.opt.hessian_due and self.variant.attention == "sdpa"
+        with twice_differentiable() if switch else nullcontext():
+            with autocast(torch.device("cpu"), self.variant.precision):  # type: ignore[arg-type]
+                loss = self.workload.loss(self.model(x), y)
+            self.opt.zero_grad(set_to_none=True)
+            self.opt.backward(loss)
+            self.opt.step()
+
+
+def measure_lm_variants(workload: Workload, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Median ms per step of each :data:`LM_VARIANTS`, interleaved, and the ratio to written-out
+    fp32 attention on the same kind of step."""
+    torch.manual_seed(args.seed)
+    base = workload.make_model()
+    runners = [VariantRunner(v, base, workload, args) for v in LM_VARIANTS]
+    for runner in runners:
+        timed(runner.step, args.warmup_steps)
+
+    def block(runner: VariantRunner) -> Callable[[], float]:
+        return lambda: timed(runner.step, args.block_steps) / args.block_steps * 1e3
+
+    rounds = interleaved(
+        [block(r) for r in runners],
+        args.rounds,
+        lambda r: log(f"  LM attention and precision: round {r + 1}/{args.rounds} done"),
+    )
+    medians = {v: statistics.median(ms) for v, ms in zip(LM_VARIANTS, rounds)}
+    return [
+        {**asdict(v), "name": v.name, "ms_per_step": medians[v],
+         "ratio_to_written_fp32": medians[v] / medians[LMVariant("written", "fp32", v.hessian)],
+         "round_ms": ms}
+        for v, ms in zip(LM_VARIANTS, rounds)
+    ]  # fmt: skip
+
+
 # -- output ----------------------------------------------------------------------------------
 
 
@@ -409,6 +490,11 @@ def print_report(report: dict[str, Any]) -> None:
         out.print(
             f"  every k within {AMORTIZED_TOLERANCE:.0%} of 1 + (r1 - 1)/k: {_ok(s['amortized_target_met'])}"
         )
+        if "lm_variants" in wl:
+            rows = [[v["name"], f"{v['ms_per_step']:.1f}", f"{v['ratio_to_written_fp32']:.2f}"]
+                    for v in wl["lm_variants"]]  # fmt: skip
+            columns = ("attention, precision, step", "ms/step", "× written-out fp32")
+            out.print(table(f"{wl['name']}: attention and precision (CPU autocast)", columns, rows))
         if "phases_ms" in wl:
             phases = wl["phases_ms"]
             keys = dict.fromkeys(k for p in phases.values() for k in p)
@@ -482,6 +568,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="phase breakdown [on; quick off]",
     )
+    p.add_argument(
+        "--variants",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the LM's steps with written-out vs SDPA attention, fp32 vs bf16 autocast",
+    )
     p.add_argument("--phase-steps", type=int, default=7, help="Hessian steps sampled for the phase breakdown")
     args = apply_mode(
         p.parse_args(argv),
@@ -530,6 +622,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "description": workload.description,
             "summary": summarize(measure(workload, make_configs(), args)),
         }
+        if args.variants and workload.name == "transformer":
+            log(f"  {workload.name}: attention and precision")
+            entry["lm_variants"] = measure_lm_variants(workload, args)
         if args.phases:
             log(f"  {workload.name}: phase breakdown")
             entry["phases_ms"] = measure_phases(workload, args, args.phase_steps)

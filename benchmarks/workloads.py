@@ -8,6 +8,7 @@ seeds, so every configuration (and every rank) sees the same data. Kept apart fr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.models import transformer_lm
+from trainer.models.transformer import CausalSelfAttention
 
 LM_VOCAB = 96
 """Vocabulary of the random-token LM (about the printable characters)."""
@@ -62,6 +64,28 @@ def token_batches(
         tokens = torch.randint(0, LM_VOCAB, (batch_size, seq_len + 1), generator=generator)
         batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
     return batches
+
+
+def written_out_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, is_causal: bool = False
+) -> torch.Tensor:
+    """``softmax(q·kᵀ/√d + causal mask)·v`` in plain ops (what the LM did before it used
+    ``F.scaled_dot_product_attention``); no dropout."""
+    if dropout_p:
+        raise ValueError("written-out attention has no dropout")
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    if is_causal:
+        future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def write_attention_out(model: nn.Module) -> nn.Module:
+    """``model`` (the built-in LM) with every attention layer's ``attend`` written out, in place."""
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            module.attend = written_out_attention
+    return model
 
 
 def lm_factory(seq_len: int, layers: int, heads: int, embd: int) -> Callable[[], nn.Module]:

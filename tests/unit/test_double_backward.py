@@ -5,7 +5,6 @@ truly cannot be differentiated twice fails with a reason that names it."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import pytest
@@ -14,10 +13,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from benchmarks.workloads import write_attention_out
 from trainer.backends import DDPBackend
 from trainer.double_backward import explain_double_backward, twice_differentiable
 from trainer.losses import language_model_loss
-from trainer.models import transformer as transformer_module
 from trainer.models import transformer_lm
 from trainer.optim import AdaHessian
 from trainer.optim.hutchinson import ProbeSource, hutchinson_products, param_key
@@ -47,18 +46,6 @@ def small_lm(dtype: torch.dtype = torch.float64, **args: object) -> nn.Module:
     return model.to(dtype)
 
 
-def written_out_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, is_causal: bool = False
-) -> torch.Tensor:
-    """``softmax(q·kᵀ/√d + causal mask)·v``: an independent reference for the SDPA call."""
-    assert dropout_p == 0.0
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if is_causal:
-        future = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
-    return scores.softmax(dim=-1) @ v
-
-
 def hessian_products(model: nn.Module) -> list[torch.Tensor]:
     names, params = zip(*model.named_parameters())
     loss = language_model_loss(model, lm_batch(0))
@@ -66,17 +53,14 @@ def hessian_products(model: nn.Module) -> list[torch.Tensor]:
     return hutchinson_products(grads, params, [param_key(n) for n in names], ProbeSource(7), 0)
 
 
-def test_sdpa_on_the_math_kernel_gives_the_hessian_products_of_written_out_attention(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_sdpa_on_the_math_kernel_gives_the_hessian_products_of_written_out_attention() -> None:
     model = small_lm()
     with pytest.raises(RuntimeError) as caught:  # the CPU's default (flash) kernel refuses
         hessian_products(model)
     assert "scaled_dot_product" in str(caught.value)
     with twice_differentiable():
         switched = hessian_products(model)
-    monkeypatch.setattr(transformer_module.F, "scaled_dot_product_attention", written_out_attention)
-    reference = hessian_products(model)
+    reference = hessian_products(write_attention_out(model))
     for got, want in zip(switched, reference):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert sum(float(p.abs().sum()) for p in reference) > 0

@@ -110,6 +110,12 @@ def hf(
         settings = {k: v for k, v in config.items() if k != "model_type"}
         if vocab_size is not None:
             settings.setdefault("vocab_size", vocab_size)
+        defaults = transformers.CONFIG_MAPPING[config["model_type"]]()
+        vocabulary = settings.get("vocab_size", defaults.vocab_size)
+        for token in ("bos_token_id", "eos_token_id", "pad_token_id"):  # GPT-2's 50256, say
+            value = getattr(defaults, token, None)
+            if token not in settings and isinstance(value, int) and value >= vocabulary:
+                settings[token] = None  # a special token the data's vocabulary does not have
         built = transformers.AutoConfig.for_model(config["model_type"], **settings)
         own_name = built.attribute_map.get("max_position_embeddings", "max_position_embeddings")
         if block_size is not None and not {own_name, "max_position_embeddings"} & set(settings):

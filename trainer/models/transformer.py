@@ -20,7 +20,13 @@ from torch.utils.checkpoint import checkpoint
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention (fused QKV projection, scaled-dot-product attention)."""
+    """Multi-head causal self-attention (fused QKV projection, scaled-dot-product attention).
+
+    ``attend`` computes the attention itself, ``F.scaled_dot_product_attention``'s signature; a
+    benchmark replaces it on an instance to compare against attention written out.
+    """
+
+    attend = staticmethod(F.scaled_dot_product_attention)
 
     def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
         super().__init__()
@@ -37,7 +43,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        y = self.attend(q, k, v, dropout_p=dropout, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
