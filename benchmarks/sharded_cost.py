@@ -60,7 +60,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -92,6 +92,7 @@ from benchmarks.harness import settings as settings_of
 from benchmarks.shapes import gpt2_small_shapes
 from benchmarks.workloads import Workload, image_batches, lm_factory, token_batches
 from trainer.backends import DDPBackend
+from trainer.double_backward import twice_differentiable
 from trainer.models import resnet20
 from trainer.optim import AdaHessian
 from trainer.optim.partition import FlatLayout
@@ -271,8 +272,9 @@ class Runner:
     def step(self) -> None:
         x, y = self.micro[self.cursor % len(self.micro)]
         self.cursor += 1
-        if self.kind == "sharded":
-            self.losses.append(self.backend.train_step([x, y]).loss)
+        if self.kind == "sharded":  # Hessian steps switched, as the worker loop runs them
+            with twice_differentiable() if self.backend.hessian_due else nullcontext():
+                self.losses.append(self.backend.train_step([x, y]).loss)
             return
         self.opt.zero_grad(set_to_none=True)
         loss = self.workload.loss(self.model(x), y)

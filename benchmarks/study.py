@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from multiprocessing import get_context
@@ -58,6 +59,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from benchmarks import harness
 from trainer.data import build_dataset, ordered_batches, step_indices
+from trainer.double_backward import twice_differentiable
 from trainer.models.registry import build_model
 from trainer.optim import AdaHessian
 from trainer.spec import OptimizerSpec
@@ -286,15 +288,16 @@ def train(spec: RunSpec, quick: bool) -> dict[str, Any]:
             group["lr"] = schedule.lr_at(step, steps)
         inputs, targets = data.train_examples(step_indices(data, step, spec.seed, task.batch_size))
         opt.zero_grad(set_to_none=True)
-        loss = _loss(model(inputs), targets)
-        value = loss.item()
-        first_loss = value if first_loss is None else first_loss
-        if not math.isfinite(value) or value > DIVERGED_LOSS_FACTOR * first_loss:
-            diverged = True
-            losses.append([step, value if math.isfinite(value) else None])
-            break
         hessian_step = isinstance(opt, AdaHessian) and opt.hessian_due
-        opt.backward(loss) if isinstance(opt, AdaHessian) else loss.backward()
+        with twice_differentiable() if hessian_step else nullcontext():  # as hutch's workers do
+            loss = _loss(model(inputs), targets)
+            value = loss.item()
+            first_loss = value if first_loss is None else first_loss
+            if not math.isfinite(value) or value > DIVERGED_LOSS_FACTOR * first_loss:
+                diverged = True
+                losses.append([step, value if math.isfinite(value) else None])
+                break
+            opt.backward(loss) if isinstance(opt, AdaHessian) else loss.backward()
         opt.step()
         if hessian_step:
             traces.append([step + 1, opt.hessian_trace])
@@ -353,8 +356,10 @@ def step_costs(task: Task, quick: bool, rounds: int, block_steps: int) -> dict[s
             inputs, targets = data.train_examples(step_indices(data, cursor[0], 0, task.batch_size))
             cursor[0] += 1
             opt.zero_grad(set_to_none=True)
-            loss = _loss(model(inputs), targets)
-            opt.backward(loss) if isinstance(opt, AdaHessian) else loss.backward()
+            hessian_step = isinstance(opt, AdaHessian) and opt.hessian_due
+            with twice_differentiable() if hessian_step else nullcontext():
+                loss = _loss(model(inputs), targets)
+                opt.backward(loss) if isinstance(opt, AdaHessian) else loss.backward()
             opt.step()
 
         n = harness.whole_periods(block_steps, spec.freq)

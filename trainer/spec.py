@@ -167,7 +167,11 @@ def _component_json_schema(schema: dict[str, Any], cls: type[Any]) -> None:
                       {"type": "string", "pattern": _matching(IMPORT_PATH)}]}  # fmt: skip
     schema["properties"]["name"] = {**name, "title": "Name"}
     mapping = {key: schema.pop(key) for key in ("type", "properties", "required", "additionalProperties")}
-    schema["anyOf"] = [mapping, name]
+    mapping.update(cls.schema_extra)
+    alone = [b for b in cls.builtins if b not in cls.needs_args]  # the shorthand carries no args
+    shorthand = {"anyOf": [{"type": "string", "enum": alone},
+                           {"type": "string", "pattern": _matching(IMPORT_PATH)}]}  # fmt: skip
+    schema["anyOf"] = [mapping, shorthand]
 
 
 class _ComponentSpec(_Strict):
@@ -177,6 +181,10 @@ class _ComponentSpec(_Strict):
 
     kind: ClassVar[str]
     builtins: ClassVar[tuple[str, ...]]
+    needs_args: ClassVar[tuple[str, ...]] = ()
+    """Built-ins that cannot be named alone (the shorthand): their ``args`` are required."""
+    schema_extra: ClassVar[dict[str, Any]] = {}
+    """More of the mapping form's JSON schema: what the validators check of ``args``."""
 
     name: str
     args: dict[str, Any] = Field(default_factory=dict)
@@ -203,6 +211,20 @@ class ModelSpec(_ComponentSpec):
 
     kind: ClassVar[str] = "model"
     builtins: ClassVar[tuple[str, ...]] = BUILTIN_MODELS
+    needs_args: ClassVar[tuple[str, ...]] = ("hf",)
+    # hf: args with exactly one of config (a mapping with a model_type) and pretrained (a path).
+    schema_extra: ClassVar[dict[str, Any]] = {"allOf": [{
+        "if": {"required": ["name"], "properties": {"name": {"const": "hf"}}},
+        "then": {"required": ["args"], "properties": {"args": {
+            "oneOf": [{"required": ["config"], "not": {"required": ["pretrained"]}},
+                      {"required": ["pretrained"], "not": {"required": ["config"]}}],
+            "properties": {
+                "config": {"type": "object", "required": ["model_type"],
+                           "properties": {"model_type": {"type": "string"}}},
+                "pretrained": {"type": "string", "minLength": 1},
+            },
+        }}},
+    }]}  # fmt: skip
 
     @model_validator(mode="after")
     def _hf_config_or_pretrained(self) -> ModelSpec:
@@ -211,14 +233,14 @@ class ModelSpec(_ComponentSpec):
         if self.name != "hf":
             return self
         config, pretrained = self.args.get("config"), self.args.get("pretrained")
-        if (config is None) == (pretrained is None):
+        if ("config" in self.args) == ("pretrained" in self.args):
             raise ValueError("hf takes exactly one of args.config (a Hugging Face config with its "
                              "model_type) and args.pretrained (a save_pretrained directory)")  # fmt: skip
-        if config is not None and not (
+        if "config" in self.args and not (
             isinstance(config, Mapping) and isinstance(config.get("model_type"), str)
         ):
             raise ValueError("hf's args.config must be a mapping with a model_type (gpt2, llama, …)")
-        if pretrained is not None and not (isinstance(pretrained, str) and pretrained.strip()):
+        if "pretrained" in self.args and not (isinstance(pretrained, str) and pretrained):
             raise ValueError("hf's args.pretrained must be the path of a save_pretrained directory")
         return self
 

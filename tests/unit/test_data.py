@@ -194,7 +194,7 @@ def test_import_paths_build() -> None:
     ("name", "args", "message"),
     [
         ("mlp", {"widht": 3}, "model 'mlp': does not accept argument 'widht'; it takes: in_features, hidden"),
-        ("alexnet", {}, "unknown model: use a built-in (mlp, cnn, resnet20, transformer_lm)"),
+        ("alexnet", {}, "unknown model: use a built-in (mlp, cnn, resnet20, transformer_lm, hf)"),
         ("pkg..mod:", {}, "malformed import path"),
         ("no_such_pkg.nets:big", {}, "cannot import module 'no_such_pkg.nets'"),
         ("trainer.models.small:nope", {}, "module 'trainer.models.small' has no attribute 'nope'"),

@@ -56,7 +56,7 @@ BAD_SPECS = [
     ({"scaling": {"gpus_per_worker": 1}}, "scaling.gpus_per_worker: more GPUs than use_gpu allows"),
     (
         {"model": {"name": "alexnet"}},
-        "model.name: unknown model: use a built-in (mlp, cnn, resnet20, transformer_lm)",
+        "model.name: unknown model: use a built-in (mlp, cnn, resnet20, transformer_lm, hf)",
     ),
     ({"data": {"name": "cifar10"}}, "data.name: unknown data set: use a built-in (digits, synthetic_images"),
     ({"model": {"name": "pkg..mod:"}}, "model.name: malformed import path"),
