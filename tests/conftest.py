@@ -17,3 +17,15 @@ def postgres_url() -> Iterator[str]:
         yield server.get_uri().replace("postgresql://", "postgresql+psycopg://")
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def one_process_group() -> Iterator[None]:
+    """A one-process gloo group for the module's tests (backends at world size 1, in process)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

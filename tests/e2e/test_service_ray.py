@@ -204,6 +204,20 @@ def build(num_classes, in_features, hidden=16):
 """
 
 
+def submit_with_working_dir(
+    service: ServiceProcess, spec: dict[str, Any], spec_file: Path, code: Path
+) -> str:
+    """``hutch submit SPEC --working-dir CODE`` against the service; the new job's id."""
+    spec_file.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "HUTCH_URL": service.url, "HUTCH_TOKEN": TOKEN}
+    submitted = subprocess.run(
+        [str(HUTCH), "submit", str(spec_file), "--working-dir", str(code)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip()
+
+
 def test_own_code_shipped_with_working_dir_trains_and_resumes_with_the_same_package(
     service: ServiceProcess, client: Client, tmp_path: Path
 ) -> None:
@@ -227,15 +241,7 @@ def test_own_code_shipped_with_working_dir_trains_and_resumes_with_the_same_pack
            "training.log_every": 50, "training.global_batch_size": 32, "scaling.num_workers": 1,
            "optimizer.lr": 0.1, "optimizer.warmup_steps": 10},
     )  # fmt: skip
-    spec_file = tmp_path / "job.yaml"
-    spec_file.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "HUTCH_URL": service.url, "HUTCH_TOKEN": TOKEN}
-    submitted = subprocess.run(
-        [str(HUTCH), "submit", str(spec_file), "--working-dir", str(code)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip()
+    job_id = submit_with_working_dir(service, spec, tmp_path / "job.yaml", code)
     package = client.get(job_id).spec["runtime_env"]["working_dir"]
     assert package.startswith("hutch://packages/")
 
@@ -314,19 +320,12 @@ def test_hugging_face_transformers_train_with_adahessian_on_two_workers(
     (code / "gpt" / "model.py").write_text(HF_GPT2)
     gpt2 = spec_with(name="e2e-hf-gpt2", model={"name": "gpt.model:build"}, **common,
                      **{"training.loss": "gpt.model:loss"})  # fmt: skip
-    spec_file = tmp_path / "gpt2.yaml"
-    spec_file.write_text(yaml.safe_dump(gpt2))
-    env = {**os.environ, "HUTCH_URL": service.url, "HUTCH_TOKEN": TOKEN}
-    submitted = subprocess.run(
-        [str(HUTCH), "submit", str(spec_file), "--working-dir", str(code)],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert submitted.returncode == 0, submitted.stderr
+    gpt2_id = submit_with_working_dir(service, gpt2, tmp_path / "gpt2.yaml", code)
     llama_config = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32,
                     "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
     built_in = {"name": "hf", "args": {"config": llama_config}}
     llama = client.submit(spec_with(name="e2e-hf-llama", model=built_in, **common))
-    for job_id in (submitted.stdout.strip(), llama.id):
+    for job_id in (gpt2_id, llama.id):
         final = client.wait(job_id, timeout=400, poll_interval=1)
         assert final.state == "SUCCEEDED", (final.name, final.failure_reason)
         records = client.metrics(job_id).records

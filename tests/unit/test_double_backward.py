@@ -5,11 +5,8 @@ truly cannot be differentiated twice fails with a reason that names it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -22,16 +19,9 @@ from trainer.optim import AdaHessian
 from trainer.optim.hutchinson import ProbeSource, hutchinson_products, param_key
 from trainer.spec import OptimizerSpec
 
+pytestmark = pytest.mark.usefixtures("one_process_group")  # tests/conftest.py
+
 VOCAB, BLOCK = 20, 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group() -> Iterator[None]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def lm_batch(step: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,12 +5,10 @@ default (sdpa) attention with and without gradient checkpointing, and errors tha
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from trainer.backends import DDPBackend
 from trainer.double_backward import twice_differentiable
@@ -21,20 +19,13 @@ from trainer.spec import OptimizerSpec, SpecError, validate_spec
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
 
+pytestmark = pytest.mark.usefixtures("one_process_group")  # tests/conftest.py
+
 VOCAB, BLOCK = 24, 16
 LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64,
          "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32}
 DATA_DEFAULTS = {"vocab_size": VOCAB, "block_size": BLOCK}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_process_group() -> Iterator[None]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
