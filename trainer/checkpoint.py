@@ -25,6 +25,15 @@ With the ``deepspeed`` backend every rank reports a directory and Ray merges the
 
 DeepSpeed's partitions are laid out for one world size: such a checkpoint resumes a group of
 the same size (which a restarted Ray Train group is).
+
+With the ``fsdp`` backend every rank reports a directory too::
+
+    fsdp/               torch.distributed.checkpoint's files: every rank's rows of the
+                        parameters and of m and v (``__<rank>_0.distcp``), and ``.metadata``
+    progress.json       {"step": …, "world_size": N, "backend": "fsdp", "optimizer": counts}
+
+DCP reshards on load, so such a checkpoint resumes a group of any size. A checkpoint loads only
+into the backend that wrote it; another is refused with the reason (:class:`CheckpointMismatch`).
 """
 
 from __future__ import annotations
@@ -59,23 +68,45 @@ DEEPSPEED_DIR = "deepspeed"
 """Sub-directory of a checkpoint that holds the DeepSpeed engine's own files."""
 
 
-def write_deepspeed_progress(directory: Path, step: int, world_size: int) -> None:
-    """Rank 0's part of a DeepSpeed checkpoint next to the engine's files: the progress."""
+def write_engine_progress(
+    directory: Path, step: int, world_size: int, backend: str, extra: dict[str, Any] | None = None
+) -> None:
+    """Rank 0's part of a checkpoint in a backend's own format (``deepspeed``, ``fsdp``) next
+    to that format's files: the progress, the backend's name and anything it adds."""
     directory.mkdir(parents=True, exist_ok=True)
-    progress = {"step": step, "world_size": world_size, "backend": "deepspeed"}
+    progress = {"step": step, "world_size": world_size, "backend": backend, **(extra or {})}
     (directory / "progress.json").write_text(json.dumps(progress))
 
 
-def read_deepspeed_progress(directory: Path) -> int:
-    """Completed steps of a DeepSpeed checkpoint (the engine reads the rest)."""
-    progress = json.loads((directory / "progress.json").read_text())
-    if progress.get("backend") != "deepspeed":
-        raise ValueError(f"{directory} is not a DeepSpeed checkpoint (backend {progress.get('backend')!r})")
-    return int(progress["step"])
+def read_engine_progress(directory: Path, backend: str) -> dict[str, Any]:
+    """The progress :func:`write_engine_progress` wrote, refused unless ``backend`` wrote it."""
+    progress = _read_progress(directory)
+    if progress.get("backend") != backend:
+        raise CheckpointMismatch(directory, progress, backend)
+    return progress
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written by another backend than the one asked to load it."""
+
+    def __init__(self, directory: Path, progress: dict[str, Any], backend: str) -> None:
+        written = progress.get("backend", "ddp")
+        super().__init__(
+            f"the checkpoint at step {progress.get('step')} was written by the {written!r} backend, "
+            f"whose files the {backend!r} backend cannot read (each keeps its own format): resume "
+            f"with backend.name: {written!r}, or start a new job"
+        )
+
+
+def _read_progress(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / "progress.json").read_text())
 
 
 def read_checkpoint(directory: Path) -> TrainingState:
-    progress = json.loads((directory / "progress.json").read_text())
+    """What :func:`write_checkpoint` wrote (the ``ddp`` backend's format)."""
+    progress = _read_progress(directory)
+    if progress.get("backend", "ddp") != "ddp":
+        raise CheckpointMismatch(directory, progress, "ddp")
     shards = [
         torch.load(directory / f"optimizer-{rank}.pt", weights_only=False)
         for rank in range(progress["world_size"])

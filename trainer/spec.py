@@ -389,15 +389,18 @@ class ScalingSpec(_Strict):
 
 
 class BackendSpec(_Strict):
-    """How workers share the work: ``ddp`` (sharded AdaHessian over torch.distributed) or ``deepspeed``.
+    """How workers share the work: ``ddp`` (sharded AdaHessian over torch.distributed),
+    ``deepspeed`` (ZeRO 1/2) or ``fsdp`` (FSDP2: parameters sharded too).
 
-    ``zero_stage`` (1 or 2) is used by ``deepspeed`` only and ignored with ``ddp``. ``precision``
-    ``bf16`` on ``ddp`` is mixed precision: autocast forward passes, fp32 parameters, gradients
-    and optimizer state; on ``deepspeed``, the engine's bf16 (bf16 model and gradients, fp32
-    master weights and state). ``hessian_precision`` is used by ``ddp`` with ``bf16`` only.
+    ``zero_stage`` (1 or 2) is used by ``deepspeed`` only. ``precision`` ``bf16`` on ``ddp`` is
+    mixed precision: autocast forward passes, fp32 parameters, gradients and optimizer state; on
+    ``deepspeed``, the engine's bf16 (bf16 model and gradients, fp32 master weights and state);
+    on ``fsdp``, autocast over fp32 gathers, or FSDP2's bf16 gathers with ``hessian_precision``
+    bf16. ``hessian_precision`` is used with ``bf16`` by ``ddp`` and ``fsdp``. ``shard_modules``
+    is used by ``fsdp`` only.
     """
 
-    name: Literal["ddp", "deepspeed"] = "ddp"
+    name: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     zero_stage: Annotated[Integer, Field(json_schema_extra={"enum": [1, 2]})] = 1
     precision: Literal["fp32", "bf16"] = Field(
         default="fp32",
@@ -410,6 +413,12 @@ class BackendSpec(_Strict):
         "Hessian-vector product) run in fp32, so training follows fp32's path, or under bf16 "
         "autocast too (cheaper; near-zero curvature estimates then pick up rounding and training "
         "takes another path). README, 'bf16'.",
+    )
+    shard_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None,
+        description="With fsdp: the class names of the modules each sharded as one unit (e.g. "
+        "[GPT2Block]); by default every child of an nn.ModuleList or nn.Sequential (transformer "
+        "layers, residual stages). README, 'FSDP'.",
     )
 
     @field_validator("zero_stage")

@@ -1,4 +1,4 @@
-"""Training backends: one training step, whatever runs it (plain torch.distributed, DeepSpeed).
+"""Training backends: one training step, whatever runs it (plain torch.distributed, DeepSpeed, FSDP2).
 
 :class:`~trainer.backends.base.TrainingBackend` is the whole contract with the worker loop;
 :data:`BACKENDS` names the backends a job spec's ``backend.name`` picks from, so a new backend is
@@ -13,9 +13,14 @@ from torch import nn
 from trainer.backends.base import Batch, LossFn, StepStats, TrainingBackend
 from trainer.backends.ddp import DDPBackend
 from trainer.backends.deepspeed import DeepSpeedBackend
+from trainer.backends.fsdp import FSDPBackend
 from trainer.spec import JobSpec
 
-BACKENDS: dict[str, type[TrainingBackend]] = {"ddp": DDPBackend, "deepspeed": DeepSpeedBackend}
+BACKENDS: dict[str, type[TrainingBackend]] = {
+    "ddp": DDPBackend,
+    "deepspeed": DeepSpeedBackend,
+    "fsdp": FSDPBackend,
+}
 """``backend.name`` of a job spec → the class that trains it."""
 
 
@@ -29,6 +34,7 @@ __all__ = [
     "Batch",
     "DDPBackend",
     "DeepSpeedBackend",
+    "FSDPBackend",
     "LossFn",
     "StepStats",
     "TrainingBackend",

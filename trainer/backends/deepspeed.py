@@ -39,7 +39,7 @@ from torch import nn
 
 from trainer.backends.base import LossFn, StepStats, average_buffers, evaluation_mode
 from trainer.batches import Batch, batch_size, map_tensors, split_batch
-from trainer.checkpoint import DEEPSPEED_DIR, read_deepspeed_progress, write_deepspeed_progress
+from trainer.checkpoint import DEEPSPEED_DIR, read_engine_progress, write_engine_progress
 from trainer.optim.core import AdaHessianHyperparameters, check_finite
 from trainer.optim.hutchinson import ProbeSource, hutchinson_products
 from trainer.optim.partition import Fragment, conv_kernel_names
@@ -304,17 +304,18 @@ class DeepSpeedBackend:
     def save_checkpoint(self, directory: Path, step: int) -> bool:
         """Collective: the engine writes this rank's ZeRO partition (with the optimizer's state)
         and, from rank 0, the model under ``directory/deepspeed/CHECKPOINT_TAG``; rank 0 adds the
-        progress (:func:`trainer.checkpoint.write_deepspeed_progress`). Every rank writes."""
+        progress (:func:`trainer.checkpoint.write_engine_progress`). Every rank writes."""
         engine_directory = directory / DEEPSPEED_DIR
         engine_directory.mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(engine_directory), tag=CHECKPOINT_TAG, save_latest=False)
         if dist.get_rank() == 0:
-            write_deepspeed_progress(directory, step, self.world_size)
+            write_engine_progress(directory, step, self.world_size, "deepspeed")
         return True
 
     def load_checkpoint(self, directory: Path) -> int:
         """Collective: load what :meth:`save_checkpoint` wrote (every rank's files must be there,
         from a group of the same size)."""
+        step = int(read_engine_progress(directory, "deepspeed")["step"])  # refuses other backends'
         engine_directory = directory / DEEPSPEED_DIR
         path, _ = self.engine.load_checkpoint(
             str(engine_directory),
@@ -324,4 +325,4 @@ class DeepSpeedBackend:
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {engine_directory / CHECKPOINT_TAG}")
-        return read_deepspeed_progress(directory)
+        return step
