@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -119,11 +121,27 @@ def read_checkpoint(directory: Path) -> TrainingState:
 
 
 def param_checksum(model: torch.nn.Module) -> dict[str, float]:
-    """Float64 sum and L2 norm over all parameters: a cheap fingerprint of a trained model."""
+    """Float64 sum and L2 norm over all parameters: a cheap fingerprint of a trained model.
+
+    DTensor (FSDP-sharded) parameters are summed over their local shards and all-reduced, so
+    with such a model every rank must call this (it is a collective) and all get the same value.
+    """
     total = torch.zeros((), dtype=torch.float64)
     squares = torch.zeros((), dtype=torch.float64)
+    sharded = torch.zeros(2, dtype=torch.float64)
+    any_sharded = False
     for p in model.parameters():
+        if isinstance(p, DTensor):
+            any_sharded = True
+            values = p.to_local().detach().double()
+            sharded[0] += values.sum().cpu()
+            sharded[1] += values.pow(2).sum().cpu()
+            continue
         values = p.detach().double()
-        total += values.sum()
-        squares += values.pow(2).sum()
+        total += values.sum().cpu()
+        squares += values.pow(2).sum().cpu()
+    if any_sharded:
+        dist.all_reduce(sharded)
+        total += sharded[0]
+        squares += sharded[1]
     return {"sum": total.item(), "l2": squares.sqrt().item()}

@@ -405,11 +405,13 @@ class BackendSpec(_Strict):
     precision: Literal["fp32", "bf16"] = Field(
         default="fp32",
         description="fp32, or bf16: ddp autocasts forward passes to bf16 over fp32 parameters, "
-        "gradients and optimizer state; deepspeed trains a bf16 model with fp32 master weights.",
+        "gradients and optimizer state; deepspeed trains a bf16 model with fp32 master weights; "
+        "fsdp autocasts over fp32 gathers, or gathers bf16 parameters (FSDP2's "
+        "MixedPrecisionPolicy, fp32 reductions and state) with hessian_precision bf16.",
     )
     hessian_precision: Literal["fp32", "bf16"] = Field(
         default="fp32",
-        description="With ddp and precision bf16: whether Hessian steps (forward, gradient and "
+        description="With ddp or fsdp and precision bf16: whether Hessian steps (forward, gradient and "
         "Hessian-vector product) run in fp32, so training follows fp32's path, or under bf16 "
         "autocast too (cheaper; near-zero curvature estimates then pick up rounding and training "
         "takes another path). README, 'bf16'.",

@@ -198,10 +198,10 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         loss_fn = build_loss(t.loss, dataset_task(dataset), spec.model.name)
         metrics_fn = build_metrics(t.metrics)
         model = build_model(spec.model.name, spec.model.args, dataset_model_args(dataset)).to(device)
+        backend = build_backend(spec, model, loss_fn)
     except SpecError as error:
         _stop(run, rank, None, f"cannot start: {error}")
         return
-    backend = build_backend(spec, model, loss_fn)
     dtype = next(backend.model.parameters()).dtype  # a backend may train in bf16
     eval_loss = loss_fn if t.loss is not None else None
     computes_loss = LOSS_FIELD if t.loss is not None else "model"
@@ -280,13 +280,13 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         if checkpoint_step:
             _save_checkpoint(session, record, backend, done)
 
+    checksum = param_checksum(backend.model)  # a collective where parameters are sharded
     if rank == 0:
         if not latest:  # resumed from the final checkpoint: nothing left to train
             latest = last_record(run.metrics_file) or {}
         # result.json means "trained, and the final checkpoint is registered": whatever Ray's
         # teardown does after it, the job succeeded (trainer.launch holds to that).
         session.wait_until_registered()
-        checksum = param_checksum(backend.model)
         result = {"status": "succeeded", "job_id": job_id, "metrics": latest, "param_checksum": checksum}
         run.write_result(result)
 

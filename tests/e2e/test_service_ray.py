@@ -335,6 +335,35 @@ def test_hugging_face_transformers_train_with_adahessian_on_two_workers(
         assert math.isfinite(final.latest_metrics["eval_loss"])
 
 
+def test_digits_and_a_transformer_lm_train_on_fsdp(service: ServiceProcess, client: Client) -> None:
+    """Parameters sharded (FSDP2) through the service: the digits CNN in fp32 and the built-in
+    transformer LM in bf16 (bf16 gathers, Hessian steps in bf16 too) run to SUCCEEDED."""
+    fsdp = {"name": "fsdp"}
+    digits = client.submit(spec_with(name="e2e-fsdp-digits", backend=fsdp, **{
+        "training.steps": 40, "training.eval_every": 40, "training.checkpoint_every": 20}))  # fmt: skip
+    lm = spec_with(
+        name="e2e-fsdp-lm",
+        model={"name": "transformer_lm", "args": {"n_layer": 2, "n_head": 2, "n_embd": 32}},
+        data={"name": "text_chars", "args": {"block_size": 32}},
+        optimizer={"name": "adahessian", "lr": 0.05, "hessian_update_freq": 2, "warmup_steps": 2,
+                   "spatial_average_block_size": 16},
+        backend={"name": "fsdp", "precision": "bf16", "hessian_precision": "bf16"},
+        **{"training.steps": 12, "training.global_batch_size": 8, "training.log_every": 2,
+           "training.eval_every": 12, "training.checkpoint_every": 12},
+    )  # fmt: skip
+    lm_job = client.submit(lm)
+    final = client.wait(digits.id, timeout=300, poll_interval=1)
+    assert final.state == "SUCCEEDED", final.failure_reason
+    assert final.latest_metrics["step"] == 40 and final.latest_metrics["eval_accuracy"] > 0.8
+    assert [c.step for c in client.checkpoints(digits.id).checkpoints] == [20, 40]
+    final = client.wait(lm_job.id, timeout=300, poll_interval=1)
+    assert final.state == "SUCCEEDED", final.failure_reason
+    records = client.metrics(lm_job.id).records
+    assert records[-1]["step"] == 12 and records[-1]["hessian_steps"] == 6
+    assert all(math.isfinite(r["hessian_trace"]) for r in records)
+    assert records[-1]["loss"] < records[0]["loss"], records
+
+
 def test_sigkill_of_the_service_loses_nothing(service: ServiceProcess, client: Client) -> None:
     spec = spec_with(
         name="e2e-sigkill",
