@@ -31,7 +31,7 @@ from trainer.backends import StepStats, TrainingBackend, build_backend
 from trainer.backends.base import LossFn
 from trainer.batches import batch_size as examples_in
 from trainer.batches import to_device
-from trainer.checkpoint import param_checksum
+from trainer.checkpoint import CheckpointMismatch, param_checksum
 from trainer.data import AnyDataset, build_dataset, dataset_model_args, dataset_task, rank_batch
 from trainer.double_backward import explain_double_backward, twice_differentiable
 from trainer.losses import (
@@ -209,7 +209,11 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
     start = 0
     with session.restored() as directory:
         if directory is not None:
-            start = backend.load_checkpoint(directory)
+            try:
+                start = backend.load_checkpoint(directory)
+            except CheckpointMismatch as error:  # every rank reads the same progress.json
+                _stop(run, rank, None, f"cannot resume: {error}")
+                return
             if rank == 0:
                 print(f"[hutch] resumed from the checkpoint at step {start}", flush=True)
     sink = None

@@ -3,8 +3,9 @@
 References: the DDP path on the same ranks (fp32, in chunks), the single-process
 :class:`AdaHessian` and torch's AdamW with ``clip_grad_norm_`` on the global batch (float64, the
 frozen/unused/tied/sometimes-used model, with and without clipping), and an uninterrupted run
-for checkpoints written at one world size and loaded at another (2 → 4, 4 → 1). The groups run
-in the order 2, 4, 1, so each finds the checkpoint the one before wrote.
+for checkpoints written at one world size and loaded at another (2 → 4, 4 → 1); each backend
+refuses the other's checkpoints. The groups run in the order 2, 4, 1, so each finds the
+checkpoint the one before wrote.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.nn import functional as F
 
 from tests.support import spawn_ranks
 from trainer.backends import DDPBackend, FSDPBackend
+from trainer.checkpoint import CheckpointMismatch
 
 pytestmark = pytest.mark.slow
 
@@ -142,6 +144,18 @@ def _worker(rank: int, world: int, port: int, directory: str) -> None:
                 "history": _mixed_run(resumed, rank, world, step, MIXED_STEPS, torch.float64, None),
             }
 
+        # Each backend refuses the other's checkpoint (before any collective), naming its writer.
+        ddp_dir = root / f"ddp-checkpoint-{world}"
+        ddp.save_checkpoint(ddp_dir, MIXED_STEPS)  # rank 0 writes
+        dist.barrier()
+        results["cross_backend"] = []
+        for load, directory in ((first.load_checkpoint, ddp_dir), (ddp.load_checkpoint, merged)):
+            try:
+                load(directory)
+                results["cross_backend"].append(None)
+            except CheckpointMismatch as error:
+                results["cross_backend"].append(str(error))
+
         # A block size that would cut a parameter between two ranks' rows is refused.
         try:
             fsdp(make_mixed_model(), mixed_loss, dict(OPTIM, spatial_average_block_size=4))
@@ -231,3 +245,11 @@ def test_a_block_size_that_cuts_a_shard_is_refused(runs) -> None:
     message = runs[2]["refusal"]
     assert message is not None and "spatial_average_block_size=4" in message
     assert "choose a block size that divides" in message
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_each_backend_refuses_the_others_checkpoints(runs, world: int) -> None:
+    fsdp_reads_ddp, ddp_reads_fsdp = runs[world]["cross_backend"]
+    assert fsdp_reads_ddp is not None and "written by the 'ddp' backend" in fsdp_reads_ddp
+    assert "the 'fsdp' backend cannot read" in fsdp_reads_ddp
+    assert ddp_reads_fsdp is not None and "written by the 'fsdp' backend" in ddp_reads_fsdp
