@@ -190,42 +190,28 @@ def test_sigkilled_worker_resumes_from_checkpoint_and_matches(ray_cluster, two_w
         assert result["param_checksum"][key] == pytest.approx(uninterrupted["param_checksum"][key], rel=1e-5)
 
 
-def test_deepspeed_job_killed_and_resumed_matches_the_ddp_run(ray_cluster, two_worker_run, tmp_path):
-    """The DeepSpeed example's backend (ZeRO-2, fp32) through preflight, the worker loop, Ray's
-    merge of every rank's checkpoint files and a restart: same parameters as the DDP run."""
-    pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+@pytest.mark.parametrize(
+    ("example_file", "backend"),
+    [
+        ("digits-deepspeed.yaml", {"name": "deepspeed", "zero_stage": 2, "precision": "fp32"}),
+        ("digits-fsdp.yaml", {"name": "fsdp", "precision": "fp32"}),
+    ],
+    ids=["deepspeed", "fsdp"],
+)
+def test_engine_backend_job_killed_and_resumed_matches_the_ddp_run(
+    ray_cluster, two_worker_run, tmp_path, example_file: str, backend: dict[str, Any]
+):
+    """An example's DeepSpeed (ZeRO-2) or FSDP2 backend through preflight, the worker loop, Ray's
+    merge of every rank's checkpoint files and a restart: the same parameters as the DDP run."""
+    if backend["name"] == "deepspeed":
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
     _, ddp = two_worker_run
     spec = short_digits(2)
-    spec["name"] = "digits-deepspeed"
-    spec["backend"] = example("digits-deepspeed.yaml")["backend"]
-    assert spec["backend"] == {"name": "deepspeed", "zero_stage": 2, "precision": "fp32"}
-    run_dir = tmp_path / "deepspeed"
-    job = start_job(ray_cluster, spec, run_dir, "digits-deepspeed")
-
-    def past_second_checkpoint() -> bool:
-        assert job.poll() is None, (run_dir / "driver.log").read_text()[-4000:]
-        return any(r["step"] >= 210 for r in records(run_dir))  # checkpoint 100 is registered
-
-    wait_for(past_second_checkpoint, 300, "a record past the second checkpoint")
-    os.kill(int((run_dir / "workers" / "rank-1.pid").read_text()), signal.SIGKILL)
-    result = finish(job, run_dir)
-    assert "resumed from the checkpoint at step" in (run_dir / "driver.log").read_text()
-    assert [r["step"] for r in records(run_dir)] == list(range(10, 601, 10))
-    assert result["metrics"]["eval_accuracy"] >= 0.95
-    for key in ("sum", "l2"):
-        assert result["param_checksum"][key] == pytest.approx(ddp["param_checksum"][key], rel=1e-5)
-
-
-def test_fsdp_job_killed_and_resumed_matches_the_ddp_run(ray_cluster, two_worker_run, tmp_path):
-    """The FSDP example's backend (parameters sharded) through the worker loop, Ray's merge of
-    every rank's DCP files and a restart: the same parameters as the DDP run."""
-    _, ddp = two_worker_run
-    spec = short_digits(2)
-    spec["name"] = "digits-fsdp"
-    spec["backend"] = example("digits-fsdp.yaml")["backend"]
-    assert spec["backend"] == {"name": "fsdp", "precision": "fp32"}
-    run_dir = tmp_path / "fsdp"
-    job = start_job(ray_cluster, spec, run_dir, "digits-fsdp")
+    spec["name"] = f"digits-{backend['name']}"
+    spec["backend"] = example(example_file)["backend"]
+    assert spec["backend"] == backend
+    run_dir = tmp_path / backend["name"]
+    job = start_job(ray_cluster, spec, run_dir, spec["name"])
 
     def past_second_checkpoint() -> bool:
         assert job.poll() is None, (run_dir / "driver.log").read_text()[-4000:]

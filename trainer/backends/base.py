@@ -59,6 +59,16 @@ Precision = Literal["fp32", "bf16"]
 allows it, fp32 master parameters and optimizer state)."""
 
 
+def hessian_precision_of(precision: Precision, hessian_precision: Precision) -> Precision:
+    """What Hessian steps compute in: ``hessian_precision`` under bf16 training, fp32 otherwise;
+    ``ValueError`` naming both where either is not ``fp32`` or ``bf16``."""
+    if precision not in ("fp32", "bf16") or hessian_precision not in ("fp32", "bf16"):
+        raise ValueError(
+            f"precision={precision!r}, hessian_precision={hessian_precision!r}: each must be 'fp32' or 'bf16'"
+        )
+    return hessian_precision if precision == "bf16" else "fp32"
+
+
 def autocast(device: torch.device, precision: Precision) -> AbstractContextManager[Any]:
     """Within: forward passes on ``device`` compute in bf16 where torch's autocast allows it
     (matrix products, convolutions) and in fp32 where it keeps precision (softmax, norms,

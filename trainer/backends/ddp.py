@@ -17,7 +17,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.backends.base import LossFn, Precision, StepStats, autocast, average_buffers, evaluation_mode
+from trainer.backends.base import (
+    LossFn,
+    Precision,
+    StepStats,
+    autocast,
+    average_buffers,
+    evaluation_mode,
+    hessian_precision_of,
+)
 from trainer.batches import Batch, batch_size, split_batch
 from trainer.checkpoint import TrainingState, read_checkpoint, write_checkpoint
 from trainer.optim.core import AdaHessianHyperparameters
@@ -65,16 +73,12 @@ class DDPBackend:
         precision: Precision = "fp32",
         hessian_precision: Precision = "fp32",
     ) -> None:
-        if precision not in ("fp32", "bf16") or hessian_precision not in ("fp32", "bf16"):
-            raise ValueError(
-                f"precision={precision!r}, hessian_precision={hessian_precision!r}: each must be "
-                "'fp32' or 'bf16'"
-            )
+        hessian: Precision = hessian_precision_of(precision, hessian_precision)
         self.model = model
         self.loss_fn = loss_fn
         self.group = group
         self.precision: Precision = precision
-        self.hessian_precision: Precision = hessian_precision if precision == "bf16" else "fp32"
+        self.hessian_precision = hessian
         self._device = next(model.parameters()).device
         self._root = dist.get_global_rank(group, 0) if group else 0  # the group's rank 0
         with torch.no_grad():

@@ -49,7 +49,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from trainer.backends.base import LossFn, Precision, StepStats, autocast, average_buffers, evaluation_mode
+from trainer.backends.base import (
+    LossFn,
+    Precision,
+    StepStats,
+    autocast,
+    average_buffers,
+    evaluation_mode,
+    hessian_precision_of,
+)
 from trainer.batches import Batch, batch_size, split_batch
 from trainer.checkpoint import read_engine_progress, write_engine_progress
 from trainer.optim.core import AdaHessianHyperparameters
@@ -115,14 +123,10 @@ class FSDPBackend:
         hessian_precision: Precision = "fp32",
         shard_modules: Sequence[str] | None = None,
     ) -> None:
-        if precision not in ("fp32", "bf16") or hessian_precision not in ("fp32", "bf16"):
-            raise ValueError(
-                f"precision={precision!r}, hessian_precision={hessian_precision!r}: each must be "
-                "'fp32' or 'bf16'"
-            )
+        hessian: Precision = hessian_precision_of(precision, hessian_precision)
         self.loss_fn = loss_fn
         self.precision: Precision = precision
-        self.hessian_precision: Precision = hessian_precision if precision == "bf16" else "fp32"
+        self.hessian_precision = hessian
         self._device = next(model.parameters()).device
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         with torch.no_grad():  # every rank starts from rank 0's values, as on the DDP path

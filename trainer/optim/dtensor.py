@@ -35,7 +35,7 @@ from trainer.optim.core import (
     check_finite,
 )
 from trainer.optim.partition import unit_mean_abs
-from trainer.optim.replicated import first_order_optimizer
+from trainer.optim.replicated import TorchOptimizerOnRanks
 
 if TYPE_CHECKING:
     from trainer.spec import OptimizerSpec
@@ -217,14 +217,11 @@ class DTensorAdaHessian(OnHessianSchedule):
             self._steps[i], self._hessian_steps[i] = (int(c) for c in counts.get(name, (0, 0)))
 
 
-class DTensorFirstOrder:
+class DTensorFirstOrder(TorchOptimizerOnRanks):
     """A torch first-order optimizer (AdamW, Adam, SGD) on DTensor parameters, as FSDP2 runs
     them: its state is sharded like the parameters. Gradients arrive group-averaged on the
     parameters' ``.grad``; a parameter no rank had a gradient for is skipped (its ``.grad`` set
     to None), and clipping is by the global norm, as on the DDP path."""
-
-    hessian_due = False
-    hessian_trace: float | None = None
 
     def __init__(
         self,
@@ -232,20 +229,8 @@ class DTensorFirstOrder:
         spec: OptimizerSpec,
         group: dist.ProcessGroup | None = None,
     ) -> None:
-        named = [(n, p) for n, p in named_params if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self.group = group
-        self.world_size = dist.get_world_size(group)
-        self.optimizer = first_order_optimizer(self.params, spec)
-        self.max_grad_norm = spec.max_grad_norm
+        super().__init__(named_params, spec, group)
         self.steps_done = 0
-        self.loss: float | None = None
-        self.grad_norm: float | None = None
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
 
     @torch.no_grad()
     def step(

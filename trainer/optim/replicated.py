@@ -39,9 +39,10 @@ def first_order_optimizer(params: Iterable[torch.Tensor], spec: OptimizerSpec) -
     return OPTIMIZERS[spec.name](params, **settings)
 
 
-class ReplicatedOptimizer:
-    """The torch optimizer ``spec`` names on every rank of ``group``, with all-reduced gradients
-    clipped to ``spec.max_grad_norm``."""
+class TorchOptimizerOnRanks:
+    """The torch optimizer ``spec`` names, over the trainable ``named_params`` of each rank of
+    ``group``, clipping to ``spec.max_grad_norm``: what a backend asks of a first-order baseline
+    (no Hessian steps; ``loss`` and ``grad_norm`` of the last step; ``param_groups`` for the lr)."""
 
     hessian_due = False
     hessian_trace: float | None = None
@@ -57,21 +58,34 @@ class ReplicatedOptimizer:
         self.params = [p for _, p in named]
         self.group = group
         self.world_size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
         self.optimizer = first_order_optimizer(self.params, spec)
         self.max_grad_norm = spec.max_grad_norm
-        self._steps_done = 0
-        self._loss_sum: torch.Tensor | None = None
         self.loss: float | None = None
         self.grad_norm: float | None = None
 
     @property
-    def steps_done(self) -> int:
-        return self._steps_done
-
-    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
+
+
+class ReplicatedOptimizer(TorchOptimizerOnRanks):
+    """The torch optimizer on whole parameters, the same on every rank, with all-reduced
+    gradients."""
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, torch.nn.Parameter]],
+        spec: OptimizerSpec,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(named_params, spec, group)
+        self.rank = dist.get_rank(group)
+        self._steps_done = 0
+        self._loss_sum: torch.Tensor | None = None
+
+    @property
+    def steps_done(self) -> int:
+        return self._steps_done
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
