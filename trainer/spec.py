@@ -18,7 +18,8 @@ Settings that do not apply to a choice are accepted and ignored rather than reje
 switching ``optimizer.name`` or ``backend.name`` never requires deleting lines:
 
 - the Hessian settings (``hessian_power``, ``hessian_update_freq``, ``n_samples``,
-  ``spatial_average_block_size``, ``hessian_scope``) are used by ``adahessian`` only;
+  ``spatial_average_block_size``, ``spatial_average_1d``, ``update_clip``, ``hessian_scope``)
+  are used by ``adahessian`` only;
 - ``betas`` by ``adahessian``, ``adam`` and ``adamw``; ``momentum`` by ``sgd`` only;
 - ``backend.zero_stage`` by ``deepspeed`` only (``ddp`` always shards like ZeRO stage 1).
 
@@ -270,6 +271,18 @@ class OptimizerSpec(_Strict):
     hessian_update_freq: PositiveInt = 1
     n_samples: PositiveInt = 1
     spatial_average_block_size: PositiveInt | None = None
+    spatial_average_1d: bool = Field(
+        default=True,
+        description="With spatial_average_block_size: whether 1-D tensors (biases, norm gains) are "
+        "averaged over blocks too (true), or only tensors of 2 or more dimensions (false, as the "
+        "AdaHessian authors' code does).",
+    )
+    update_clip: PositiveFloat | None = Field(
+        default=None,
+        description="With adahessian: bound each coordinate of the preconditioned step "
+        "m̂/(√v̂ + eps) to [-update_clip, update_clip] before lr scales it (as Sophia clips), so a "
+        "tiny or meaningless early curvature estimate cannot blow one coordinate up; none: no bound.",
+    )
     hessian_scope: Literal["global", "local"] = "global"
     warmup_steps: NonNegativeInt = 10
     schedule: ScheduleName = "cosine"
@@ -316,6 +329,8 @@ class OptimizerSpec(_Strict):
             "hessian_update_freq": self.hessian_update_freq,
             "n_samples": self.n_samples,
             "spatial_average_block_size": self.spatial_average_block_size,
+            "spatial_average_1d": self.spatial_average_1d,
+            "update_clip": self.update_clip,
         }
 
 

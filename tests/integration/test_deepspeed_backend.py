@@ -27,6 +27,7 @@ from test_sharded_adahessian import (
 )
 from test_sharded_parameters import FREEZE_AT, before_step
 from test_sharded_parameters import OPTIM as ODD_OPTIM
+from test_sharded_parameters import OPTIONS as ODD_OPTIONS
 from test_sharded_parameters import STEPS as ODD_STEPS
 from test_sharded_parameters import global_batch as odd_batch
 from test_sharded_parameters import loss_fn as odd_loss
@@ -108,8 +109,12 @@ def _worker(rank: int, port: int, directory: str) -> None:
         results["bf16"] = _train(deepspeed(2, "bf16"), 0, STEPS, rank)
         # Frozen, never-used, sometimes-used, tied and frozen-mid-run parameters (fp32, ZeRO-2),
         # without and with clipping.
-        for key, clip in (("odd", None), ("odd_clipped", 0.05)):
-            options = backend_options(dict(ODD_OPTIM, max_grad_norm=clip))
+        for key, optim, clip in (
+            ("odd", ODD_OPTIM, None),
+            ("odd_clipped", ODD_OPTIM, 0.05),
+            ("odd_options", ODD_OPTIONS, None),
+        ):
+            options = backend_options(dict(optim, max_grad_norm=clip))
             odd = DeepSpeedBackend(make_odd_model(torch.float32), odd_loss, **options, zero_stage=2)
             history = []
             for step in range(ODD_STEPS):
@@ -216,12 +221,18 @@ def test_bf16_trains_and_stays_close_to_fp32(runs) -> None:
         assert fixed[-1] < 0.5 * fixed[0], fixed
 
 
-@pytest.mark.parametrize(("run", "clip"), [("odd", None), ("odd_clipped", 0.05)])
-def test_odd_parameters_follow_the_single_process_optimizer(runs, run: str, clip: float | None) -> None:
+@pytest.mark.parametrize(
+    ("run", "clip", "optim"),
+    [("odd", None, ODD_OPTIM), ("odd_clipped", 0.05, ODD_OPTIM), ("odd_options", None, ODD_OPTIONS)],
+)
+def test_odd_parameters_follow_the_single_process_optimizer(
+    runs, run: str, clip: float | None, optim: dict[str, Any]
+) -> None:
     """The DeepSpeed path leaves parameters without a gradient alone, survives freezing mid-run,
-    keys probes by name and clips by the global norm, so it follows the single-process optimizer
+    keys probes by name, clips by the global norm and applies the curvature options (block
+    averaging of 2-D tensors only, the step bound), so it follows the single-process optimizer
     (with clip_grad_norm_; fp32: within 1e-4 of each tensor's scale)."""
-    expected = odd_reference(clip, torch.float32)["history"]
+    expected = odd_reference(clip, torch.float32, optim)["history"]
     initial = {n: p.detach() for n, p in make_odd_model(torch.float32).named_parameters()}
     for per_rank in runs:
         history = per_rank[run]

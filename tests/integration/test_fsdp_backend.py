@@ -21,6 +21,7 @@ from test_sharded_adahessian import assert_close_to_scale, backend_options, micr
 from test_sharded_adahessian import make_model as make_mixed_model
 from test_sharded_parameters import ADAMW, FREEZE_AT, STEPS, before_step, global_batch, reference
 from test_sharded_parameters import OPTIM as ODD_OPTIM
+from test_sharded_parameters import OPTIONS as ODD_OPTIONS
 from test_sharded_parameters import assert_close as assert_close_float64
 from test_sharded_parameters import loss_fn as odd_loss
 from test_sharded_parameters import make_model as make_odd_model
@@ -112,6 +113,7 @@ def _worker(rank: int, world: int, port: int, directory: str) -> None:
                 results["units", units is None] = len(backend._fsdp_modules)
             backend = fsdp(make_odd_model(), odd_loss, dict(ADAMW, max_grad_norm=0.05), shard_modules=units)
             results["adamw", units is None] = _odd_run(backend, rank, world)
+        results["odd_options"] = _odd_run(fsdp(make_odd_model(), odd_loss, ODD_OPTIONS), rank, world)
 
         # Checkpoints: uninterrupted in float64, then one saved at RESUME_AT here and one loaded
         # from the group before (2 → 4, 4 → 1).
@@ -253,3 +255,13 @@ def test_each_backend_refuses_the_others_checkpoints(runs, world: int) -> None:
     assert fsdp_reads_ddp is not None and "written by the 'ddp' backend" in fsdp_reads_ddp
     assert "the 'fsdp' backend cannot read" in fsdp_reads_ddp
     assert ddp_reads_fsdp is not None and "written by the 'fsdp' backend" in ddp_reads_fsdp
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_curvature_options_follow_the_single_process_optimizer(runs, world: int) -> None:
+    """Block averaging of 2-D and larger tensors only (blocks of 2 fit every rank's rows) and the
+    bound on the preconditioned step, as the single-process optimizer applies them."""
+    expected = reference(None, optim=ODD_OPTIONS)["history"]
+    for step, (want, have) in enumerate(zip(expected, runs[world]["odd_options"]["history"]), start=1):
+        for name, value in want.items():
+            assert_close_float64(have[name], value, f"world {world}, step {step}, {name}")

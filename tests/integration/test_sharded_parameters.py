@@ -26,6 +26,9 @@ STEPS = 8
 FREEZE_AT = 4  # `later` stops training after this many steps
 OPTIM = dict(lr=0.05, hessian_update_freq=2, weight_decay=0.01, seed=5)
 ADAMW = dict(name="adamw", lr=0.01, weight_decay=0.01)
+OPTIONS = dict(OPTIM, spatial_average_block_size=2, spatial_average_1d=False, update_clip=0.5)
+"""The curvature options: block averaging of tensors with 2 or more dimensions only, and a bound
+on each coordinate of the preconditioned step."""
 
 
 class OddNet(nn.Module):
@@ -78,12 +81,14 @@ def loss_fn(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
-def reference(max_grad_norm: float | None, dtype: torch.dtype = torch.float64) -> dict[str, Any]:
+def reference(
+    max_grad_norm: float | None, dtype: torch.dtype = torch.float64, optim: dict[str, Any] = OPTIM
+) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model = make_model(dtype)
-        opt = AdaHessian(model.named_parameters(), conv_kernels=conv_kernel_names(model), **OPTIM)
+        opt = AdaHessian(model.named_parameters(), conv_kernels=conv_kernel_names(model), **optim)
         history = []
         for step in range(STEPS):
             before_step(model, step)
@@ -133,6 +138,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, A
         {"max_grad_norm": None, "optimizer": OPTIM},
         {"max_grad_norm": 0.05, "optimizer": OPTIM},
         {"max_grad_norm": 0.05, "optimizer": ADAMW},
+        {"max_grad_norm": None, "optimizer": OPTIONS},
     ]
     results = {}
     for world in (1, 2, 4):
@@ -190,6 +196,17 @@ def test_replicated_baseline_clips_like_clip_grad_norm(runs, world: int) -> None
         opt.step()
         for name, value in model.named_parameters():
             assert_close(have[name], value.detach(), f"world {world}, step {step + 1}, {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_curvature_options_follow_the_single_process_optimizer(runs, world: int) -> None:
+    expected = reference(None, optim=OPTIONS)["history"]
+    unclipped = reference(None, optim=dict(OPTIONS, update_clip=None))["history"]
+    assert not torch.equal(expected[-1]["later.weight"], unclipped[-1]["later.weight"])  # the bound acts
+    for step, (want, have) in enumerate(zip(expected, runs[world][3]["history"]), start=1):
+        for name, value in want.items():
+            assert_close(have[name], value, f"world {world}, step {step}, {name}")
 
 
 @pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")

@@ -36,14 +36,14 @@ def make_problem(seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], lis
     return a, c, theta0
 
 
-def ref_diagonal(a: np.ndarray, block: int | None) -> np.ndarray:
+def ref_diagonal(a: np.ndarray, block: int | None, average_1d: bool = True) -> np.ndarray:
     """D = |a| with the paper's spatial averaging: kernels over dims 2.., every other tensor over
     flat blocks. The optimizer gets bare tensors, so only the 4-D one is a (Conv2d) kernel; the
     3-D one is not (it could be a (1, T, D) embedding)."""
     d = np.abs(a)
     if d.ndim == 4:
         return np.broadcast_to(d.mean(axis=tuple(range(2, d.ndim)), keepdims=True), d.shape).copy()
-    if block is None:
+    if block is None or (d.ndim == 1 and not average_1d):
         return d
     flat = d.reshape(-1).copy()
     for start in range(0, flat.size, block):
@@ -59,9 +59,13 @@ def ref_trajectory(
     power: float,
     block: int | None,
     freq: int,
+    clip: float | None = None,
+    average_1d: bool = True,
+    clipped: list[int] | None = None,
 ) -> list[list[np.ndarray]]:
     """θ after each of N_STEPS steps, per the docstring's rule (v and k move on Hessian steps only,
-    so D is sampled from s_t·a at steps 1, 1+f, ... and nowhere else)."""
+    so D is sampled from s_t·a at steps 1, 1+f, ... and nowhere else); with ``clip``, each
+    coordinate of the preconditioned step is bounded to [-clip, clip] (``clipped`` counts them)."""
     theta = [t.copy() for t in theta0]
     m = [np.zeros_like(t) for t in theta]
     v = [np.zeros_like(t) for t in theta]
@@ -73,10 +77,14 @@ def ref_trajectory(
             g = scale(t) * a[i] * (theta[i] - c[i])
             m[i] = BETAS[0] * m[i] + (1 - BETAS[0]) * g
             if hessian_step:
-                d = ref_diagonal(scale(t) * a[i], block)
+                d = ref_diagonal(scale(t) * a[i], block, average_1d)
                 v[i] = BETAS[1] * v[i] + (1 - BETAS[1]) * d * d
             denom = (v[i] / (1 - BETAS[1] ** k)) ** (power / 2) + EPS
             update = (m[i] / (1 - BETAS[0] ** t)) / denom
+            if clip is not None:
+                if clipped is not None:
+                    clipped.append(int((np.abs(update) > clip).sum()))
+                update = np.clip(update, -clip, clip)
             theta[i] = theta[i] - LR * wd * theta[i] - LR * update
         out.append([x.copy() for x in theta])
     return out
@@ -182,3 +190,22 @@ def test_frozen_and_unused_params_untouched() -> None:
     assert torch.equal(frozen, before[0]) and torch.equal(unused.detach(), before[1])
     assert frozen not in opt.state and unused not in opt.state
     assert all(p in opt.state for p in params)
+
+
+@pytest.mark.parametrize("freq", [1, 3])
+def test_update_clip_and_the_1d_rule_match_the_reference(freq: int) -> None:
+    """``update_clip`` bounds each coordinate of m̂/(√v̂+eps) before lr scales it;
+    ``spatial_average_1d=False`` leaves the 1-D tensor unaveraged while the others are."""
+    params, a_t, c_t = torch_problem(torch.float64)
+    a, c, theta0 = make_problem()
+    opt = AdaHessian(params, lr=LR, betas=BETAS, eps=EPS, hessian_update_freq=freq,
+                     spatial_average_block_size=3, spatial_average_1d=False, update_clip=0.5)  # fmt: skip
+    clipped: list[int] = []
+    expected = ref_trajectory(a, c, theta0, 0.0, 1.0, 3, freq, clip=0.5, average_1d=False, clipped=clipped)
+    assert sum(clipped) > 10  # the bound is active on some coordinates and steps
+    for step, want in enumerate(expected, start=1):
+        drive(opt, params, a_t, c_t, scale(step))
+        for shape, p, w in zip(SHAPES, params, want, strict=True):
+            np.testing.assert_allclose(
+                p.detach().numpy(), w, rtol=1e-6, atol=1e-9, err_msg=f"step {step}, param {shape}"
+            )

@@ -47,8 +47,8 @@ class AdaHessian(ScheduledOptimizer):
 
     The keywords are the fields of :class:`~trainer.optim.core.AdaHessianHyperparameters`
     (``lr=0.1, hessian_update_freq=2, seed=3``, …), checked there; ``lr``, ``betas``, ``eps``,
-    ``weight_decay``, ``hessian_power``, ``spatial_average_block_size`` and
-    ``average_conv_kernel`` are also per-group values, as in torch's optimizers.
+    ``weight_decay``, ``hessian_power``, ``update_clip``, ``spatial_average_block_size``,
+    ``spatial_average_1d`` and ``average_conv_kernel`` are also per-group values, as in torch's optimizers.
 
     Pass ``model.named_parameters()`` (as torch's optimizers accept) to key each parameter's
     probe by its name, as the data-parallel paths do, so their runs equal this one; bare tensors
@@ -68,6 +68,7 @@ class AdaHessian(ScheduledOptimizer):
         defaults = dict(
             hp.update_options(),
             spatial_average_block_size=hp.spatial_average_block_size,
+            spatial_average_1d=hp.spatial_average_1d,
             average_conv_kernel=hp.average_conv_kernel,
         )
         self.conv_kernels = None if conv_kernels is None else frozenset(conv_kernels)
@@ -92,6 +93,7 @@ class AdaHessian(ScheduledOptimizer):
             conv_kernels=self.conv_kernels,
             average_conv_kernel=group["average_conv_kernel"],
             block_size=group["spatial_average_block_size"],
+            average_1d=group.get("spatial_average_1d", True),
         )
         for name, p, unit in zip(names, group["params"], units):
             self._keys[p] = param_key(name)
@@ -259,4 +261,5 @@ class AdaHessian(ScheduledOptimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 hessian_power=group["hessian_power"],
+                update_clip=group.get("update_clip"),
             )

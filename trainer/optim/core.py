@@ -79,8 +79,10 @@ class AdaHessianHyperparameters:
     Hessian is estimated every ``hessian_update_freq`` steps with ``n_samples`` probes drawn from
     ``seed``; the estimate of a convolution kernel is averaged over its spatial block
     (``average_conv_kernel``), that of any other tensor over blocks of
-    ``spatial_average_block_size`` elements (None: not at all). Out-of-range values raise
-    ``ValueError`` naming the first of them.
+    ``spatial_average_block_size`` elements (None: not at all; 1-D tensors only with
+    ``spatial_average_1d``). ``update_clip`` bounds each coordinate of the preconditioned step
+    before ``lr`` scales it (None: no bound). Out-of-range values raise ``ValueError`` naming
+    the first of them.
     """
 
     lr: float = 0.15
@@ -91,7 +93,9 @@ class AdaHessianHyperparameters:
     hessian_update_freq: int = 1
     n_samples: int = 1
     spatial_average_block_size: int | None = None
+    spatial_average_1d: bool = True
     average_conv_kernel: bool = True
+    update_clip: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -108,6 +112,8 @@ class AdaHessianHyperparameters:
         _check("n_samples", samples, _is_int(samples) and samples >= 1, "must be an integer ≥ 1")
         block_ok = block is None or (_is_int(block) and block >= 1)
         _check("spatial_average_block_size", block, block_ok, "must be None or an integer ≥ 1")
+        clip = self.update_clip
+        _check("update_clip", clip, clip is None or clip > 0.0, "must be None or positive")
         object.__setattr__(self, "betas", tuple(self.betas))
         object.__setattr__(self, "seed", int(self.seed))
 
@@ -126,6 +132,7 @@ class AdaHessianHyperparameters:
             eps=self.eps,
             weight_decay=self.weight_decay,
             hessian_power=self.hessian_power,
+            update_clip=self.update_clip,
         )
 
 
@@ -274,6 +281,7 @@ class TrainableParameters:
             conv_kernels=conv_kernels,
             average_conv_kernel=hyperparameters.average_conv_kernel,
             block_size=hyperparameters.spatial_average_block_size,
+            average_1d=hyperparameters.spatial_average_1d,
         )
         names = [name for name, _ in named]
         return cls(names, [p for _, p in named], [param_key(name) for name in names], units)
@@ -294,11 +302,13 @@ def adahessian_update(
     eps: float,
     weight_decay: float,
     hessian_power: float,
+    update_clip: float | None = None,
 ) -> None:
     """Apply one AdaHessian update in place.
 
     ``steps`` and ``hessian_steps`` are the counts *including* this step. ``hessian_diags`` is
-    ``None`` on steps without a Hessian estimate, which leaves v untouched.
+    ``None`` on steps without a Hessian estimate, which leaves v untouched. ``update_clip``
+    bounds each coordinate of ``m̂ / (v̂^(p/2) + eps)`` to ``[-update_clip, update_clip]``.
     """
     if not params:
         return
@@ -317,7 +327,14 @@ def adahessian_update(
 
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in steps])
+    if update_clip is None:
+        torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in steps])
+        return
+    direction = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(direction, [1.0 / (1.0 - beta1**t) for t in steps])
+    torch._foreach_clamp_min_(direction, -update_clip)
+    torch._foreach_clamp_max_(direction, update_clip)
+    torch._foreach_add_(params, direction, alpha=-lr)
 
 
 def advance_counts(
@@ -387,4 +404,5 @@ def update_fragments(
         eps=group["eps"],
         weight_decay=group["weight_decay"],
         hessian_power=group["hessian_power"],
+        update_clip=group.get("update_clip"),
     )

@@ -180,6 +180,7 @@ class DTensorAdaHessian(OnHessianSchedule):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             hessian_power=group["hessian_power"],
+            update_clip=group.get("update_clip"),
         )
         self.loss, self.grad_norm = loss_mean, norm
         if hessian_step:

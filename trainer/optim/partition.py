@@ -51,12 +51,18 @@ def is_conv_kernel(name: str, shape: torch.Size, conv_kernels: Collection[str] |
 
 
 def averaging_unit(
-    shape: torch.Size, *, conv_kernel: bool, average_conv_kernel: bool, block_size: int | None
+    shape: torch.Size,
+    *,
+    conv_kernel: bool,
+    average_conv_kernel: bool,
+    block_size: int | None,
+    average_1d: bool = True,
 ) -> int:
-    """Consecutive elements whose ``|z⊙Hz|`` are averaged together (see the module doc)."""
+    """Consecutive elements whose ``|z⊙Hz|`` are averaged together (see the module doc); with
+    ``average_1d`` false, 1-D tensors (biases, norm gains) are not block-averaged."""
     if conv_kernel:
         return max(1, math.prod(shape[2:])) if average_conv_kernel else 1
-    if block_size is None or block_size <= 1:
+    if block_size is None or block_size <= 1 or (len(shape) <= 1 and not average_1d):
         return 1
     return block_size
 
@@ -67,6 +73,7 @@ def averaging_units(
     conv_kernels: Collection[str] | None,
     average_conv_kernel: bool,
     block_size: int | None,
+    average_1d: bool = True,
 ) -> list[int]:
     """:func:`averaging_unit` of every ``(name, shape)``, with :func:`is_conv_kernel`'s rule."""
     return [
@@ -75,6 +82,7 @@ def averaging_units(
             conv_kernel=is_conv_kernel(name, shape, conv_kernels),
             average_conv_kernel=average_conv_kernel,
             block_size=block_size,
+            average_1d=average_1d,
         )
         for name, shape in named_shapes
     ]
