@@ -21,6 +21,7 @@ and any mapping becomes a ``dict``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -127,3 +128,60 @@ def _kind(batch: Batch) -> str:
     if isinstance(batch, Mapping):
         return f"a mapping with keys {sorted(map(str, batch))}" if batch else "an empty mapping"
     return f"a {type(batch).__name__}"
+
+
+def take_rows(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The examples at ``rows`` (an index tensor) of every tensor of the batch, in that order."""
+    return map_tensors(lambda t: t[rows.to(t.device)] if t.dim() > 0 else t, batch)
+
+
+def curvature_rows(start: int, stop: int, global_size: int, fraction: float) -> torch.Tensor:
+    """Which examples of positions ``start:stop`` of a global batch of ``global_size`` the
+    Hutchinson products use, as offsets from ``start``: position j is chosen when
+    ``⌊(j+1)·f⌋ > ⌊j·f⌋``, which spreads ``⌊global_size·f⌋`` examples evenly over the batch and
+    depends only on the position, so every world size and chunking chooses the same ones."""
+    positions = torch.arange(start, min(stop, global_size), dtype=torch.float64)
+    chosen = torch.floor((positions + 1) * fraction) > torch.floor(positions * fraction)
+    return torch.nonzero(chosen).flatten()
+
+
+def curvature_count(global_size: int, fraction: float) -> int:
+    """How many examples of a global batch the Hutchinson products use (see :func:`curvature_rows`)."""
+    return len(curvature_rows(0, global_size, global_size, fraction))
+
+
+@dataclass(frozen=True)
+class StepChunk:
+    """One chunk of a rank's micro-batch: its examples and loss weight (its share of the
+    micro-batch), and the examples of it the Hutchinson products use with the weight of their
+    mean loss (the chunk itself and the same weight when every example is used; None and 0 when
+    none of its examples is)."""
+
+    batch: Batch
+    weight: float
+    curvature: Batch | None
+    curvature_weight: float
+
+
+def step_chunks(
+    batch: Batch, chunk_size: int | None, rank: int = 0, world: int = 1, hessian_fraction: float = 1.0
+) -> list[StepChunk]:
+    """The chunks of rank ``rank``'s equal, contiguous share of a global batch, with the examples
+    the Hutchinson products use (:func:`curvature_rows` of the whole global batch). The
+    curvature weights make the group average of the products that of the chosen examples' mean
+    loss, at any world size and chunking."""
+    size = batch_size(batch)
+    global_size, offset = size * world, rank * size
+    chosen = curvature_count(global_size, hessian_fraction)
+    out, start = [], 0
+    for chunk in split_batch(batch, chunk_size):
+        count = batch_size(chunk)
+        weight = count / size
+        if hessian_fraction >= 1.0:
+            out.append(StepChunk(chunk, weight, chunk, weight))
+        else:
+            rows = curvature_rows(offset + start, offset + start + count, global_size, hessian_fraction)
+            subset = take_rows(chunk, rows) if len(rows) else None
+            out.append(StepChunk(chunk, weight, subset, len(rows) * world / chosen))
+        start += count
+    return out

@@ -18,8 +18,8 @@ Settings that do not apply to a choice are accepted and ignored rather than reje
 switching ``optimizer.name`` or ``backend.name`` never requires deleting lines:
 
 - the Hessian settings (``hessian_power``, ``hessian_update_freq``, ``n_samples``,
-  ``spatial_average_block_size``, ``spatial_average_1d``, ``update_clip``, ``hessian_scope``)
-  are used by ``adahessian`` only;
+  ``spatial_average_block_size``, ``spatial_average_1d``, ``update_clip``,
+  ``hessian_batch_fraction``, ``hessian_scope``) are used by ``adahessian`` only;
 - ``betas`` by ``adahessian``, ``adam`` and ``adamw``; ``momentum`` by ``sgd`` only;
 - ``backend.zero_stage`` by ``deepspeed`` only (``ddp`` always shards like ZeRO stage 1).
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 import typing
 from collections.abc import Mapping
@@ -282,6 +283,13 @@ class OptimizerSpec(_Strict):
         description="With adahessian: bound each coordinate of the preconditioned step "
         "m̂/(√v̂ + eps) to [-update_clip, update_clip] before lr scales it (as Sophia clips), so a "
         "tiny or meaningless early curvature estimate cannot blow one coordinate up; none: no bound.",
+    )
+    hessian_batch_fraction: Annotated[StrictFloat, Field(gt=0, le=1)] = Field(
+        default=1.0,
+        description="With adahessian: the fraction f of each step's global batch the Hutchinson "
+        "products use (the gradient always uses every example): ⌊global_batch_size·f⌋ examples "
+        "spread evenly over the batch, the same at any number of workers, so a Hessian step costs "
+        "a plain step plus f of a double backward. 1: every example.",
     )
     hessian_scope: Literal["global", "local"] = "global"
     warmup_steps: NonNegativeInt = 10
@@ -628,6 +636,13 @@ class JobSpec(_Strict):
                 "hutch_field",
                 "must divide each worker's share of the batch ({share} examples)",
                 {"field": "training.chunk_size", "got": chunk, "share": batch // workers},
+            )
+        fraction = self.optimizer.hessian_batch_fraction
+        if self.optimizer.name == "adahessian" and math.floor(batch * fraction) < 1:
+            raise PydanticCustomError(
+                "hutch_field",
+                "leaves no example of a global batch of {batch} for the Hessian (at least 1/{batch})",
+                {"field": "optimizer.hessian_batch_fraction", "got": fraction, "batch": batch},
             )
         return self
 

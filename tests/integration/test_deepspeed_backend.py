@@ -25,6 +25,7 @@ from test_sharded_adahessian import (
     micro_batch,
     reference_run,
 )
+from test_sharded_parameters import FRACTION as ODD_FRACTION
 from test_sharded_parameters import FREEZE_AT, before_step
 from test_sharded_parameters import OPTIM as ODD_OPTIM
 from test_sharded_parameters import OPTIONS as ODD_OPTIONS
@@ -113,6 +114,7 @@ def _worker(rank: int, port: int, directory: str) -> None:
             ("odd", ODD_OPTIM, None),
             ("odd_clipped", ODD_OPTIM, 0.05),
             ("odd_options", ODD_OPTIONS, None),
+            ("odd_fraction", ODD_FRACTION, None),
         ):
             options = backend_options(dict(optim, max_grad_norm=clip))
             odd = DeepSpeedBackend(make_odd_model(torch.float32), odd_loss, **options, zero_stage=2)
@@ -223,14 +225,20 @@ def test_bf16_trains_and_stays_close_to_fp32(runs) -> None:
 
 @pytest.mark.parametrize(
     ("run", "clip", "optim"),
-    [("odd", None, ODD_OPTIM), ("odd_clipped", 0.05, ODD_OPTIM), ("odd_options", None, ODD_OPTIONS)],
+    [
+        ("odd", None, ODD_OPTIM),
+        ("odd_clipped", 0.05, ODD_OPTIM),
+        ("odd_options", None, ODD_OPTIONS),
+        ("odd_fraction", None, ODD_FRACTION),
+    ],
 )
 def test_odd_parameters_follow_the_single_process_optimizer(
     runs, run: str, clip: float | None, optim: dict[str, Any]
 ) -> None:
     """The DeepSpeed path leaves parameters without a gradient alone, survives freezing mid-run,
     keys probes by name, clips by the global norm and applies the curvature options (block
-    averaging of 2-D tensors only, the step bound), so it follows the single-process optimizer
+    averaging of 2-D tensors only, the step bound, the products of a quarter of the examples),
+    so it follows the single-process optimizer
     (with clip_grad_norm_; fp32: within 1e-4 of each tensor's scale)."""
     expected = odd_reference(clip, torch.float32, optim)["history"]
     initial = {n: p.detach() for n, p in make_odd_model(torch.float32).named_parameters()}

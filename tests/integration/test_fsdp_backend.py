@@ -20,6 +20,7 @@ import torch.distributed as dist
 from test_sharded_adahessian import assert_close_to_scale, backend_options, micro_batch
 from test_sharded_adahessian import make_model as make_mixed_model
 from test_sharded_parameters import ADAMW, FREEZE_AT, STEPS, before_step, global_batch, reference
+from test_sharded_parameters import FRACTION as ODD_FRACTION
 from test_sharded_parameters import OPTIM as ODD_OPTIM
 from test_sharded_parameters import OPTIONS as ODD_OPTIONS
 from test_sharded_parameters import assert_close as assert_close_float64
@@ -114,6 +115,9 @@ def _worker(rank: int, world: int, port: int, directory: str) -> None:
             backend = fsdp(make_odd_model(), odd_loss, dict(ADAMW, max_grad_norm=0.05), shard_modules=units)
             results["adamw", units is None] = _odd_run(backend, rank, world)
         results["odd_options"] = _odd_run(fsdp(make_odd_model(), odd_loss, ODD_OPTIONS), rank, world)
+        results["odd_fraction"] = _odd_run(
+            fsdp(make_odd_model(), odd_loss, ODD_FRACTION, shard_modules=ODD_UNITS), rank, world
+        )
 
         # Checkpoints: uninterrupted in float64, then one saved at RESUME_AT here and one loaded
         # from the group before (2 → 4, 4 → 1).
@@ -258,10 +262,12 @@ def test_each_backend_refuses_the_others_checkpoints(runs, world: int) -> None:
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_curvature_options_follow_the_single_process_optimizer(runs, world: int) -> None:
-    """Block averaging of 2-D and larger tensors only (blocks of 2 fit every rank's rows) and the
-    bound on the preconditioned step, as the single-process optimizer applies them."""
-    expected = reference(None, optim=ODD_OPTIONS)["history"]
-    for step, (want, have) in enumerate(zip(expected, runs[world]["odd_options"]["history"]), start=1):
+@pytest.mark.parametrize("run", ["odd_options", "odd_fraction"])
+def test_curvature_options_follow_the_single_process_optimizer(runs, world: int, run: str) -> None:
+    """Block averaging of 2-D and larger tensors only (blocks of 2 fit every rank's rows), the
+    bound on the preconditioned step, and the products of a quarter of the examples (at 4 ranks
+    two ranks hold none; every layer its own unit), as the single-process optimizer does them."""
+    expected = reference(None, optim=ODD_OPTIONS if run == "odd_options" else ODD_FRACTION)["history"]
+    for step, (want, have) in enumerate(zip(expected, runs[world][run]["history"]), start=1):
         for name, value in want.items():
             assert_close_float64(have[name], value, f"world {world}, step {step}, {name}")

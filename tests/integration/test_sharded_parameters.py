@@ -29,6 +29,10 @@ ADAMW = dict(name="adamw", lr=0.01, weight_decay=0.01)
 OPTIONS = dict(OPTIM, spatial_average_block_size=2, spatial_average_1d=False, update_clip=0.5)
 """The curvature options: block averaging of tensors with 2 or more dimensions only, and a bound
 on each coordinate of the preconditioned step."""
+FRACTION = dict(OPTIM, hessian_batch_fraction=0.25)
+"""The Hutchinson products of 2 of the 8 examples, positions 3 and 7: at 4 ranks two hold one
+each and two hold none."""
+CHOSEN = [3, 7]
 
 
 class OddNet(nn.Module):
@@ -88,12 +92,19 @@ def reference(
     torch.set_num_threads(1)
     try:
         model = make_model(dtype)
+        optim = dict(optim)
+        fraction = optim.pop("hessian_batch_fraction", 1.0)
         opt = AdaHessian(model.named_parameters(), conv_kernels=conv_kernel_names(model), **optim)
         history = []
         for step in range(STEPS):
             before_step(model, step)
             opt.zero_grad()
-            opt.backward(loss_fn(model, list(global_batch(step))))
+            batch = list(global_batch(step))
+            if fraction == 1.0:
+                opt.backward(loss_fn(model, batch))
+            else:  # the gradient of every example, the products of the chosen ones
+                curvature = loss_fn(model, [t[CHOSEN] for t in batch]) if opt.hessian_due else "loss"
+                opt.backward(loss_fn(model, batch), curvature)
             if max_grad_norm is not None:
                 trainable = [p for p in model.parameters() if p.grad is not None]
                 torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
@@ -139,6 +150,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, A
         {"max_grad_norm": 0.05, "optimizer": OPTIM},
         {"max_grad_norm": 0.05, "optimizer": ADAMW},
         {"max_grad_norm": None, "optimizer": OPTIONS},
+        {"max_grad_norm": None, "optimizer": FRACTION},
     ]
     results = {}
     for world in (1, 2, 4):
@@ -205,6 +217,19 @@ def test_curvature_options_follow_the_single_process_optimizer(runs, world: int)
     unclipped = reference(None, optim=dict(OPTIONS, update_clip=None))["history"]
     assert not torch.equal(expected[-1]["later.weight"], unclipped[-1]["later.weight"])  # the bound acts
     for step, (want, have) in enumerate(zip(expected, runs[world][3]["history"]), start=1):
+        for name, value in want.items():
+            assert_close(have[name], value, f"world {world}, step {step}, {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_hessian_batch_fraction_follows_the_single_process_optimizer(runs, world: int) -> None:
+    """The products of the chosen examples only, wherever they sit (ranks with none of them
+    still take part): the single-process optimizer given their loss as its curvature."""
+    expected = reference(None, optim=FRACTION)["history"]
+    every = reference(None)["history"]
+    assert not torch.equal(expected[-1]["later.weight"], every[-1]["later.weight"])  # it matters
+    for step, (want, have) in enumerate(zip(expected, runs[world][4]["history"]), start=1):
         for name, value in want.items():
             assert_close(have[name], value, f"world {world}, step {step}, {name}")
 

@@ -66,6 +66,12 @@ BAD_SPECS = [
         {"training": {"global_batch_size": 100}, "scaling": {"num_workers": 3}},
         "training.global_batch_size: must be divisible by scaling.num_workers (3)",
     ),
+    (
+        {"training": {"global_batch_size": 64}, "optimizer": {"hessian_batch_fraction": 0.01}},
+        "optimizer.hessian_batch_fraction: leaves no example of a global batch of 64 for the Hessian",
+    ),
+    ({"optimizer": {"hessian_batch_fraction": 1.5}}, "optimizer.hessian_batch_fraction: must be less"),
+    ({"optimizer": {"update_clip": 0}}, "optimizer.update_clip: must be greater than 0"),
     ({"backend": {"precision": "fp16"}}, "backend.precision: must be 'fp32' or 'bf16' (got 'fp16')"),
     ({"backend": {"hessian_precision": "int8"}}, "backend.hessian_precision: must be 'fp32' or 'bf16'"),
     ({"backend": {"zero_stage": 3, "name": "deepspeed"}}, "backend.zero_stage: must be 1 or 2 (got 3)"),

@@ -3,6 +3,7 @@ field, and the own-code example taking a Hessian step (double backward: test_dou
 
 from __future__ import annotations
 
+import itertools
 from collections import namedtuple
 
 import pytest
@@ -10,7 +11,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.batches import BatchError, batch_size, concat_batches, rank_slice, split_batch, to_device
+from trainer.batches import (
+    BatchError,
+    batch_size,
+    concat_batches,
+    curvature_count,
+    curvature_rows,
+    rank_slice,
+    split_batch,
+    step_chunks,
+    to_device,
+)
 from trainer.losses import (
     CheckedMetrics,
     UserCodeError,
@@ -182,3 +193,48 @@ def test_the_own_code_example_builds_and_takes_a_hessian_step(monkeypatch: pytes
     assert opt.hessian_trace is not None
     with torch.no_grad():
         assert set(metrics_fn(model.eval(), next(dataset.eval_batches(10)))) == {"accuracy", "cross_entropy"}
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.3, 0.5, 1.0])
+def test_the_curvature_examples_are_spread_evenly_and_the_same_however_the_batch_is_split(fraction) -> None:
+    size = 24
+    chosen = curvature_rows(0, size, size, fraction).tolist()
+    assert len(chosen) == curvature_count(size, fraction) == int(size * fraction)
+    gaps = {b - a for a, b in itertools.pairwise(chosen)}
+    assert max(gaps, default=1) - min(gaps, default=1) <= 1  # evenly spread
+    batch = {"x": torch.arange(size), "y": torch.arange(size) * 10}
+    for world, chunk in ((1, None), (2, 4), (4, 3), (8, 1)):
+        share = size // world
+        seen, weight = [], 0.0
+        for rank in range(world):
+            mine = rank_slice(batch, rank, world)
+            for piece in step_chunks(mine, chunk, rank, world, fraction):
+                if piece.curvature is not None:
+                    assert torch.equal(piece.curvature["y"], piece.curvature["x"] * 10)  # every tensor
+                    seen += piece.curvature["x"].tolist()
+                weight += piece.curvature_weight / world  # what the group average weighs
+            assert batch_size(mine) == share
+        assert seen == chosen, (world, chunk)
+        assert weight == pytest.approx(1.0)  # the chosen examples' mean, at any split
+
+
+def test_curvature_of_a_subset_gives_its_hessian_and_every_examples_gradient() -> None:
+    """Per-example quadratics L_i = ½·Σ a_i⊙(θ−c_i)², so the Hessian diagonal of a mean over
+    examples is the mean of their a: exact for any probe. The first step's v is (1−β2)·D² with D
+    from the chosen examples; the gradient is that of every example."""
+    torch.manual_seed(0)
+    a, c = torch.rand(8, 5, dtype=torch.float64) + 0.5, torch.randn(8, 5, dtype=torch.float64)
+    theta = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = AdaHessian([theta], lr=0.1)
+
+    def loss(rows: list[int]) -> torch.Tensor:
+        return (0.5 * a[rows] * (theta - c[rows]) ** 2).sum(dim=1).mean()
+
+    everyone, chosen = list(range(8)), [3, 7]
+    opt.backward(loss(everyone), loss(chosen))
+    gradient = (a * (theta.detach() - c)).mean(dim=0)
+    assert torch.allclose(theta.grad, gradient)
+    opt.step()
+    v = opt.state[theta]["exp_hessian_diag_sq"]
+    assert torch.allclose(v, (1 - 0.999) * a[chosen].mean(dim=0) ** 2)
+    assert not torch.allclose(v, (1 - 0.999) * a.mean(dim=0) ** 2)

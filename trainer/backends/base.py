@@ -59,6 +59,11 @@ Precision = Literal["fp32", "bf16"]
 allows it, fp32 master parameters and optimizer state)."""
 
 
+def weighted(loss: torch.Tensor, weight: float) -> torch.Tensor:
+    """A chunk's mean loss times its weight (its share of the micro-batch); unchanged at 1."""
+    return loss if weight == 1.0 else loss * weight
+
+
 def hessian_precision_of(precision: Precision, hessian_precision: Precision) -> Precision:
     """What Hessian steps compute in: ``hessian_precision`` under bf16 training, fp32 otherwise;
     ``ValueError`` naming both where either is not ``fp32`` or ``bf16``."""

@@ -25,10 +25,11 @@ from trainer.backends.base import (
     average_buffers,
     evaluation_mode,
     hessian_precision_of,
+    weighted,
 )
-from trainer.batches import Batch, batch_size, split_batch
+from trainer.batches import Batch, StepChunk, step_chunks
 from trainer.checkpoint import TrainingState, read_checkpoint, write_checkpoint
-from trainer.optim.core import AdaHessianHyperparameters
+from trainer.optim.core import AdaHessianHyperparameters, Curvature
 from trainer.optim.partition import conv_kernel_names
 from trainer.optim.replicated import ReplicatedOptimizer
 from trainer.optim.sharded import ShardedAdaHessian
@@ -79,6 +80,7 @@ class DDPBackend:
         self.group = group
         self.precision: Precision = precision
         self.hessian_precision = hessian
+        self.hessian_batch_fraction = optimizer.hessian_batch_fraction
         self._device = next(model.parameters()).device
         self._root = dist.get_global_rank(group, 0) if group else 0  # the group's rank 0
         with torch.no_grad():
@@ -111,12 +113,13 @@ class DDPBackend:
         precision = self.hessian_precision if hessian_step else self.precision
         self.model.train()
         self.optimizer.zero_grad()
-        size = batch_size(batch)
-        for chunk in split_batch(batch, chunk_size):
-            weight = batch_size(chunk) / size
+        fraction = self.hessian_batch_fraction if hessian_step else 1.0
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        for chunk in step_chunks(batch, chunk_size, rank, world, fraction):
             with autocast(self._device, precision):
-                loss = self.loss_fn(self.model, chunk)
-            self.optimizer.backward(loss if weight == 1.0 else loss * weight)
+                loss = weighted(self.loss_fn(self.model, chunk.batch), chunk.weight)
+                curvature = self._curvature(chunk) if fraction < 1.0 else "loss"
+            self.optimizer.backward(loss, curvature)
         self.optimizer.step()
         return StepStats(
             step=self.optimizer.steps_done,
@@ -125,6 +128,12 @@ class DDPBackend:
             hessian_step=hessian_step,
             hessian_trace=self.optimizer.hessian_trace,
         )
+
+    def _curvature(self, chunk: StepChunk) -> Curvature:
+        """The weighted mean loss of the chunk's examples the Hutchinson products use."""
+        if chunk.curvature is None:
+            return "none"
+        return weighted(self.loss_fn(self.model, chunk.curvature), chunk.curvature_weight)
 
     def average_buffers(self) -> None:
         average_buffers(self.model, self.group)

@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.backends.base import LossFn, StepStats, average_buffers, evaluation_mode
-from trainer.batches import Batch, batch_size, map_tensors, split_batch
+from trainer.backends.base import LossFn, StepStats, average_buffers, evaluation_mode, weighted
+from trainer.batches import Batch, StepChunk, map_tensors, step_chunks
 from trainer.checkpoint import DEEPSPEED_DIR, read_engine_progress, write_engine_progress
 from trainer.optim.core import AdaHessianHyperparameters, check_finite
 from trainer.optim.hutchinson import ProbeSource, hutchinson_products
@@ -134,6 +134,7 @@ class DeepSpeedBackend:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.dtype = self.params[0].dtype
         self.world_size = dist.get_world_size()
+        self.hessian_batch_fraction = optimizer.hessian_batch_fraction
         self._probes: ProbeSource | None = None
         self._used = [False] * len(self.params)
         if isinstance(self.optimizer, PartitionedAdaHessian):
@@ -194,14 +195,13 @@ class DeepSpeedBackend:
         self.model.train()
         self._used = [False] * len(self.params)
         batch = map_tensors(lambda t: t.to(self.dtype) if t.is_floating_point() else t, batch)
-        size = batch_size(batch)
-        chunks = split_batch(batch, chunk_size)
-        weights = [batch_size(chunk) / size for chunk in chunks]
+        fraction = self.hessian_batch_fraction if hessian_step else 1.0
+        chunks = step_chunks(batch, chunk_size, dist.get_rank(), self.world_size, fraction)
         if hessian_step or (self.dtype != torch.float32 and len(chunks) > 1):
             # Hessian steps, and bf16 gradients of several chunks, which must add up in fp32
-            loss_sum, products = self._own_backward(chunks, weights, hessian=hessian_step)
+            loss_sum, products = self._own_backward(chunks, hessian=hessian_step, separate=fraction < 1.0)
         else:
-            loss_sum, products = self._plain_backward(chunks, weights), None
+            loss_sum, products = self._plain_backward(chunks), None
 
         # One all-reduce: the products (Hessian steps), the loss and which parameters had a
         # gradient on any rank, so every rank decides alike.
@@ -236,42 +236,49 @@ class DeepSpeedBackend:
             hessian_trace=getattr(self.optimizer, "hessian_trace", None),
         )
 
-    def _plain_backward(self, chunks: list[Batch], weights: list[float]) -> torch.Tensor:
+    def _plain_backward(self, chunks: list[StepChunk]) -> torch.Tensor:
         """DeepSpeed's own forward and backward per chunk; its reduction runs at the last one."""
         loss_sum = torch.zeros((), device=self.params[0].device)
-        for k, (chunk, weight) in enumerate(zip(chunks, weights)):
+        for k, chunk in enumerate(chunks):
             self.engine.set_gradient_accumulation_boundary(k == len(chunks) - 1)
-            loss = self.loss_fn(self.engine, chunk)
-            if weight != 1.0:
-                loss = loss * weight
+            loss = weighted(self.loss_fn(self.engine, chunk.batch), chunk.weight)
             loss_sum += loss.detach().float()
             self.engine.backward(loss)
         return loss_sum
 
     def _own_backward(
-        self, chunks: list[Batch], weights: list[float], hessian: bool
+        self, chunks: list[StepChunk], hessian: bool, separate: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Gradients (and on Hessian steps the local Hutchinson products) on the unwrapped module,
-        summed over the chunks in fp32 whatever the model's dtype; the sum then goes through
-        DeepSpeed's reduction by the surrogate backward, rounded to the model's dtype once (see
-        the module doc)."""
+        """Gradients (and on Hessian steps the local Hutchinson products, of the chunks'
+        curvature examples if ``separate``) on the unwrapped module, summed over the chunks in
+        fp32 whatever the model's dtype; the sum then goes through DeepSpeed's reduction by the
+        surrogate backward, rounded to the model's dtype once (see the module doc)."""
         loss_sum = torch.zeros((), device=self.params[0].device)
         grads_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         products_sum = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if hessian else None
         got = [False] * len(self.params)
-        for chunk, weight in zip(chunks, weights):
-            loss = self.loss_fn(self.model, chunk)
-            if weight != 1.0:
-                loss = loss * weight
+        for chunk in chunks:
+            loss = weighted(self.loss_fn(self.model, chunk.batch), chunk.weight)
             loss_sum += loss.detach().float()
             live = [i for i, p in enumerate(self.params) if p.requires_grad]  # frozen since: none
             grads = torch.autograd.grad(
-                loss, [self.params[i] for i in live], create_graph=hessian, allow_unused=True
+                loss, [self.params[i] for i in live], create_graph=hessian and not separate, allow_unused=True
             )
             found = [(i, g) for i, g in zip(live, grads) if g is not None]
             if not found:
                 continue
-            if products_sum is not None:
+            torch._foreach_add_([grads_sum[i] for i, _ in found], [g.detach().float() for _, g in found])
+            for i, _ in found:
+                got[i] = True
+            if hessian and separate:
+                if chunk.curvature is None:
+                    continue
+                curvature = weighted(self.loss_fn(self.model, chunk.curvature), chunk.curvature_weight)
+                grads = torch.autograd.grad(
+                    curvature, [self.params[i] for i in live], create_graph=True, allow_unused=True
+                )
+                found = [(i, g) for i, g in zip(live, grads) if g is not None]
+            if products_sum is not None and found:
                 assert isinstance(self.optimizer, PartitionedAdaHessian) and self._probes is not None
                 products = hutchinson_products(
                     [g for _, g in found],
@@ -282,9 +289,6 @@ class DeepSpeedBackend:
                     self.optimizer.hyperparameters.n_samples,
                 )
                 torch._foreach_add_([products_sum[i] for i, _ in found], [t.float() for t in products])
-            torch._foreach_add_([grads_sum[i] for i, _ in found], [g.detach().float() for _, g in found])
-            for i, _ in found:
-                got[i] = True
         self.engine.set_gradient_accumulation_boundary(True)
         surrogate = sum(
             ((self.params[i] * grads_sum[i].to(self.dtype)).sum() for i in range(len(self.params)) if got[i]),

@@ -57,8 +57,9 @@ from trainer.backends.base import (
     average_buffers,
     evaluation_mode,
     hessian_precision_of,
+    weighted,
 )
-from trainer.batches import Batch, batch_size, split_batch
+from trainer.batches import Batch, step_chunks
 from trainer.checkpoint import read_engine_progress, write_engine_progress
 from trainer.optim.core import AdaHessianHyperparameters
 from trainer.optim.dtensor import DTensorAdaHessian, DTensorFirstOrder, local, rows_per_rank
@@ -127,6 +128,7 @@ class FSDPBackend:
         self.loss_fn = loss_fn
         self.precision: Precision = precision
         self.hessian_precision = hessian
+        self.hessian_batch_fraction = optimizer.hessian_batch_fraction
         self._device = next(model.parameters()).device
         self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
         with torch.no_grad():  # every rank starts from rank 0's values, as on the DDP path
@@ -242,11 +244,6 @@ class FSDPBackend:
             hessian_trace=self.optimizer.hessian_trace,
         )
 
-    def _chunks(self, batch: Batch, chunk_size: int | None) -> Iterator[tuple[Batch, float]]:
-        size = batch_size(batch)
-        for chunk in split_batch(batch, chunk_size):
-            yield chunk, batch_size(chunk) / size
-
     def _ordinary_pass(
         self, batch: Batch, chunk_size: int | None
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[bool]]:
@@ -254,10 +251,9 @@ class FSDPBackend:
         gradients onto the sharded ``.grad``."""
         self._used.clear()
         total = torch.zeros((), dtype=torch.float64)
-        for chunk, weight in self._chunks(batch, chunk_size):
+        for chunk in step_chunks(batch, chunk_size):
             with autocast(self._device, self._autocast):
-                loss = self.loss_fn(self.model, chunk)
-            loss = loss if weight == 1.0 else loss * weight
+                loss = weighted(self.loss_fn(self.model, chunk.batch), chunk.weight)
             total += loss.detach().double().cpu()
             loss.backward()
         grads = [
@@ -278,17 +274,30 @@ class FSDPBackend:
         total = torch.zeros((), dtype=torch.float64)
         precision = self.hessian_precision if self._autocast == "bf16" else "fp32"
         self._set_resharding(hessian=True)
+        fraction = self.hessian_batch_fraction
         try:
-            for chunk, weight in self._chunks(batch, chunk_size):
+            for chunk in step_chunks(batch, chunk_size, self.rank, self.world_size, fraction):
                 with autocast(self._device, precision):
-                    loss = self.loss_fn(self.model, chunk)
-                loss = loss if weight == 1.0 else loss * weight
+                    loss = weighted(self.loss_fn(self.model, chunk.batch), chunk.weight)
                 total += loss.detach().double().cpu()
                 gathered = dict(self.model.named_parameters())
                 # Parameters of a module that did not run stay sharded: no gradient.
                 live = [i for i, n in enumerate(names) if _gathered_trainable(gathered[n])]
                 params = [gathered[names[i]] for i in live]
-                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                separate = fraction < 1.0
+                grads = torch.autograd.grad(loss, params, create_graph=not separate, allow_unused=True)
+                for i, g in zip(live, grads):
+                    if g is not None:
+                        g = g.detach().to(opt.params[i].dtype)  # sums in the sharded (master) dtype
+                        full_grads[i] = g if full_grads[i] is None else full_grads[i].add_(g)
+                if separate:
+                    if chunk.curvature is None:
+                        continue
+                    with autocast(self._device, precision):
+                        curvature = weighted(
+                            self.loss_fn(self.model, chunk.curvature), chunk.curvature_weight
+                        )
+                    grads = torch.autograd.grad(curvature, params, create_graph=True, allow_unused=True)
                 got = [(i, p, g) for i, p, g in zip(live, params, grads) if g is not None]
                 products = hutchinson_products(
                     [g for _, _, g in got],
@@ -298,10 +307,8 @@ class FSDPBackend:
                     opt.hessian_steps_done,
                     opt.hyperparameters.n_samples,
                 )
-                for (i, _, g), product in zip(got, products):
-                    dtype = opt.params[i].dtype  # sums in the sharded (master) dtype
-                    g, product = g.detach().to(dtype), product.to(dtype)
-                    full_grads[i] = g if full_grads[i] is None else full_grads[i].add_(g)
+                for (i, _, _), product in zip(got, products):
+                    product = product.to(opt.params[i].dtype)
                     full_products[i] = product if full_products[i] is None else full_products[i].add_(product)
                 del grads, got, products, loss
         finally:

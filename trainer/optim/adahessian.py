@@ -14,6 +14,7 @@ import torch
 
 from trainer.optim.core import (
     AdaHessianHyperparameters,
+    Curvature,
     HessianSchedule,
     ScheduledOptimizer,
     adahessian_update,
@@ -105,12 +106,15 @@ class AdaHessian(ScheduledOptimizer):
 
     # -- gradients and Hessian products ------------------------------------------------------
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, curvature: Curvature = "loss") -> None:
         """Backpropagate ``loss``; on Hessian steps also take the Hutchinson products.
 
         Gradients accumulate into ``.grad`` as with ``loss.backward()`` (only for this
         optimizer's parameters on Hessian steps); products accumulate until :meth:`step`, so
-        gradient accumulation over micro-batches works unchanged.
+        gradient accumulation over micro-batches works unchanged. ``curvature`` says what the
+        products differentiate: ``"loss"`` itself, another loss (the mean loss of a subset of
+        the examples: ``hessian_batch_fraction``), or ``"none"`` (none of these examples); with
+        either of the last two, a parameter with a gradient but no product gets a zero one.
         """
         if not bool(torch.isfinite(loss.detach()).all()):
             check_finite(self.steps_done + 1, loss=loss.detach().float().sum().item())
@@ -119,7 +123,18 @@ class AdaHessian(ScheduledOptimizer):
             return
         indexed = self._indexed_params()
         params = [p for _, p in indexed]
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        separate = not isinstance(curvature, str) or curvature != "loss"
+        grads = torch.autograd.grad(loss, params, create_graph=not separate, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                g = g.detach()
+                p.grad = g if p.grad is None else p.grad.add_(g)
+                if separate and p not in self._pending_products:
+                    self._pending_products[p] = torch.zeros_like(g)
+        if separate:
+            if isinstance(curvature, str):
+                return
+            grads = torch.autograd.grad(curvature, params, create_graph=True, allow_unused=True)
         used = [(i, p, g) for (i, p), g in zip(indexed, grads) if g is not None]
         if not used:
             return
@@ -131,9 +146,6 @@ class AdaHessian(ScheduledOptimizer):
             self.hessian_steps_done,
             self.hyperparameters.n_samples,
         )
-        for _, p, g in used:
-            g = g.detach()
-            p.grad = g if p.grad is None else p.grad.add_(g)
         for (_, p, _), product in zip(used, products):  # micro-batches add up until step()
             pending = self._pending_products.get(p)
             self._pending_products[p] = product if pending is None else pending.add_(product)

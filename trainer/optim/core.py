@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.optim import Optimizer
@@ -50,6 +50,12 @@ from trainer.optim.partition import Fragment, averaging_units
 
 if TYPE_CHECKING:
     from trainer.spec import OptimizerSpec
+
+
+Curvature = torch.Tensor | Literal["loss", "none"]
+"""What an optimizer's ``backward`` takes the Hutchinson products of on a Hessian step: the loss
+it is given (``"loss"``), another loss (the mean loss of the examples ``hessian_batch_fraction``
+chooses, weighted), or nothing (``"none"``: none of this call's examples is chosen)."""
 
 
 class NonFiniteError(FloatingPointError):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from trainer.optim.core import check_finite
+from trainer.optim.core import Curvature, check_finite
 
 if TYPE_CHECKING:
     from trainer.spec import OptimizerSpec
@@ -90,7 +90,8 @@ class ReplicatedOptimizer(TorchOptimizerOnRanks):
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, curvature: Curvature = "loss") -> None:
+        """Accumulate ``loss``'s gradients (``curvature`` is for AdaHessian's signature: unused)."""
         detached = loss.detach().float()
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         loss.backward()

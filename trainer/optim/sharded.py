@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from trainer.optim.core import (
     AdaHessianHyperparameters,
+    Curvature,
     HessianSchedule,
     OnHessianSchedule,
     TrainableParameters,
@@ -140,31 +141,44 @@ class ShardedAdaHessian(OnHessianSchedule):
         self.loss: float | None = None
         self.grad_norm: float | None = None
         self.bytes_sent_last_step = 0
+        self._products_fresh = True
 
     def zero_grad(self) -> None:
         """Start a new step: the next :meth:`backward` overwrites the gradient buffer."""
         self._loss_sum = None
+        self._products_fresh = True
 
     # -- local work -------------------------------------------------------------------------
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate this rank's micro-batch gradients (and Hessian products when due)."""
+    def backward(self, loss: torch.Tensor, curvature: Curvature = "loss") -> None:
+        """Accumulate this rank's micro-batch gradients (and Hessian products when due, of
+        ``curvature``: see :data:`~trainer.optim.core.Curvature`)."""
         first = self._loss_sum is None
         detached = loss.detach().float()
         self._loss_sum = detached if first else self._loss_sum + detached
         if first:
             self._used = [False] * len(self.params)
+            self._products_fresh = True
         # Parameters frozen since construction (requires_grad_(False)) are left out: no gradient.
         live = [i for i, p in enumerate(self.params) if p.requires_grad]
         hessian = self.hessian_due
+        separate = not isinstance(curvature, str) or curvature != "loss"
         grads = torch.autograd.grad(
-            loss, [self.params[i] for i in live], create_graph=hessian, allow_unused=True
+            loss, [self.params[i] for i in live], create_graph=hessian and not separate, allow_unused=True
         )
         got = [(i, g) for i, g in zip(live, grads) if g is not None]
-        if hessian:
+        curved = got
+        if hessian and separate:
+            curved = []
+            if not isinstance(curvature, str):
+                grads = torch.autograd.grad(
+                    curvature, [self.params[i] for i in live], create_graph=True, allow_unused=True
+                )
+                curved = [(i, g) for i, g in zip(live, grads) if g is not None]
+        if hessian and (curved or self._products_fresh):
             # local scope: only the parameters this rank owns a piece of
             local = self.hessian_scope == "local"
-            wanted = [(i, g) for i, g in got if i in self._touched] if local else got
+            wanted = [(i, g) for i, g in curved if i in self._touched] if local else curved
             products = hutchinson_products(
                 [g for _, g in wanted],
                 [self.params[i] for i, _ in wanted],
@@ -176,7 +190,8 @@ class ShardedAdaHessian(OnHessianSchedule):
             if self._flat_products is None:
                 self._flat_products = torch.zeros_like(self._flat_grads)
                 self._product_views = self._views_of(self._flat_products)
-            self._accumulate(self._product_views, [i for i, _ in wanted], products, first)
+            self._accumulate(self._product_views, [i for i, _ in wanted], products, self._products_fresh)
+            self._products_fresh = False
         self._accumulate(self._grad_flat_views, [i for i, _ in got], [g.detach() for _, g in got], first)
         for i, _ in got:
             self._used[i] = True
