@@ -40,8 +40,12 @@ skips runs already done with the same task settings), ``study.md`` (the tables),
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
+import os
+import signal
 import statistics
 import sys
 import time
@@ -425,6 +429,19 @@ def train(spec: RunSpec, quick: bool) -> dict[str, Any]:
 def _init_worker() -> None:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
+
+
+def _end_with_the_study(study_pid: int) -> None:
+    """A run process gets SIGTERM when the study that started it dies (Linux), so killing the
+    study does not leave its runs training on; one whose study died while it started ends."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the runs end when their current run does
+    if os.getppid() != study_pid:
+        os._exit(1)
+    _init_worker()
 
 
 # -- per-step cost ------------------------------------------------------------------------------
@@ -1099,7 +1116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             harness.log(f"timing one step of every optimizer on {task.title}")
             study.costs[name] = step_costs(task, args.quick, args.cost_rounds, 1 if args.quick else 8)
             study.save()
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(
+        args.jobs, mp_context=get_context("spawn"), initializer=_end_with_the_study, initargs=(os.getpid(),)
+    ) as pool:
         study.pool = pool
         plans = plan(study)
     summary = summarize(study, plans)
