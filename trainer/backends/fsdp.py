@@ -15,8 +15,10 @@ on every rank's own rows: parameters, gradients, Hessian products and optimizer 
   Hutchinson products are taken with the probes every other path uses (keyed by seed,
   Hessian-step index and parameter name), and gradient and products are reduce-scattered onto
   the same dim-0 shards in one collective each; then everything is resharded. The estimate so
-  equals the single-process one on the global batch. Peak memory is the whole model gathered
-  plus the double-backward graph (``benchmarks/sharded_cost.py`` measures it).
+  equals the single-process one on the global batch. With ``hessian_batch_fraction`` below 1
+  the gradient is taken without a graph and the products from the chosen examples' loss.
+  Peak memory is the whole model gathered plus the double-backward graph
+  (``benchmarks/fsdp_cost.py`` measures it).
 * **The optimizer** (:mod:`trainer.optim.dtensor`) keeps m and v for its rows only and updates
   them with the one AdaHessian core; baselines are torch's optimizers on the DTensors.
 * **bf16**: with ``hessian_precision: bf16``, FSDP2's ``MixedPrecisionPolicy`` (bf16 gathered
