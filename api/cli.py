@@ -301,9 +301,14 @@ def status(
     job_id: _JobId,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job as the API returns it.")] = False,
 ) -> None:
-    """Show one job: state, progress, failure reason, Ray dashboard link, latest metrics."""
+    """Show one job: state, attempt (and why it was retried), progress, failure reason, Ray
+    dashboard link, latest metrics."""
     with _client(ctx) as client:
         job = client.get(job_id)
+        retried = None
+        if job.attempt > 1 and not as_json:
+            starts = [e for e in client.events(job_id) if e.attempt == job.attempt and e.state == "QUEUED"]
+            retried = starts[-1].message if starts else None
     if as_json:
         typer.echo(job.model_dump_json(indent=2))
         return
@@ -314,7 +319,7 @@ def status(
         "id": job.id,
         "name": job.name,
         "state": state,
-        "attempt": str(job.attempt),
+        "attempt": str(job.attempt) + (f" ({retried})" if retried else ""),
         "priority": str(job.priority),
         "labels": ", ".join(f"{k}={v}" for k, v in job.labels.items()) or "-",
         "steps": _progress(job),

@@ -1,9 +1,11 @@
 """The reconciler: moves every unfinished job one step closer to what Ray says about it.
 
-It is the only writer of Ray-driven state changes and holds no state of its own: everything it
-needs is in the store and in Ray, so a service killed at any moment and restarted simply runs
-it again. Each move is a compare-and-set on (job, state, attempt), and a submission id is
-deterministic per attempt, so no job is submitted twice or finishes twice.
+It is the only writer of Ray-driven state changes and holds no state of its own but the backoff
+of automatic retries (a restarted service starts them at once): everything else it needs is in
+the store and in Ray, so a service killed at any moment and restarted simply runs it again.
+Each move is a compare-and-set on (job, state, attempt), and a submission id is deterministic
+per attempt, so no job is submitted twice or finishes twice. An attempt that failed for an
+infrastructure cause is queued again as the next attempt while the spec's ``retry`` allows.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from service.store import JobRecord, JobStore
 from trainer.launch import UNWRITABLE
 from trainer.outcome import FailureCause
 from trainer.rundir import last_record, storage_error_code, tail_lines
+from trainer.spec import RetrySpec
 
 log = logging.getLogger("hutch.reconciler")
 
@@ -37,6 +40,7 @@ class PassStats:
     failed_passes: int = 0  # the pass raised (the database out of reach, …)
     seconds: float = 0.0  # spent in passes, all together
     failed_jobs: dict[FailureCause, int] = field(default_factory=lambda: dict.fromkeys(FailureCause, 0))
+    retried_jobs: int = 0  # attempts the service started again by itself after an infrastructure failure
 
 
 class Reconciler:
@@ -61,6 +65,7 @@ class Reconciler:
         self.last_error: str | None = None
         self.stats = PassStats()
         self._tick_error: str | None = None
+        self._backoff: dict[str, float] = {}  # job id → when its automatic retry may start (monotonic)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -146,7 +151,10 @@ class Reconciler:
         # Before the queue is read: with Ray out of reach (its answer is kept a while), a tick,
         # which every submission asks for, costs no more than this.
         room = {**self.launcher.capacity().total, **self.autoscaling_limits}
-        return startable(self.store.queue(), self.store.in_states(STARTED), room)
+        now = time.monotonic()
+        self._backoff = {job_id: at for job_id, at in self._backoff.items() if at > now}
+        queue = [job for job in self.store.queue() if job.id not in self._backoff]
+        return startable(queue, self.store.in_states(STARTED), room)
 
     def _reconcile(self, job: JobRecord) -> None:
         if job.state == JobState.QUEUED:
@@ -218,6 +226,24 @@ class Reconciler:
         )  # fmt: skip
         if moved and cause is not None:
             self.stats.failed_jobs[cause] += 1
+            if cause == FailureCause.INFRASTRUCTURE and state == JobState.FAILED:
+                self._retry_automatically(job, reason)
+
+    def _retry_automatically(self, job: JobRecord, reason: str | None) -> None:
+        """Queue the job's next attempt, to start after its backoff (kept in memory: after a
+        service restart it starts at once), if its spec's ``retry`` allows one more."""
+        retry = RetrySpec.model_validate(job.spec.get("retry") or {})
+        if job.cancel_requested or job.attempt >= retry.max_attempts:
+            return
+        delay = retry.backoff_s * 2 ** (job.attempt - 1)
+        message = (
+            f"retried automatically (attempt {job.attempt + 1} of {retry.max_attempts}, starting in "
+            f"{delay:g} s) after an infrastructure failure: {reason}"
+        )
+        if self.store.retry(job.id, message):
+            self._backoff[job.id] = time.monotonic() + delay
+            self.stats.retried_jobs += 1
+            log.warning("job %s: %s", job.id, message)
 
     def _refresh_metrics(self, job: JobRecord) -> None:
         record = last_record(self.launcher.layout.run(job.id).metrics_file)

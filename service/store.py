@@ -452,8 +452,9 @@ class JobStore:
                 session.add(EventRow(job_id=job_id, at=now, attempt=current, state=str(new), message=message))
         return moved
 
-    def retry(self, job_id: str) -> bool:
-        """FAILED/CANCELLED → QUEUED as a new attempt; False if the job was not in those states.
+    def retry(self, job_id: str, message: str = "retry") -> bool:
+        """FAILED/CANCELLED → QUEUED as a new attempt (its event says ``message``); False if the
+        job was not in those states.
 
         Writes before it reads, so SQLite never has to upgrade a read transaction."""
         now = utcnow()
@@ -479,7 +480,7 @@ class JobStore:
             if moved:
                 attempt = session.scalar(select(JobRow.attempt).where(JobRow.id == job_id))
                 session.add(
-                    EventRow(job_id=job_id, at=now, attempt=attempt, state=JobState.QUEUED, message="retry")
+                    EventRow(job_id=job_id, at=now, attempt=attempt, state=JobState.QUEUED, message=message)
                 )
         return moved
 

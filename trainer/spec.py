@@ -591,6 +591,20 @@ def displayed_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {**spec, "runtime_env": {**runtime_env, "env_vars": env_vars}}
 
 
+class RetrySpec(_Strict):
+    """How the service retries an attempt that failed for an infrastructure cause (the Ray head
+    lost, the driver killed, the storage unwritable, …) from its latest checkpoint. A job's own
+    errors (its code, a non-finite loss, a spec Ray refuses) are never retried."""
+
+    max_attempts: Annotated[StrictInt, Field(ge=1, le=100), BeforeValidator(_integral)] = Field(
+        default=3, description="Attempts in all, the first included; 1: never retry automatically."
+    )
+    backoff_s: Annotated[StrictFloat, Field(ge=0, le=3600)] = Field(
+        default=10.0,
+        description="Seconds before the first automatic retry starts; doubled for each next one.",
+    )
+
+
 class JobSpec(_Strict):
     """One training job: everything the trainer needs, with defaults for all but name, model and data."""
 
@@ -605,6 +619,8 @@ class JobSpec(_Strict):
     runtime_env: RuntimeEnvSpec | None = None
     max_failures: Annotated[StrictInt, Field(ge=-1), BeforeValidator(_integral)] = 0
     """Worker-group restarts Ray Train may make after a failure; -1 means unlimited (FailureConfig)."""
+    retry: RetrySpec = Field(default_factory=RetrySpec)
+    """The service's own retries of attempts that failed for an infrastructure cause."""
     priority: Annotated[StrictInt, Field(ge=-1000, le=1000), BeforeValidator(_integral)] = 0
     """Queue order in the service: jobs that wait for the cluster start highest priority first,
     then oldest first. The trainer ignores it."""

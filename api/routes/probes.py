@@ -76,3 +76,8 @@ class ServiceNumbers:
         for cause, count in passes.failed_jobs.items():
             failed.add_metric([str(cause)], count)
         yield failed
+        yield CounterMetricFamily(
+            "hutch_job_retries",
+            "Attempts the service started again by itself after an infrastructure failure",
+            value=passes.retried_jobs,
+        )  # fmt: skip

@@ -218,10 +218,14 @@ def finish(client: Client, job_id: str) -> None:
     assert client.wait(job_id, timeout=120, poll_interval=0.5).state in FINISHED
 
 
+NO_RETRY = {"max_attempts": 1}
+"""Automatic retries off: the failure itself is what these tests look at."""
+
+
 def test_a_killed_driver_fails_the_job_once_with_its_reason_and_keeps_its_checkpoints(
     service: ServiceProcess, client: Client, storage: Storage
 ) -> None:
-    job = client.submit(long_job("fault-driver"))
+    job = client.submit(long_job("fault-driver", retry=NO_RETRY))
     checkpointed(client, job.id)
     [driver] = drivers(job.id)
     driver.send_signal(signal.SIGKILL)
@@ -234,7 +238,7 @@ def test_a_killed_driver_fails_the_job_once_with_its_reason_and_keeps_its_checkp
     assert "driver (python -m trainer) was killed by SIGKILL" in reason, reason
     assert f"retry it to resume from its last checkpoint at step {max(saved)}" in reason, reason
     assert len(reason) < 300, f"Ray's log dump instead of a reason: {reason!r}"
-    # No retry loop: the job stays FAILED in its first attempt, and Ray ran it once.
+    # Retries off: the job stays FAILED in its first attempt, and Ray ran it once.
     assert_stays(
         lambda: (client.get(job.id).state, client.get(job.id).attempt) == ("FAILED", 1), 2, "retried"
     )
@@ -293,8 +297,8 @@ def test_read_only_or_full_storage_fails_running_jobs_with_that_reason_and_holds
     storage.require_mount()
     http = service.client()
     with storage.read_only():
-        read_only_victim = client.submit(long_job("fault-ro"))
-        full_victim = client.submit(long_job("fault-full"))
+        read_only_victim = client.submit(long_job("fault-ro", retry=NO_RETRY))
+        full_victim = client.submit(long_job("fault-full", retry=NO_RETRY))
 
         def says_read_only() -> dict[str, Any] | None:
             answer = http.get("/readyz")
@@ -336,41 +340,46 @@ def test_read_only_or_full_storage_fails_running_jobs_with_that_reason_and_holds
         assert events(client, job.id) == [(1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "FAILED")]
 
 
-def test_a_killed_local_ray_head_is_restarted_its_job_fails_naming_ray_and_retry_resumes(
+def test_a_killed_local_ray_head_is_restarted_and_its_job_retried_automatically_from_its_checkpoint(
     service: ServiceProcess, client: Client, storage: Storage
 ) -> None:
-    job = client.submit(long_job("fault-head"))
+    job = client.submit(long_job("fault-head", retry={"max_attempts": 3, "backoff_s": 1}))
     checkpointed(client, job.id)
     head = json.loads((service.data_dir / "local-ray.json").read_text())
     os.killpg(head["pid"], signal.SIGKILL)  # the head's whole process group: GCS, raylet, dashboard, workers
 
-    final = client.wait(job.id, timeout=180, poll_interval=0.5)
-    assert final.state == "FAILED"
+    # Attempt 1 fails naming Ray; the service queues attempt 2 by itself, which resumes from the
+    # last checkpoint attempt 1 saved (attempt 2 saves its first 20 steps after it starts).
+    wait_for(lambda: client.get(job.id).attempt == 2, 180, "attempt 2 to be queued", 0.2)
     saved = max(c.step for c in client.checkpoints(job.id).checkpoints)
-    reason = final.failure_reason or ""
-    assert "the Ray cluster restarted (its head was lost) while the job ran" in reason, reason
-    assert f"retry it to resume from its last checkpoint at step {saved}" in reason, reason
-    new_head = json.loads((service.data_dir / "local-ray.json").read_text())
-    assert new_head["pid"] != head["pid"]
-    assert "the local Ray head (pid" in service.log_tail(400)
-    wait_for(lambda: service.client().get("/readyz").status_code == 200, 60, "/readyz on the new head")
-    wait_for(lambda: not training_processes(storage, job.id), 60, "the killed run's processes to be gone")
-
-    env = {**os.environ, "HUTCH_URL": service.url, "HUTCH_TOKEN": TOKEN}
-    retried = subprocess.run(
-        [str(HUTCH), "retry", job.id], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert retried.returncode == 0, retried.stderr
     resumed_at = None
-    for line in client.logs(job.id, follow=True):  # attempt 2's log
+    for line in client.logs(job.id, attempt=2, follow=True):
         if match := re.search(r"resumed from the checkpoint at step (\d+)", line):
             resumed_at = int(match.group(1))
             break
+    failed = [e for e in client.events(job.id) if e.attempt == 1 and e.state == "FAILED"]
+    assert len(failed) == 1 and "the Ray cluster restarted (its head was lost) while the job ran" in (
+        failed[0].message or ""
+    ), failed
     assert resumed_at == saved
+    retried = [e for e in client.events(job.id) if e.attempt == 2 and e.state == "QUEUED"]
+    assert len(retried) == 1 and (retried[0].message or "").startswith(
+        "retried automatically (attempt 2 of 3, starting in 1 s) after an infrastructure failure: the Ray job"
+    ), retried
+    new_head = json.loads((service.data_dir / "local-ray.json").read_text())
+    assert new_head["pid"] != head["pid"]
+    assert "the local Ray head (pid" in service.log_tail(400)
     wait_for(lambda: client.get(job.id).state == "RUNNING", 60, "attempt 2 to be RUNNING", 0.2)
     ray_job = client.get(job.id).ray_job_id
     assert ray_job is not None and ray_job.endswith("-2")
     assert str(ray_jobs(service).get_job_info(ray_job).status.value) == "RUNNING"
+    env = {**os.environ, "HUTCH_URL": service.url, "HUTCH_TOKEN": TOKEN}
+    command = [str(HUTCH), "status", job.id]
+    shown = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "attempt:   2 (retried automatically (attempt 2 of 3" in shown.stdout, shown.stdout
+    metrics = service.client().get("/metrics").text
+    assert re.search(r"^hutch_job_retries_total 1\.0$", metrics, re.MULTILINE), metrics[-2000:]
     finish(client, job.id)
     assert events(client, job.id) == [
         (1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "FAILED"),
