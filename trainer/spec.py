@@ -272,7 +272,7 @@ class OptimizerSpec(_Strict):
     hessian_update_freq: PositiveInt = 1
     n_samples: PositiveInt = 1
     spatial_average_block_size: PositiveInt | None = None
-    spatial_average_1d: bool = Field(
+    spatial_average_1d: StrictBool = Field(
         default=True,
         description="With spatial_average_block_size: whether 1-D tensors (biases, norm gains) are "
         "averaged over blocks too (true), or only tensors of 2 or more dimensions (false, as the "
