@@ -115,6 +115,9 @@ class GlooSession:
     def wait_until_registered(self) -> None:
         pass
 
+    def drain_notice(self) -> None:
+        return None
+
 
 def _run_worker_jobs(
     rank: int, world: int, port: int, jobs: list[dict[str, Any]], syspath: list[str]

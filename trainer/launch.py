@@ -114,6 +114,7 @@ def run_job(spec: JobSpec, run_dir: Path, job_id: str, storage_path: Path | None
         resources["GPU"] = s.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
+        torch_config=_torch_config_taking_notice(),
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run.path), "job_id": job_id},
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
@@ -137,6 +138,30 @@ def run_job(spec: JobSpec, run_dir: Path, job_id: str, storage_path: Path | None
         if connected:
             ray.shutdown()
     return _outcome(run, job_id, unwritten)
+
+
+def _torch_config_taking_notice() -> Any:
+    """Ray Train's torch set-up, after which each worker takes its first SIGTERM as a notice to
+    checkpoint and stop (:mod:`trainer.notice`). A signal handler is installed on the process's
+    main thread, which is where Ray Train runs a backend's set-up on each worker (the training
+    function runs on another thread)."""
+    from ray.train.torch import TorchConfig
+
+    from trainer.notice import take_sigterm_as_notice
+
+    class TorchConfigTakingNotice(TorchConfig):
+        @property
+        def backend_cls(self) -> type:
+            torch_backend = super().backend_cls
+
+            class TorchBackendTakingNotice(torch_backend):  # type: ignore[valid-type,misc]
+                def on_start(self, worker_group: Any, backend_config: Any) -> None:
+                    super().on_start(worker_group, backend_config)
+                    worker_group.execute(take_sigterm_as_notice)
+
+            return TorchBackendTakingNotice
+
+    return TorchConfigTakingNotice()
 
 
 def _outcome(run: RunDir, job_id: str, unwritten: str | None = None) -> int:
@@ -186,7 +211,9 @@ def _after_fit_error(run: RunDir, error: Exception) -> str | None:
     (a busy dashboard) for a dead controller and removes the run's placement group, which
     destroys its workers (ray-project/ray#65447). Mid-run, that is a worker-group failure that
     ``max_failures`` retries; past them the job fails with that reason rather than Ray's
-    per-rank dump.
+    per-rank dump. The job's own code that raised (its loss or metrics) fails it as a job
+    error, which is never retried; a group stopped on notice (:mod:`trainer.notice`) says at
+    which step its checkpoint is.
 
     Returns the reason if the storage refused its ``failure.json`` (see :func:`_outcome`)."""
     result = run.read_result()
@@ -198,7 +225,16 @@ def _after_fit_error(run: RunDir, error: Exception) -> str | None:
             flush=True,
         )
         return None
-    if PLACEMENT_GROUP_REMOVED in str(error):
+    from trainer.losses import UserCodeRaised
+    from trainer.notice import StoppedOnNotice
+
+    if UserCodeRaised.MARK in str(error):
+        return _write_failure(
+            run, f"training stopped: {_marked_line(error, UserCodeRaised.MARK)}", FailureCause.JOB_ERROR
+        )
+    if StoppedOnNotice.MARK in str(error):
+        reason = f"training {_marked_line(error, StoppedOnNotice.MARK)}"
+    elif PLACEMENT_GROUP_REMOVED in str(error):
         reason = (
             "training failed: Ray removed the job's placement group, which destroyed its workers "
             "(Ray Train's placement-group cleaner does this when it takes a slow Ray State API answer "
@@ -208,6 +244,12 @@ def _after_fit_error(run: RunDir, error: Exception) -> str | None:
     else:
         reason = _storage_failure(error, run) or f"training failed: {type(error).__name__}: {error}"
     return _write_failure(run, reason)
+
+
+def _marked_line(error: Exception, mark: str) -> str:
+    """The line of Ray's error (a per-rank dump) that starts at ``mark``."""
+    text = str(error)
+    return text[text.index(mark) :].splitlines()[0]
 
 
 def _storage_failure(error: Exception, run: RunDir) -> str | None:
@@ -228,10 +270,10 @@ def _unwritable(run_dir: Path, error: OSError) -> str:
     return f"the run directory {run_dir} {UNWRITABLE}: {error.strerror or error}"
 
 
-def _write_failure(run: RunDir, reason: str) -> str | None:
+def _write_failure(run: RunDir, reason: str, cause: FailureCause = FailureCause.INFRASTRUCTURE) -> str | None:
     """Record why the run failed; the reason again if the storage refused it (full or read-only)."""
     try:
-        run.write_failure(reason, FailureCause.INFRASTRUCTURE)
+        run.write_failure(reason, cause)
     except OSError as error:
         return f"{reason} ({_unwritable(run.path, error)})"
     return None

@@ -47,6 +47,21 @@ class UserCodeError(SpecError):
     """A function the spec names returned something the loop cannot use; the message names the field."""
 
 
+class UserCodeRaised(Exception):
+    """A function the spec names raised: the job's own error, never retried.
+
+    Raised on (it is not returned from), so that Ray Train stops the whole group even when only
+    some ranks' data made it raise; the driver finds :attr:`MARK` in Ray's error and fails the
+    job with this message as a job error (``trainer.launch``)."""
+
+    MARK = "the job's own code raised"
+
+    @classmethod
+    def wrapping(cls, field: str, path: str, error: Exception) -> UserCodeRaised:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return cls(f"{cls.MARK}: {field}: {path} raised {type(error).__name__}: {first_line}")
+
+
 # -- built-in losses -------------------------------------------------------------------------
 
 
@@ -79,7 +94,10 @@ class CheckedLoss:
         self.function, self.path = function, path
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        value = self.function(model, batch)
+        try:
+            value = self.function(model, batch)
+        except Exception as error:
+            raise UserCodeRaised.wrapping(LOSS_FIELD, self.path, error) from error
         check_loss_value(value, self.path)
         return value
 
@@ -114,7 +132,10 @@ class CheckedMetrics:
         self.function, self.path = function, path
 
     def __call__(self, model: nn.Module, batch: Batch) -> dict[str, float]:
-        values = self.function(model, batch)
+        try:
+            values = self.function(model, batch)
+        except Exception as error:
+            raise UserCodeRaised.wrapping(METRICS_FIELD, self.path, error) from error
         where = f"{METRICS_FIELD}: {self.path} returned"
         if not isinstance(values, Mapping):
             kind = type(values).__name__

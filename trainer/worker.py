@@ -43,6 +43,7 @@ from trainer.losses import (
 )
 from trainer.metrics import MetricsSink, WorkerGauges
 from trainer.models.registry import build_model
+from trainer.notice import StoppedOnNotice, rank_given_notice
 from trainer.optim import NonFiniteError
 from trainer.outcome import FailureCause
 from trainer.rundir import RunDir, last_record
@@ -69,6 +70,10 @@ class WorkerSession(Protocol):
 
     def wait_until_registered(self) -> None:
         """Block until every checkpoint reported so far is registered (what a retry resumes from)."""
+        ...
+
+    def drain_notice(self) -> str | None:
+        """Collective: what the runner says of a node of the group being drained, or None."""
         ...
 
 
@@ -108,6 +113,18 @@ class RaySession:
         # The controller registers a report when it next polls the workers (every 2 s); until then
         # the final checkpoint is only files, and a teardown in that window would lose it.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+    def drain_notice(self) -> str | None:
+        import ray.train
+
+        info = ray.train.get_preemption_info()  # Ray Train's preemption watcher (trainer.notice)
+        if info is None:
+            return None
+        ranks = ", ".join(str(rank) for rank in info.preempted_ranks)
+        deadline = ""
+        if info.deadline_ms is not None:
+            deadline = f", to be stopped in {info.deadline_ms / 1000 - time.time():.0f} s"
+        return f"Ray is draining the node of rank {ranks}{deadline}"
 
 
 @torch.no_grad()
@@ -225,6 +242,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
     rank_samples = t.global_batch_size // world
 
     latest: dict[str, Any] = {}
+    drain_saved = False  # one checkpoint per drain notice
     for step in range(start, t.steps):
         done = step + 1
         lr = spec.optimizer.lr_at(step, t.steps)
@@ -262,6 +280,17 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
         logging_step = done % t.log_every == 0 or done == t.steps
         eval_step = done % t.eval_every == 0 or done == t.steps
         checkpoint_step = done % t.checkpoint_every == 0 or done == t.steps
+        # Notices (trainer.notice): a SIGTERM is checked every step, a drain at logging steps.
+        noticed = rank_given_notice(device)
+        stopping = noticed is not None and done < t.steps
+        drained = session.drain_notice() if logging_step and not drain_saved else None
+        if stopping or drained:
+            why = f"rank {noticed} got SIGTERM" if stopping else drained
+            then = "stopping; a retry resumes from it" if stopping else "training on"
+            if rank == 0:
+                print(f"[hutch] {why}: saving a checkpoint at step {done}, then {then}", flush=True)
+            drain_saved = drain_saved or drained is not None
+            checkpoint_step, eval_step = True, eval_step and not stopping
         if not (logging_step or eval_step or checkpoint_step):
             continue
         if own_gauges is not None and logging_step:
@@ -283,6 +312,9 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
             print(_progress_line(record, t.steps), flush=True)
         if checkpoint_step:
             _save_checkpoint(session, record, backend, done)
+        if stopping:
+            session.wait_until_registered()
+            raise StoppedOnNotice(noticed, done)
 
     checksum = param_checksum(backend.model)  # a collective where parameters are sharded
     if rank == 0:

@@ -33,7 +33,7 @@ from api.client import Client
 from benchmarks.harness import wait_for
 from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, local_ray_env, running_service
 from tests.e2e.test_api_contract import assert_error, spec_with
-from tests.e2e.test_service_ray import ray_jobs
+from tests.e2e.test_service_ray import ray_jobs, submit_with_working_dir
 from tests.support import run_worker_jobs
 
 pytestmark = pytest.mark.slow
@@ -219,6 +219,14 @@ def finish(client: Client, job_id: str) -> None:
     assert client.wait(job_id, timeout=120, poll_interval=0.5).state in FINISHED
 
 
+def retries_counted(service: ServiceProcess) -> float:
+    """``hutch_job_retries_total`` on the service's /metrics."""
+    metrics = service.client().get("/metrics").text
+    found = re.search(r"^hutch_job_retries_total (\S+)$", metrics, re.MULTILINE)
+    assert found, metrics[-2000:]
+    return float(found.group(1))
+
+
 NO_RETRY = {"max_attempts": 1}
 """Automatic retries off: the failure itself is what these tests look at."""
 
@@ -341,12 +349,112 @@ def test_read_only_or_full_storage_fails_running_jobs_with_that_reason_and_holds
         assert events(client, job.id) == [(1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "FAILED")]
 
 
+RAISING_LOSS = """
+def loss(model, batch):
+    return model(batch["inputs"]).logsumexp(1).mean()  # written for dict batches; digits gives pairs
+"""
+
+
+def test_a_jobs_own_errors_fail_it_once_and_are_never_retried(
+    service: ServiceProcess, client: Client, tmp_path: Path
+) -> None:
+    # Both jobs have the default retry policy (3 attempts): their failures are their own.
+    diverging = client.submit(spec_with(
+        name="fault-diverging",
+        **{"optimizer.lr": 1.0e6, "optimizer.warmup_steps": 0, "training.steps": 50, "training.log_every": 1,
+           "training.checkpoint_every": 1000, "training.global_batch_size": 32, "scaling.num_workers": 1},
+    ))  # fmt: skip
+    code = tmp_path / "own"
+    (code / "objectives").mkdir(parents=True)
+    (code / "objectives" / "__init__.py").write_text("")
+    (code / "objectives" / "losses.py").write_text(RAISING_LOSS)
+    raising_spec = spec_with(
+        name="fault-raising-loss",
+        **{"training.loss": "objectives.losses:loss", "training.steps": 50, "training.global_batch_size": 32,
+           "scaling.num_workers": 2},
+    )  # fmt: skip
+    raising = submit_with_working_dir(service, raising_spec, tmp_path / "job.yaml", code)
+    expected = {
+        diverging.id: r"training stopped: .*loss is -?(nan|inf)",
+        raising: r"^training stopped: the job.s own code raised: "
+        r"training\.loss: objectives\.losses:loss raised "
+        r"TypeError: tuple indices must be integers or slices, not str$",
+    }
+    for job_id, reason in expected.items():
+        final = client.wait(job_id, timeout=300, poll_interval=0.5)
+        assert final.state == "FAILED" and re.search(reason, final.failure_reason or ""), final.failure_reason
+        assert events(client, job_id) == [(1, "QUEUED"), (1, "STARTING"), (1, "RUNNING"), (1, "FAILED")]
+        assert final.attempt == 1
+
+
+def logged_step(run_dir: Path) -> int:
+    """The last step in a run's ``metrics.jsonl`` (0 before the first; a line being written is skipped)."""
+    steps = [0]
+    with contextlib.suppress(FileNotFoundError):
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                steps.append(json.loads(line)["step"])
+    return max(steps)
+
+
+def uninterrupted_checksum(spec: dict[str, Any], run_dir: Path) -> dict[str, float]:
+    """The parameter checksum of ``spec`` trained without a fault: the same worker loop on one
+    gloo process (no Ray); with ``chunk_size`` that is the arithmetic of any number of workers."""
+    one_worker = {**spec, "scaling": {**spec["scaling"], "num_workers": 1}}
+    run_worker_jobs(1, [{"spec": one_worker, "run_dir": str(run_dir), "job_id": "uninterrupted"}])
+    return json.loads((run_dir / "result.json").read_text())["param_checksum"]
+
+
+def test_a_sigtermed_worker_checkpoints_that_step_and_the_retry_ends_as_if_uninterrupted(
+    service: ServiceProcess, client: Client, storage: Storage, tmp_path: Path
+) -> None:
+    # Two workers, a periodic checkpoint every 100 steps; rank 1 (which writes no checkpoint
+    # files of its own) gets the SIGTERM Kubernetes sends before it kills a drained pod. With
+    # max_failures 0 (the default) the service retries; with more, Ray Train restarts the group
+    # from the same checkpoint within the attempt.
+    spec = long_job(
+        "fault-sigterm", retry={"max_attempts": 2, "backoff_s": 1}, max_failures=0,
+        **{"training.steps": 400, "training.checkpoint_every": 100, "scaling.num_workers": 2,
+           "training.chunk_size": 16},
+    )  # fmt: skip
+    job = client.submit(spec)
+    run_dir = storage.path / "runs" / job.id
+    wait_for(lambda: logged_step(run_dir) >= 130, 240, "step 130 to be logged", 0.1)
+    noticed_after = logged_step(run_dir)
+    os.kill(int((run_dir / "workers" / "rank-1.pid").read_text()), signal.SIGTERM)
+
+    wait_for(lambda: client.get(job.id).attempt == 2, 120, "attempt 2 to be queued", 0.2)
+    failed = [e for e in client.events(job.id) if e.attempt == 1 and e.state == "FAILED"]
+    assert len(failed) == 1, failed
+    match = re.fullmatch(
+        r"training stopped on notice: rank 1 got SIGTERM \(a drain or preemption gives one before the "
+        r"kill\); the checkpoint at step (\d+) is saved and a retry resumes from it",
+        failed[0].message or "",
+    )
+    assert match, failed[0].message
+    saved = int(match.group(1))
+    assert noticed_after <= saved < 400 and saved % 100 != 0, (noticed_after, saved)  # not a periodic one
+    resumed_at = None
+    for line in client.logs(job.id, attempt=2, follow=True):
+        if found := re.search(r"resumed from the checkpoint at step (\d+)", line):
+            resumed_at = int(found.group(1))
+            break
+    assert resumed_at == saved
+    final = client.wait(job.id, timeout=300, poll_interval=0.5)
+    assert final.state == "SUCCEEDED" and final.attempt == 2, (final.state, final.failure_reason)
+    result = json.loads((run_dir / "result.json").read_text())
+    expected = uninterrupted_checksum(spec, tmp_path / "uninterrupted")
+    for key in ("sum", "l2"):
+        assert result["param_checksum"][key] == pytest.approx(expected[key], rel=1e-5)
+
+
 def test_a_killed_local_ray_head_is_restarted_and_its_job_retried_to_the_uninterrupted_result(
     service: ServiceProcess, client: Client, storage: Storage, tmp_path: Path
 ) -> None:
     # 400 steps, a checkpoint every 20: each report waits for the controller (~0.5 s), so the
     # job trains for well over the time the test takes to kill the head after its first one.
     spec = long_job("fault-head", retry={"max_attempts": 3, "backoff_s": 1}, **{"training.steps": 400})
+    retries_before = retries_counted(service)
     job = client.submit(spec)
     checkpointed(client, job.id)
     head = json.loads((service.data_dir / "local-ray.json").read_text())
@@ -380,8 +488,7 @@ def test_a_killed_local_ray_head_is_restarted_and_its_job_retried_to_the_uninter
     shown = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "attempt:   2 (retried automatically (attempt 2 of 3" in shown.stdout, shown.stdout
-    metrics = service.client().get("/metrics").text
-    assert re.search(r"^hutch_job_retries_total 1\.0$", metrics, re.MULTILINE), metrics[-2000:]
+    assert retries_counted(service) == retries_before + 1
 
     # Nobody intervenes: attempt 2 trains to the end, to the parameters of a run never interrupted
     # (the same spec through the same worker loop on one gloo process, no Ray).
@@ -392,9 +499,6 @@ def test_a_killed_local_ray_head_is_restarted_and_its_job_retried_to_the_uninter
         (2, "QUEUED"), (2, "STARTING"), (2, "RUNNING"), (2, "SUCCEEDED"),
     ]  # fmt: skip
     retried_run = json.loads((storage.path / "runs" / job.id / "result.json").read_text())
-    reference = tmp_path / "uninterrupted"
-    run_worker_jobs(1, [{"spec": spec, "run_dir": str(reference), "job_id": "uninterrupted"}])
-    uninterrupted = json.loads((reference / "result.json").read_text())
-    expected = uninterrupted["param_checksum"]
+    expected = uninterrupted_checksum(spec, tmp_path / "uninterrupted")
     for key in ("sum", "l2"):
         assert retried_run["param_checksum"][key] == pytest.approx(expected[key], rel=1e-5)

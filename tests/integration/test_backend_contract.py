@@ -106,6 +106,9 @@ class KeepingSession:
     def wait_until_registered(self) -> None:
         pass
 
+    def drain_notice(self) -> None:
+        return None
+
 
 def _worker(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> None:
     from trainer.worker import run_worker
