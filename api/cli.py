@@ -321,6 +321,7 @@ def status(
         "state": state,
         "attempt": str(job.attempt) + (f" ({retried})" if retried else ""),
         "priority": str(job.priority),
+        "workers": _workers(job.spec, job.latest_metrics),
         "labels": ", ".join(f"{k}={v}" for k, v in job.labels.items()) or "-",
         "steps": _progress(job),
         "created": f"{job.created_at.isoformat()} ({_age(job.created_at)} ago)",
@@ -333,6 +334,15 @@ def status(
     }
     for key, value in rows.items():
         typer.echo(f"{key + ':':<11}{value}")
+
+
+def _workers(spec: dict[str, Any], metrics: dict[str, Any] | None) -> str:
+    """The spec's worker count, or an elastic job's range and how many train now."""
+    count = spec.get("scaling", {}).get("num_workers", 1)
+    if not isinstance(count, dict):
+        return str(count)
+    now = (metrics or {}).get("workers")
+    return f"{count['min']}-{count['max']} (elastic" + (f"; {now} now)" if now else ")")
 
 
 @app.command()

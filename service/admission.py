@@ -2,10 +2,12 @@
 and start queued jobs only as the cluster has room for them.
 
 A job needs ``num_workers`` workers of ``cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs
-with ``use_gpu``). It can never run if the cluster has fewer in total, if no single node is big
-enough for one worker, or if it asks for GPUs on a cluster without any. An autoscaling limit
-(``HUTCH_MAX_CLUSTER_CPUS``/``_GPUS``) replaces the current total and lifts the per-node check
-for that resource, since new nodes may be bigger.
+with ``use_gpu``); an elastic job (``num_workers: {min, max}``) needs ``min`` of them to start,
+is counted at ``min`` while it runs, and grows into whatever else is free. A job can never run
+if the cluster has fewer in total, if no single node is big enough for one worker, or if it
+asks for GPUs on a cluster without any. An autoscaling limit (``HUTCH_MAX_CLUSTER_CPUS``/
+``_GPUS``) replaces the current total and lifts the per-node check for that resource, since
+new nodes may be bigger.
 """
 
 from __future__ import annotations
@@ -50,11 +52,11 @@ def check_fits(
         available = limit if limit is not None else capacity.total.get(resource, 0.0)
         if resource == "GPU" and available == 0:
             raise Unschedulable("scaling.use_gpu", f"the cluster has no GPUs{hint}; set use_gpu: false")
-        needed = s.num_workers * per_worker
+        needed = s.min_workers * per_worker
         if needed > available:
             raise Unschedulable(
                 "scaling",
-                f"needs {needed:g} {resource}s ({s.num_workers} workers x {per_worker:g}) "
+                f"needs {needed:g} {resource}s ({s.min_workers} workers x {per_worker:g}) "
                 f"but the cluster has {available:g}{hint}",
             )
         largest = capacity.largest_node.get(resource, 0.0)
@@ -75,11 +77,14 @@ J = TypeVar("J", bound=QueuedJob)
 
 
 def demand(spec: Mapping[str, Any]) -> dict[str, float]:
-    """The resources a stored job spec reserves while it runs: all its workers' CPUs and GPUs."""
+    """The resources a stored job spec needs to start and holds while it runs: its workers' CPUs
+    and GPUs (an elastic job's ``min`` workers)."""
     scaling = spec["scaling"]
-    needs = {"CPU": scaling["num_workers"] * float(scaling["cpus_per_worker"])}
+    count = scaling["num_workers"]
+    workers = count["min"] if isinstance(count, Mapping) else count
+    needs = {"CPU": workers * float(scaling["cpus_per_worker"])}
     if scaling.get("use_gpu"):
-        needs["GPU"] = scaling["num_workers"] * float(scaling["gpus_per_worker"])
+        needs["GPU"] = workers * float(scaling["gpus_per_worker"])
     return needs
 
 

@@ -61,7 +61,7 @@ def _connect_ray(spec: JobSpec) -> bool:
         return True
     for name, value in ONE_MACHINE_RAY_ENV.items():  # read by Ray Train's controller
         os.environ.setdefault(name, value)
-    needed = spec.scaling.num_workers * spec.scaling.cpus_per_worker
+    needed = spec.scaling.max_workers * spec.scaling.cpus_per_worker
     options: dict[str, Any] = dict(
         num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
         object_store_memory=256 * 2**20,
@@ -108,17 +108,11 @@ def run_job(spec: JobSpec, run_dir: Path, job_id: str, storage_path: Path | None
     except Exception as error:  # unreachable cluster, bad token, …: say so, no traceback
         reason = f"cannot reach the Ray cluster ({os.environ.get('RAY_ADDRESS') or 'local'}): {error}"
         return _outcome(run, job_id, _write_failure(run, reason))
-    s = spec.scaling
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         torch_config=_torch_config_taking_notice(),
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run.path), "job_id": job_id},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=_scaling_config(spec),
         run_config=ray.train.RunConfig(
             name=job_id,
             storage_path=str(storage_path or default_storage_path()),
@@ -138,6 +132,29 @@ def run_job(spec: JobSpec, run_dir: Path, job_id: str, storage_path: Path | None
         if connected:
             ray.shutdown()
     return _outcome(run, job_id, unwritten)
+
+
+def _scaling_config(spec: JobSpec) -> Any:
+    """Ray Train's ScalingConfig: a fixed count, or Ray Train's elastic ``(min, max)``."""
+    import ray.train
+
+    from trainer.spec import WorkerRange
+
+    s = spec.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    if isinstance(s.num_workers, WorkerRange):
+        elastic = s.num_workers
+        return ray.train.ScalingConfig(
+            num_workers=(elastic.min, elastic.max),
+            elastic_resize_monitor_interval_s=elastic.resize_interval_s,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+        )
+    return ray.train.ScalingConfig(
+        num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+    )
 
 
 def _torch_config_taking_notice() -> Any:

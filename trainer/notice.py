@@ -16,17 +16,27 @@ Two notices reach a job before its workers are killed:
 Python runs a signal handler on the process's main thread, and Ray Train runs the training
 function on another one, so the handler is installed by the job's Ray Train backend when the
 worker group starts (:func:`take_sigterm_as_notice`, on each worker's main thread).
+
+On Kubernetes the SIGTERM of a pod goes to its first process (there, a shell running ``ray
+start``, which ignores it), so the Ray worker pods' preStop hook passes it on:
+``python -m trainer.notice`` SIGTERMs this machine's Ray Train workers and waits until they are
+gone (``deploy/base/raycluster.yaml``).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import signal
 import threading
+import time
+from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 SIGTERM_RECEIVED = threading.Event()
 """Set by this process's first SIGTERM once :func:`take_sigterm_as_notice` ran."""
@@ -73,9 +83,58 @@ def rank_given_notice(device: torch.device) -> int | None:
 
     One integer all-reduced per step: every rank learns of a notice at the same step boundary,
     so all of them checkpoint that step."""
+    import torch
+    import torch.distributed as dist
+
     world = dist.get_world_size()
     mine = dist.get_rank() if SIGTERM_RECEIVED.is_set() else world
     lowest = torch.tensor([mine], dtype=torch.int64, device=device)
     dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
     rank = int(lowest.item())
     return rank if rank < world else None
+
+
+TRAIN_WORKER_TITLE = b"ray::RayTrainWorker"
+"""How a Ray Train worker process shows in ``/proc/<pid>/cmdline`` (Ray sets the title)."""
+
+
+def train_worker_pids(proc: Path = Path("/proc")) -> list[int]:
+    """The Ray Train worker processes on this machine (Linux)."""
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if title.startswith(TRAIN_WORKER_TITLE):
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_train_workers(timeout: float) -> int:
+    """SIGTERM this machine's Ray Train workers and wait until they are gone, at most
+    ``timeout`` seconds; how many are left."""
+    for pid in train_worker_pids():
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while (left := train_worker_pids()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return len(left)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.notice",
+        description="Give this machine's Ray Train workers notice (SIGTERM): each job checkpoints its "
+        "next step and stops. Waits until they are gone; a Kubernetes preStop hook.",
+    )
+    parser.add_argument("--timeout", type=float, default=280, help="seconds to wait at most (default 280)")
+    left = stop_train_workers(parser.parse_args().timeout)
+    print(f"[hutch] notice given; {left} Ray Train worker process(es) still running", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -45,10 +45,12 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     StrictBool,
     StrictFloat,
     StrictInt,
+    Tag,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -67,6 +69,9 @@ BUILTIN_DATASETS: tuple[str, ...] = ("digits", "synthetic_images", "text_chars")
 
 IMPORT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 """``package.module:factory``: dotted identifiers, one colon, one identifier."""
+
+MAX_WORKER_RANGE = 4096
+"""The most workers an elastic range names (its counts are checked one by one)."""
 
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -383,9 +388,43 @@ class TrainingSpec(_Strict):
         return None if path is None else check_function_path(path)
 
 
+_COUNT, _RANGE = "count", "range"
+"""The two forms of ``scaling.num_workers`` (tags that :func:`validation_problem` leaves out of paths)."""
+
+
+class WorkerRange(_Strict):
+    """An elastic job's worker count: it starts when ``min`` workers fit, grows (up to ``max``)
+    when the cluster has room, and goes on with fewer when a node is lost (Ray Train's elastic
+    ``ScalingConfig((min, max))``); each change restarts the group from the latest checkpoint.
+
+    The global batch stays the spec's, split over the workers of the moment, so the run follows
+    the trajectory of a fixed-size one: ``training.global_batch_size`` must be divisible by
+    every count from ``min`` to ``max``.
+    """
+
+    min: Annotated[StrictInt, Field(ge=1, le=MAX_WORKER_RANGE)]
+    max: Annotated[StrictInt, Field(ge=1, le=MAX_WORKER_RANGE)]
+    resize_interval_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = Field(
+        default=60.0,
+        description="How often a running job looks for room to grow (Ray Train's "
+        "elastic_resize_monitor_interval_s); a lost node is noticed at once.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerRange:
+        if self.max < self.min:
+            raise PydanticCustomError(
+                "hutch_field",
+                "must be at least scaling.num_workers.min ({min})",
+                {"field": "scaling.num_workers.max", "got": self.max, "min": self.min},
+            )
+        return self
+
+
 class ScalingSpec(_Strict):
     """Ray Train's ScalingConfig: how many workers and what each one reserves.
 
+    ``num_workers`` is a count, or ``{min, max}`` for an elastic job (:class:`WorkerRange`).
     ``use_gpu: true`` with ``gpus_per_worker`` left at 0 reserves one GPU per worker.
     """
 
@@ -395,7 +434,10 @@ class ScalingSpec(_Strict):
         {"properties": {"use_gpu": {"const": False}, "gpus_per_worker": {"maximum": 0}}},
     ]})  # fmt: skip
 
-    num_workers: PositiveInt = 1
+    num_workers: Annotated[
+        Annotated[PositiveInt, Tag(_COUNT)] | Annotated[WorkerRange, Tag(_RANGE)],
+        Discriminator(lambda value: _RANGE if isinstance(value, Mapping | WorkerRange) else _COUNT),
+    ] = 1
     use_gpu: StrictBool = False
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: NonNegativeFloat = Field(default=0.0, validate_default=True)
@@ -409,6 +451,21 @@ class ScalingSpec(_Strict):
         if not use_gpu and gpus > 0:
             raise ValueError("more GPUs than use_gpu allows: set scaling.use_gpu to true, or this to 0")
         return 1.0 if use_gpu and gpus == 0 else gpus
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the job runs on (all of them for a fixed count)."""
+        return self.num_workers.min if isinstance(self.num_workers, WorkerRange) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the job runs on."""
+        return self.num_workers.max if isinstance(self.num_workers, WorkerRange) else self.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers the job may run on."""
+        return range(self.min_workers, self.max_workers + 1)
 
 
 class BackendSpec(_Strict):
@@ -638,21 +695,33 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> JobSpec:
         """Equal micro-batches are what make runs on 1, 2 or 4 workers identical."""
-        batch, workers = self.training.global_batch_size, self.scaling.num_workers
-        if batch % workers:
+        batch, counts = self.training.global_batch_size, self.scaling.worker_counts
+        uneven = [n for n in counts if batch % n]
+        if uneven and isinstance(self.scaling.num_workers, int):
             raise PydanticCustomError(
                 "hutch_field",
                 "must be divisible by scaling.num_workers ({workers}) so every worker gets an "
                 "equal micro-batch",
-                {"field": "training.global_batch_size", "got": batch, "workers": workers},
+                {"field": "training.global_batch_size", "got": batch, "workers": counts[0]},
             )
-        chunk = self.training.chunk_size
-        if chunk is not None and (batch // workers) % chunk:
+        if uneven:
+            every = math.lcm(*counts)
             raise PydanticCustomError(
                 "hutch_field",
-                "must divide each worker's share of the batch ({share} examples)",
-                {"field": "training.chunk_size", "got": chunk, "share": batch // workers},
-            )
+                "must be divisible by every worker count from scaling.num_workers.min to max "
+                "({low}..{high}; not by {uneven}) so every worker gets an equal micro-batch at any "
+                "size: a multiple of {every}",
+                {"field": "training.global_batch_size", "got": batch, "low": counts[0],
+                 "high": counts[-1], "uneven": ", ".join(map(str, uneven)), "every": every},
+            )  # fmt: skip
+        chunk = self.training.chunk_size
+        for share in sorted({batch // n for n in counts}):
+            if chunk is not None and share % chunk:
+                raise PydanticCustomError(
+                    "hutch_field",
+                    "must divide each worker's share of the batch ({share} examples)",
+                    {"field": "training.chunk_size", "got": chunk, "share": share},
+                )
         fraction = self.optimizer.hessian_batch_fraction
         if self.optimizer.name == "adahessian" and math.floor(batch * fraction) < 1:
             raise PydanticCustomError(
@@ -661,11 +730,6 @@ class JobSpec(_Strict):
                 {"field": "optimizer.hessian_batch_fraction", "got": fraction, "batch": batch},
             )
         return self
-
-    @property
-    def micro_batch_size(self) -> int:
-        """Examples per worker per step."""
-        return self.training.global_batch_size // self.scaling.num_workers
 
     @classmethod
     def from_file(cls, path: str | Path) -> JobSpec:
@@ -706,7 +770,7 @@ def _shown(value: Any) -> str:
 def validation_problem(error: Mapping[str, Any]) -> tuple[str, str]:
     """``(field path, reason)`` for one pydantic error of a spec, e.g. ``("optimizer.lr",
     "must be greater than 0 (got -1)")``; the API's 422 details and the CLI's lines use it."""
-    loc = tuple(error["loc"])
+    loc = tuple(part for part in error["loc"] if part not in (_COUNT, _RANGE))  # union tags
     kind = error["type"]
     ctx = error.get("ctx") or {}
     got: Any = error.get("input")

@@ -180,10 +180,11 @@ def evaluate(
 
 
 def _record(
-    step: int, stats: StepStats, lr: float, seconds: float, batch_size: int, hessian_steps: int
+    step: int, stats: StepStats, lr: float, seconds: float, batch_size: int, hessian_steps: int, world: int
 ) -> dict[str, Any]:
     return {
         "step": step,
+        "workers": world,
         "time": time.time(),
         "loss": stats.loss,
         "lr": lr,
@@ -295,7 +296,7 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
             continue
         if own_gauges is not None and logging_step:
             own_gauges.set(seconds, rank_samples)
-        record = _record(done, stats, lr, seconds, t.global_batch_size, hessian_steps)
+        record = _record(done, stats, lr, seconds, t.global_batch_size, hessian_steps, world)
         backend.average_buffers()  # BatchNorm statistics: one set, for evaluation and checkpoints
         if eval_step:
             try:

@@ -52,7 +52,8 @@ def router(settings: Settings) -> APIRouter:
 
         The schema states every rule of one field. Beyond it, a 422 names the field of a spec
         that breaks a rule across sections (``training.global_batch_size`` a multiple of
-        ``scaling.num_workers``; ``training.chunk_size`` a divisor of each worker's share;
+        ``scaling.num_workers``, of every count from ``min`` to ``max`` for an elastic job;
+        ``training.chunk_size`` a divisor of each worker's share;
         ``optimizer.hessian_batch_fraction`` × ``training.global_batch_size`` at least 1), that
         names a package not uploaded (``unknown_package``) or that can never fit the cluster
         (``unschedulable``)."""

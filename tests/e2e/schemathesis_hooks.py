@@ -6,7 +6,8 @@ They add what a JSON Schema cannot carry and change no check:
   sent as the one file of a real archive (schemathesis has no serializer for the media type).
 - Three rules of a job spec span its sections, and JSON Schema cannot state them (the
   ``POST /v1/jobs`` description does): ``training.global_batch_size`` is a multiple of
-  ``scaling.num_workers``, ``training.chunk_size`` divides each worker's share, and
+  ``scaling.num_workers`` (of every count of an elastic ``{min, max}``), ``training.chunk_size``
+  divides each worker's share, and
   ``optimizer.hessian_batch_fraction`` leaves at least one example of the batch. Generated
   *valid* specs are made to keep them, as a user who read the description would; invalid ones go
   as generated.
@@ -17,6 +18,7 @@ They add what a JSON Schema cannot carry and change no check:
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import zipfile
@@ -46,6 +48,16 @@ def _integer(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _worker_counts(value: Any) -> list[int] | None:
+    """Every worker count ``scaling.num_workers`` allows (a count, or an elastic ``{min, max}``)."""
+    if isinstance(value, dict):
+        low, high = _integer(value.get("min")), _integer(value.get("max"))
+        valid = low is not None and high is not None and 1 <= low <= high
+        return list(range(low, high + 1)) if valid else None  # type: ignore[arg-type]
+    count = _integer(value)
+    return [count] if count is not None and count >= 1 else None
+
+
 @schemathesis.hook("map_case").apply_to(method="POST", path="/v1/jobs")
 def spec_rules_across_sections(_: schemathesis.HookContext, case: schemathesis.Case) -> schemathesis.Case:
     meta = case.meta
@@ -54,19 +66,23 @@ def spec_rules_across_sections(_: schemathesis.HookContext, case: schemathesis.C
     spec = case.body
     training, scaling = spec.get("training"), spec.get("scaling")
     training = training if isinstance(training, dict) else {}
-    workers = _integer(scaling.get("num_workers", 1) if isinstance(scaling, dict) else 1)
+    counts = _worker_counts(scaling.get("num_workers", 1) if isinstance(scaling, dict) else 1)
     batch = _integer(training.get("global_batch_size", 64))
-    if workers is None or batch is None or workers < 1 or batch < 1:
+    if counts is None or batch is None or batch < 1:
         return case  # not a valid spec after all: nothing to keep
-    if batch % workers:
-        batch = workers * max(1, batch // workers)
+    every = math.lcm(*counts)
+    if every > 1 << 20:  # a wide elastic range: its batch would be huge, so give a fixed count
+        scaling["num_workers"], counts, every = counts[0], [counts[0]], counts[0]
+    if batch % every:
+        batch = every * max(1, batch // every)
         if isinstance(spec.get("training"), dict):
             training["global_batch_size"] = batch
         else:  # the default batch does not split: give one that does
             spec["training"] = training = {"global_batch_size": batch}
     chunk = _integer(training.get("chunk_size"))
-    if chunk is not None and chunk > 0 and (batch // workers) % chunk:
-        training["chunk_size"] = batch // workers
+    shares = [batch // n for n in counts]
+    if chunk is not None and chunk > 0 and any(share % chunk for share in shares):
+        training["chunk_size"] = math.gcd(*shares)
     optimizer = spec.get("optimizer")
     fraction = optimizer.get("hessian_batch_fraction") if isinstance(optimizer, dict) else None
     if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction * batch < 1:

@@ -34,7 +34,8 @@ from benchmarks.harness import wait_for
 from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, local_ray_env, running_service
 from tests.e2e.test_api_contract import assert_error, spec_with
 from tests.e2e.test_service_ray import ray_jobs, submit_with_working_dir
-from tests.support import run_worker_jobs
+from tests.support import metrics_records, run_worker_jobs
+from trainer.notice import train_worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -388,13 +389,8 @@ def test_a_jobs_own_errors_fail_it_once_and_are_never_retried(
 
 
 def logged_step(run_dir: Path) -> int:
-    """The last step in a run's ``metrics.jsonl`` (0 before the first; a line being written is skipped)."""
-    steps = [0]
-    with contextlib.suppress(FileNotFoundError):
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                steps.append(json.loads(line)["step"])
-    return max(steps)
+    """The last step in a run's ``metrics.jsonl`` (0 before the first)."""
+    return max([0, *(record["step"] for record in metrics_records(run_dir))])
 
 
 def uninterrupted_checksum(spec: dict[str, Any], run_dir: Path) -> dict[str, float]:
@@ -421,7 +417,9 @@ def test_a_sigtermed_worker_checkpoints_that_step_and_the_retry_ends_as_if_unint
     run_dir = storage.path / "runs" / job.id
     wait_for(lambda: logged_step(run_dir) >= 130, 240, "step 130 to be logged", 0.1)
     noticed_after = logged_step(run_dir)
-    os.kill(int((run_dir / "workers" / "rank-1.pid").read_text()), signal.SIGTERM)
+    ranks = [int((run_dir / "workers" / f"rank-{rank}.pid").read_text()) for rank in (0, 1)]
+    assert set(ranks) <= set(train_worker_pids())  # what the pods' preStop hook SIGTERMs
+    os.kill(ranks[1], signal.SIGTERM)
 
     wait_for(lambda: client.get(job.id).attempt == 2, 120, "attempt 2 to be queued", 0.2)
     failed = [e for e in client.events(job.id) if e.attempt == 1 and e.state == "FAILED"]

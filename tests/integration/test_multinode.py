@@ -1,0 +1,165 @@
+"""Elastic jobs on a Ray cluster of several nodes: a worker node lost mid-run, a node joining.
+
+The cluster is what a KubeRay cluster looks like to hutch: a head that runs no training (0 CPUs)
+and worker nodes of one CPU each, every one a separate `ray start` in a process group and temp
+directory of its own, all sharing the storage path. A node is lost by SIGKILLing its whole
+process group (raylet, object store, workers), as when a machine goes away.
+
+A job with ``num_workers: {min: 1, max: 2}`` grows onto a node that joins and goes on with one
+worker when a node is lost, each time resuming from its latest checkpoint at the new world size;
+its final parameters equal those of a fixed 2-worker run (the same spec through the worker loop
+on gloo processes, no Ray): the global batch is the spec's at every size, and ``chunk_size``
+makes the sums the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from benchmarks.harness import free_port, wait_for
+from tests.support import (
+    end_process_group,
+    metrics_records,
+    run_worker_jobs,
+    start_ray_head,
+    start_ray_node,
+)
+from trainer.spec import validate_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+STEPS = 800
+
+
+class Cluster:
+    """A head of 0 CPUs and worker nodes of 1 CPU, each ended by its own process group."""
+
+    def __init__(self, storage: Path) -> None:
+        self.storage = storage
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled",
+            # Ray Train's controller polls its workers every 0.5 s (as on one machine), and the
+            # GCS declares a silent node dead after 3 missed checks 1 s apart (default: 5 x 3 s).
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+        }  # fmt: skip
+        self.head = start_ray_head(
+            self.env, f"--port={self.port}", "--num-cpus=0", "--object-store-memory=100000000",
+            "--include-dashboard=false",
+        )  # fmt: skip
+        self.nodes: dict[str, int] = {}
+
+    def add_node(self, name: str) -> None:
+        self.nodes[name] = start_ray_node(
+            self.env, self.address, "--num-cpus=1", "--object-store-memory=80000000"
+        )
+
+    def lose_node(self, name: str) -> None:
+        os.killpg(self.nodes.pop(name), signal.SIGKILL)
+
+    def close(self) -> None:
+        for pgid in [*self.nodes.values(), self.head]:
+            end_process_group(pgid)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    running = Cluster(tmp_path_factory.mktemp("storage"))
+    try:
+        running.add_node("a")
+        yield running
+    finally:
+        running.close()
+
+
+def elastic_spec(name: str) -> dict[str, Any]:
+    """Digits on {min: 1, max: 2} workers; a checkpoint every 20 steps; resizes looked for every 2 s."""
+    return validate_spec({
+        "name": name,
+        "model": {"name": "cnn"},
+        "data": {"name": "digits"},
+        "optimizer": {"name": "adahessian", "hessian_update_freq": 2},
+        "training": {"steps": STEPS, "global_batch_size": 32, "chunk_size": 16, "seed": 0,
+                     "eval_every": STEPS, "checkpoint_every": 20, "log_every": 5},
+        "scaling": {"num_workers": {"min": 1, "max": 2, "resize_interval_s": 2}},
+        "max_failures": 2,
+    }).model_dump(mode="json")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fixed_two_workers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+    """The parameter checksum of the spec on a fixed group of 2 (gloo processes, no Ray)."""
+    spec = elastic_spec("fixed")
+    spec["scaling"]["num_workers"] = 2
+    run_dir = tmp_path_factory.mktemp("fixed")
+    run_worker_jobs(2, [{"spec": spec, "run_dir": str(run_dir), "job_id": "fixed"}])
+    return json.loads((run_dir / "result.json").read_text())["param_checksum"]
+
+
+def start_job(cluster: Cluster, spec: dict[str, Any], run_dir: Path) -> subprocess.Popen:
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**cluster.env, "HUTCH_STORAGE_PATH": str(cluster.storage), "RAY_ADDRESS": cluster.address}
+    log = (run_dir / "driver.log").open("w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer", str(run_dir / "spec.yaml"), "--run-dir", str(run_dir),
+         "--job-id", spec["name"]],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+
+def training_on(job: subprocess.Popen, run_dir: Path, workers: int, after_step: int = 0) -> int | None:
+    """The first logged step past ``after_step`` trained by ``workers`` workers, or None."""
+    assert job.poll() is None, (run_dir / "driver.log").read_text()[-4000:]
+    records = metrics_records(run_dir)
+    steps = [r["step"] for r in records if r["workers"] == workers and r["step"] > after_step]
+    return min(steps) if steps else None
+
+
+def finished_like_the_fixed_run(job: subprocess.Popen, run_dir: Path, expected: dict[str, float]) -> None:
+    code = job.wait(timeout=600)
+    log = (run_dir / "driver.log").read_text()
+    assert code == 0, log[-4000:]
+    steps = [r["step"] for r in metrics_records(run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS  # each step recorded once
+    result = json.loads((run_dir / "result.json").read_text())
+    for key in ("sum", "l2"):
+        assert result["param_checksum"][key] == pytest.approx(expected[key], rel=1e-5)
+
+
+def test_an_elastic_job_grows_onto_a_node_that_joins(cluster: Cluster, fixed_two_workers, tmp_path) -> None:
+    run_dir = tmp_path / "grows"
+    job = start_job(cluster, elastic_spec("grows"), run_dir)
+    one = wait_for(lambda: training_on(job, run_dir, 1), 240, "training on the one node", 0.2)
+    cluster.add_node("b")
+    two = wait_for(lambda: training_on(job, run_dir, 2, one), 240, "training on two nodes", 0.2)
+    assert one < two < STEPS, (one, two)
+    finished_like_the_fixed_run(job, run_dir, fixed_two_workers)
+    assert "resumed from the checkpoint at step" in (run_dir / "driver.log").read_text()
+
+
+def test_an_elastic_job_goes_on_with_one_worker_when_a_node_is_lost(
+    cluster: Cluster, fixed_two_workers, tmp_path
+) -> None:
+    if "b" not in cluster.nodes:  # run alone: the second node joins first
+        cluster.add_node("b")
+    run_dir = tmp_path / "shrinks"
+    job = start_job(cluster, elastic_spec("shrinks"), run_dir)
+    two = wait_for(lambda: training_on(job, run_dir, 2, 40), 240, "training on two nodes", 0.2)
+    cluster.lose_node("b")
+    one = wait_for(lambda: training_on(job, run_dir, 1, 0), 240, "training on the node left", 0.2)
+    assert one < STEPS, (two, one)
+    finished_like_the_fixed_run(job, run_dir, fixed_two_workers)
