@@ -31,6 +31,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -113,15 +114,15 @@ def train_worker_pids(proc: Path = Path("/proc")) -> list[int]:
     return pids
 
 
-def stop_train_workers(timeout: float) -> int:
-    """SIGTERM this machine's Ray Train workers and wait until they are gone, at most
+def stop_train_workers(timeout: float, pids: Callable[[], list[int]] = train_worker_pids) -> int:
+    """SIGTERM this machine's Ray Train workers (``pids``) and wait until they are gone, at most
     ``timeout`` seconds; how many are left."""
-    for pid in train_worker_pids():
+    for pid in pids():
         with contextlib.suppress(ProcessLookupError):  # ended meanwhile
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while (left := train_worker_pids()) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while (left := pids()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     return len(left)
 
 

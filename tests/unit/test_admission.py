@@ -6,6 +6,7 @@ The cluster's resources are given as numbers here; the service reads them from R
 
 from __future__ import annotations
 
+import math
 import traceback
 from typing import Any
 
@@ -134,3 +135,24 @@ def test_a_kept_capacity_failure_holds_no_callers_frames(tmp_path: Any) -> None:
     depths = [len(traceback.extract_tb(error.__traceback__)) for error in raised]
     assert depths[0] == depths[-1] == 2, depths  # this test's frame and capacity()'s
     assert {str(error) for error in raised} == {str(raised[0])}
+
+
+def elastic(low: int, high: int) -> Any:
+    counts = range(low, high + 1)
+    return validate_spec({
+        "name": "elastic", "model": "mlp", "data": "digits",
+        "scaling": {"num_workers": {"min": low, "max": high}},
+        "training": {"global_batch_size": math.lcm(*counts)},
+    })  # fmt: skip
+
+
+def test_an_elastic_job_needs_its_minimum_to_start_and_is_counted_at_it() -> None:
+    check_fits(elastic(8, 10), CPU_ONLY)  # 8 fit the 8 CPUs; it grows no further than they allow
+    with pytest.raises(Unschedulable, match=r"needs 9 CPUs \(9 workers x 1\) but the cluster has 8"):
+        check_fits(elastic(9, 10), CPU_ONLY)
+    stored = elastic(2, 4).model_dump(mode="json")
+    assert demand(stored) == {"CPU": 2.0}
+    job = Queued("e")
+    job.spec = stored
+    assert names(startable([job, Queued("b", num_workers=2)], [], {"CPU": 4.0})) == ["e", "b"]
+    assert names(startable([Queued("c")], [job], {"CPU": 2.0})) == []

@@ -267,3 +267,20 @@ def test_jobs_shows_a_table_of_jobs(cli: CliRunner, canned_server: tuple[str, Ro
     cells = row.split()
     assert cells[0] == "digits-adahessian-running1" and cells[2:6] == ["RUNNING", "1", "120/300", "0.5123"]
     assert cells[6].endswith("d")  # created long ago: its age in days
+
+
+def test_status_shows_the_workers_of_a_fixed_or_an_elastic_job(
+    cli: CliRunner, canned_server: tuple[str, Routes]
+) -> None:
+    url, routes = canned_server
+    elastic = {"scaling": {"num_workers": {"min": 1, "max": 4, "resize_interval_s": 60.0}}}
+    shown = {
+        "2": _job("RUNNING", spec={"scaling": {"num_workers": 2}}),
+        "1-4 (elastic; 3 now)": _job("RUNNING", spec=elastic, latest_metrics={"step": 40, "workers": 3}),
+        "1-4 (elastic)": _job("QUEUED", spec=elastic),
+    }
+    for expected, job in shown.items():
+        routes[("GET", "/v1/jobs/digits-adahessian-x1")] = [(200, job)]
+        done = cli.invoke(app, ["--url", url, "--token", "t", "status", "digits-adahessian-x1"])
+        assert done.exit_code == 0, done.output
+        assert f"workers:   {expected}\n" in done.stdout, done.stdout

@@ -82,6 +82,28 @@ BAD_SPECS = [
     ({"optimizer": {"lr": math.inf}}, "optimizer.lr: must be a finite number"),
     ({"scaling": {"use_gpu": "yes"}}, "scaling.use_gpu: must be a valid boolean"),
     ({"scaling": {"num_workers": 0}}, "scaling.num_workers: must be greater than or equal to 1 (got 0)"),
+    (
+        {"scaling": {"num_workers": {"min": 2, "max": 1}}},
+        "scaling.num_workers.max: must be at least scaling.num_workers.min (2) (got 1)",
+    ),
+    ({"scaling": {"num_workers": {"min": 1}}}, "scaling.num_workers.max: required field is missing"),
+    (
+        {"scaling": {"num_workers": {"min": 0, "max": 2}}},
+        "scaling.num_workers.min: must be greater than or equal",
+    ),
+    (
+        {"scaling": {"num_workers": {"min": 2, "max": 4}}, "training": {"global_batch_size": 64}},
+        "training.global_batch_size: must be divisible by every worker count from scaling.num_workers.min "
+        "to max (2..4; not by 3) so every worker gets an equal micro-batch at any size: a multiple of 12 "
+        "(got 64)",
+    ),
+    (
+        {
+            "scaling": {"num_workers": {"min": 1, "max": 2}},
+            "training": {"global_batch_size": 64, "chunk_size": 64},
+        },
+        "training.chunk_size: must divide each worker's share of the batch (32 examples) (got 64)",
+    ),
     ({"name": "My_Job"}, "name: must be a DNS label"),
     ({"name": "x" * 64}, "name: must be a DNS label"),
     ({"name": "-job"}, "name: must be a DNS label"),
@@ -139,7 +161,19 @@ def test_defaults() -> None:
     s = spec.scaling
     assert (s.num_workers, s.use_gpu, s.cpus_per_worker, s.gpus_per_worker) == (1, False, 1.0, 0.0)
     assert (spec.backend.name, spec.backend.zero_stage, spec.backend.precision) == ("ddp", 1, "fp32")
-    assert spec.micro_batch_size == 64
+    assert (s.min_workers, s.max_workers) == (1, 1)
+
+
+def test_an_elastic_worker_range_and_its_counts() -> None:
+    ranged = _merge(
+        MINIMAL, {"scaling": {"num_workers": {"min": 2, "max": 4}}, "training": {"global_batch_size": 48}}
+    )
+    scaling = JobSpec.model_validate(ranged).scaling
+    assert (scaling.min_workers, scaling.max_workers, list(scaling.worker_counts)) == (2, 4, [2, 3, 4])
+    assert scaling.num_workers.resize_interval_s == 60.0  # type: ignore[union-attr]
+    dumped = JobSpec.model_validate(ranged).model_dump(mode="json")["scaling"]["num_workers"]
+    assert dumped == {"min": 2, "max": 4, "resize_interval_s": 60.0}
+    assert JobSpec.model_validate(_merge(MINIMAL, {"scaling": {"num_workers": 4.0}})).scaling.num_workers == 4
 
 
 def test_use_gpu_defaults_to_one_gpu_per_worker() -> None:
