@@ -5,43 +5,14 @@ spawned as processes, a headless browser. A free port and waiting on a condition
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-
-def metrics_records(run_dir: Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl`` so far (a line still being written is left out)."""
-    path = run_dir / "metrics.jsonl"
-    out = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        with contextlib.suppress(json.JSONDecodeError):
-            out.append(json.loads(line))
-    return out
-
-
-def end_process_group(pgid: int, grace: float = 3) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after ``grace`` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
 
 
 def forget_current_cluster(gcs_port: int) -> None:
@@ -49,41 +20,6 @@ def forget_current_cluster(gcs_port: int) -> None:
     current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
         current.unlink()
-
-
-def start_ray_head(
-    env: dict[str, str], *options: str, timeout: float = 120, temp_dir: Path | None = None
-) -> int:
-    """`ray start --head` in a session of its own; returns its process group id.
-
-    The group is this cluster alone, so :func:`end_process_group` ends it without `ray stop`,
-    which would end every Ray instance on the machine. Its Ray temp dir is a new one unless
-    ``temp_dir`` is given: in the shared ``/tmp/ray`` a head becomes "the latest cluster" that
-    every job supervisor on the machine hands its drivers (what the service's own heads avoid)."""
-    temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="hutch-test-ray-"))
-    return _ray_start(env, ["--head", f"--temp-dir={temp_dir}", *options], timeout)
-
-
-def start_ray_node(env: dict[str, str], address: str, *options: str, timeout: float = 120) -> int:
-    """`ray start --address` (a worker node joining the head at ``address``) in a session of its
-    own, with a temp dir of its own; returns its process group id: SIGKILL that group and the
-    node is lost, as when a machine goes away."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="hutch-test-ray-node-"))
-    return _ray_start(env, [f"--address={address}", f"--temp-dir={temp_dir}", *options], timeout)
-
-
-def _ray_start(env: dict[str, str], options: list[str], timeout: float) -> int:
-    """Run `ray start` (which returns once its processes run) in a new session; its process group."""
-    ray = Path(sys.executable).with_name("ray")
-    starter = subprocess.Popen(
-        [str(ray), "start", *options, "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
-    _, errors = starter.communicate(timeout=timeout)
-    if starter.returncode != 0:
-        end_process_group(starter.pid)
-        raise AssertionError(f"ray start failed:\n{errors.decode()[-2000:]}")
-    return starter.pid
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -313,8 +313,9 @@ def run_worker(config: dict[str, Any], session: WorkerSession) -> None:
             print(_progress_line(record, t.steps), flush=True)
         if checkpoint_step:
             _save_checkpoint(session, record, backend, done)
-        if stopping:
+        if stopping or drained:  # the node may go any moment: the checkpoint must be Ray's already
             session.wait_until_registered()
+        if stopping:
             raise StoppedOnNotice(noticed, done)
 
     checksum = param_checksum(backend.model)  # a collective where parameters are sharded

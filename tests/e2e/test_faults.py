@@ -31,11 +31,13 @@ import pytest
 
 from api.client import Client
 from benchmarks.harness import wait_for
+from benchmarks.ray_nodes import kill_session
 from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, local_ray_env, running_service
 from tests.e2e.test_api_contract import assert_error, spec_with
 from tests.e2e.test_service_ray import ray_jobs, submit_with_working_dir
-from tests.support import metrics_records, run_worker_jobs
+from tests.support import run_worker_jobs
 from trainer.notice import train_worker_pids
+from trainer.rundir import records_after
 
 pytestmark = pytest.mark.slow
 
@@ -390,7 +392,7 @@ def test_a_jobs_own_errors_fail_it_once_and_are_never_retried(
 
 def logged_step(run_dir: Path) -> int:
     """The last step in a run's ``metrics.jsonl`` (0 before the first)."""
-    return max([0, *(record["step"] for record in metrics_records(run_dir))])
+    return max([0, *(record["step"] for record in records_after(run_dir / "metrics.jsonl", None))])
 
 
 def uninterrupted_checksum(spec: dict[str, Any], run_dir: Path) -> dict[str, float]:
@@ -456,7 +458,7 @@ def test_a_killed_local_ray_head_is_restarted_and_its_job_retried_to_the_uninter
     job = client.submit(spec)
     checkpointed(client, job.id)
     head = json.loads((service.data_dir / "local-ray.json").read_text())
-    os.killpg(head["pid"], signal.SIGKILL)  # the head's whole process group: GCS, raylet, dashboard, workers
+    kill_session(head["pid"])  # the head's every process at once: GCS, raylet, dashboard, workers
 
     # Attempt 1 fails naming Ray; the service queues attempt 2 by itself, which resumes from the
     # last checkpoint attempt 1 saved (attempt 2 saves its first 20 steps after it starts).

@@ -27,9 +27,9 @@ import yaml
 
 from api.client import Client
 from benchmarks.harness import free_port, wait_for
+from benchmarks.ray_nodes import end_process_group
 from tests.e2e.conftest import ROOT, ServiceProcess, local_ray_env, running_service
 from tests.e2e.test_api_contract import spec_with
-from tests.support import end_process_group
 from tests.unit.test_monitoring import alert_rules, dashboard, queries
 
 pytestmark = [

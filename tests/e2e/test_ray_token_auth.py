@@ -21,10 +21,10 @@ import pytest
 
 from api.client import Client, InvalidRequest
 from benchmarks.harness import free_port, wait_for
+from benchmarks.ray_nodes import end_process_group, start_ray_head
 from service.local_ray import own_port_options
 from tests.e2e.conftest import TOKEN, ServiceProcess
 from tests.e2e.test_api_contract import spec_with
-from tests.support import end_process_group, start_ray_head
 
 pytestmark = pytest.mark.slow
 

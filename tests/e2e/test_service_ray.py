@@ -27,10 +27,11 @@ import yaml
 
 from api.client import Client
 from benchmarks.harness import free_port, wait_for
+from benchmarks.ray_nodes import end_process_group, start_ray_head
 from service.local_ray import own_port_options
 from tests.e2e.conftest import HUTCH, TOKEN, ServiceProcess, local_ray_env, running_service
 from tests.e2e.test_api_contract import spec_with
-from tests.support import CHROMIUM, end_process_group, forget_current_cluster, rendered_dom, start_ray_head
+from tests.support import CHROMIUM, forget_current_cluster, rendered_dom
 
 pytestmark = pytest.mark.slow
 

@@ -1,9 +1,10 @@
 """Elastic jobs on a Ray cluster of several nodes: a worker node lost mid-run, a node joining.
 
 The cluster is what a KubeRay cluster looks like to hutch: a head that runs no training (0 CPUs)
-and worker nodes of one CPU each, every one a separate `ray start` in a process group and temp
+and worker nodes of one CPU each, every one a separate `ray start` in a session and temp
 directory of its own, all sharing the storage path. A node is lost by SIGKILLing its whole
-process group (raylet, object store, workers), as when a machine goes away.
+session (raylet, object store, workers) at once, as when a machine goes away; before that, Ray
+is told it will go (``ray drain-node``, as an autoscaler does before a spot reclaim).
 
 A job with ``num_workers: {min: 1, max: 2}`` grows onto a node that joins and goes on with one
 worker when a node is lost, each time resuming from its latest checkpoint at the new world size;
@@ -15,8 +16,7 @@ makes the sums the same.
 from __future__ import annotations
 
 import json
-import os
-import signal
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,14 +26,10 @@ from typing import Any
 import pytest
 import yaml
 
-from benchmarks.harness import free_port, wait_for
-from tests.support import (
-    end_process_group,
-    metrics_records,
-    run_worker_jobs,
-    start_ray_head,
-    start_ray_node,
-)
+from benchmarks.harness import wait_for
+from benchmarks.ray_nodes import NodesCluster
+from tests.support import run_worker_jobs
+from trainer.rundir import records_after
 from trainer.spec import validate_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,42 +38,9 @@ pytestmark = pytest.mark.slow
 STEPS = 800
 
 
-class Cluster:
-    """A head of 0 CPUs and worker nodes of 1 CPU, each ended by its own process group."""
-
-    def __init__(self, storage: Path) -> None:
-        self.storage = storage
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_AUTH_MODE": "disabled",
-            # Ray Train's controller polls its workers every 0.5 s (as on one machine), and the
-            # GCS declares a silent node dead after 3 missed checks 1 s apart (default: 5 x 3 s).
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-        }  # fmt: skip
-        self.head = start_ray_head(
-            self.env, f"--port={self.port}", "--num-cpus=0", "--object-store-memory=100000000",
-            "--include-dashboard=false",
-        )  # fmt: skip
-        self.nodes: dict[str, int] = {}
-
-    def add_node(self, name: str) -> None:
-        self.nodes[name] = start_ray_node(
-            self.env, self.address, "--num-cpus=1", "--object-store-memory=80000000"
-        )
-
-    def lose_node(self, name: str) -> None:
-        os.killpg(self.nodes.pop(name), signal.SIGKILL)
-
-    def close(self) -> None:
-        for pgid in [*self.nodes.values(), self.head]:
-            end_process_group(pgid)
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    running = Cluster(tmp_path_factory.mktemp("storage"))
+def cluster() -> Iterator[NodesCluster]:
+    running = NodesCluster()
     try:
         running.add_node("a")
         yield running
@@ -109,10 +72,11 @@ def fixed_two_workers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, flo
     return json.loads((run_dir / "result.json").read_text())["param_checksum"]
 
 
-def start_job(cluster: Cluster, spec: dict[str, Any], run_dir: Path) -> subprocess.Popen:
+def start_job(cluster: NodesCluster, spec: dict[str, Any], run_dir: Path) -> subprocess.Popen:
     run_dir.mkdir(parents=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
-    env = {**cluster.env, "HUTCH_STORAGE_PATH": str(cluster.storage), "RAY_ADDRESS": cluster.address}
+    storage = run_dir.parent / "storage"  # every node's storage: this machine's
+    env = {**cluster.env, "HUTCH_STORAGE_PATH": str(storage), "RAY_ADDRESS": cluster.address}
     log = (run_dir / "driver.log").open("w")
     return subprocess.Popen(
         [sys.executable, "-m", "trainer", str(run_dir / "spec.yaml"), "--run-dir", str(run_dir),
@@ -124,7 +88,7 @@ def start_job(cluster: Cluster, spec: dict[str, Any], run_dir: Path) -> subproce
 def training_on(job: subprocess.Popen, run_dir: Path, workers: int, after_step: int = 0) -> int | None:
     """The first logged step past ``after_step`` trained by ``workers`` workers, or None."""
     assert job.poll() is None, (run_dir / "driver.log").read_text()[-4000:]
-    records = metrics_records(run_dir)
+    records = records_after(run_dir / "metrics.jsonl", None)
     steps = [r["step"] for r in records if r["workers"] == workers and r["step"] > after_step]
     return min(steps) if steps else None
 
@@ -133,14 +97,16 @@ def finished_like_the_fixed_run(job: subprocess.Popen, run_dir: Path, expected: 
     code = job.wait(timeout=600)
     log = (run_dir / "driver.log").read_text()
     assert code == 0, log[-4000:]
-    steps = [r["step"] for r in metrics_records(run_dir)]
+    steps = [r["step"] for r in records_after(run_dir / "metrics.jsonl", None)]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # each step recorded once
     result = json.loads((run_dir / "result.json").read_text())
     for key in ("sum", "l2"):
         assert result["param_checksum"][key] == pytest.approx(expected[key], rel=1e-5)
 
 
-def test_an_elastic_job_grows_onto_a_node_that_joins(cluster: Cluster, fixed_two_workers, tmp_path) -> None:
+def test_an_elastic_job_grows_onto_a_node_that_joins(
+    cluster: NodesCluster, fixed_two_workers, tmp_path
+) -> None:
     run_dir = tmp_path / "grows"
     job = start_job(cluster, elastic_spec("grows"), run_dir)
     one = wait_for(lambda: training_on(job, run_dir, 1), 240, "training on the one node", 0.2)
@@ -152,14 +118,27 @@ def test_an_elastic_job_grows_onto_a_node_that_joins(cluster: Cluster, fixed_two
 
 
 def test_an_elastic_job_goes_on_with_one_worker_when_a_node_is_lost(
-    cluster: Cluster, fixed_two_workers, tmp_path
+    cluster: NodesCluster, fixed_two_workers, tmp_path
 ) -> None:
     if "b" not in cluster.nodes:  # run alone: the second node joins first
         cluster.add_node("b")
     run_dir = tmp_path / "shrinks"
     job = start_job(cluster, elastic_spec("shrinks"), run_dir)
     two = wait_for(lambda: training_on(job, run_dir, 2, 40), 240, "training on two nodes", 0.2)
+    # As a spot reclaim goes: Ray is told the node will go (the group checkpoints at its next
+    # logging step and trains on), then the node is gone.
+    cluster.drain_node("b", deadline_s=60)
+    log = run_dir / "driver.log"
+    drained = wait_for(
+        lambda: re.search(r"Ray is draining the node of rank [01], to be stopped in \d+ s: saving a "
+                          r"checkpoint at step (\d+), then training on", log.read_text()),
+        60, "the drain notice in the log", 0.2,
+    )  # fmt: skip
+    step = int(drained.group(1))
+    wait_for(lambda: training_on(job, run_dir, 2, step), 60, "training on past the drain checkpoint", 0.1)
     cluster.lose_node("b")
     one = wait_for(lambda: training_on(job, run_dir, 1, 0), 240, "training on the node left", 0.2)
-    assert one < STEPS, (two, one)
+    assert two < step < one <= STEPS, (two, step, one)
+    resumed = re.findall(r"resumed from the checkpoint at step (\d+)", log.read_text())
+    assert resumed and int(resumed[-1]) >= step, resumed  # the drain checkpoint, or a later one
     finished_like_the_fixed_run(job, run_dir, fixed_two_workers)

@@ -23,15 +23,11 @@ import pytest
 import yaml
 
 from benchmarks.harness import free_port, wait_for
+from benchmarks.ray_nodes import end_process_group, start_ray_head
 from service.local_ray import own_port_options
-from tests.support import (
-    end_process_group,
-    forget_current_cluster,
-    metrics_records,
-    remove_placement_groups_when,
-    start_ray_head,
-)
+from tests.support import forget_current_cluster, remove_placement_groups_when
 from trainer.launch import ONE_MACHINE_RAY_ENV
+from trainer.rundir import records_after
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -89,6 +85,10 @@ def finish(process: subprocess.Popen, run_dir: Path, timeout: float = 600) -> di
     return json.loads((run_dir / "result.json").read_text())
 
 
+def records(run_dir: Path) -> list[dict[str, Any]]:
+    return records_after(run_dir / "metrics.jsonl", None)
+
+
 def example(name: str) -> dict[str, Any]:
     return yaml.safe_load((ROOT / "examples" / name).read_text())
 
@@ -139,7 +139,7 @@ def test_adahessian_defaults_reach_95_percent_on_two_workers_and_export_metrics(
     result = finish(job, run_dir)
     assert result["status"] == "succeeded"
     assert result["metrics"]["eval_accuracy"] >= 0.95
-    steps = [r["step"] for r in metrics_records(run_dir)]
+    steps = [r["step"] for r in records(run_dir)]
     assert steps == list(range(10, 241, 10))
 
 
@@ -153,8 +153,8 @@ def test_one_and_two_workers_give_the_same_run(ray_cluster, two_worker_run, tmp_
     two_dir, two = two_worker_run
     one_dir = tmp_path / "one"
     one = finish(start_job(ray_cluster, short_digits(1), one_dir, "digits-one"), one_dir)
-    losses_one = [r["loss"] for r in metrics_records(one_dir)]
-    losses_two = [r["loss"] for r in metrics_records(two_dir)]
+    losses_one = [r["loss"] for r in records(one_dir)]
+    losses_two = [r["loss"] for r in records(two_dir)]
     assert len(losses_one) == len(losses_two) == 60
     assert losses_one == pytest.approx(losses_two, rel=1e-5)
     for key in ("sum", "l2"):
@@ -170,7 +170,7 @@ def test_sigkilled_worker_resumes_from_checkpoint_and_matches(ray_cluster, two_w
         assert job.poll() is None, (run_dir / "driver.log").read_text()[-4000:]
         # A record past step 200 means report(200) returned, which waits until Ray took report(100):
         # the checkpoint at step 100 (at least) is registered when the worker dies.
-        return any(r["step"] >= 210 for r in metrics_records(run_dir))
+        return any(r["step"] >= 210 for r in records(run_dir))
 
     wait_for(past_first_checkpoint, 240, "a record past the second checkpoint")
     victim = int((run_dir / "workers" / "rank-1.pid").read_text())
@@ -178,7 +178,7 @@ def test_sigkilled_worker_resumes_from_checkpoint_and_matches(ray_cluster, two_w
     result = finish(job, run_dir)
     assert "resumed from the checkpoint at step" in (run_dir / "driver.log").read_text()
     assert int((run_dir / "workers" / "rank-1.pid").read_text()) != victim  # a new worker finished it
-    steps = [r["step"] for r in metrics_records(run_dir)]
+    steps = [r["step"] for r in records(run_dir)]
     assert steps == list(range(10, 601, 10))  # each step recorded once despite the restart
     for key in ("sum", "l2"):
         assert result["param_checksum"][key] == pytest.approx(uninterrupted["param_checksum"][key], rel=1e-5)
@@ -209,13 +209,13 @@ def test_engine_backend_job_killed_and_resumed_matches_the_ddp_run(
 
     def past_second_checkpoint() -> bool:
         assert job.poll() is None, (run_dir / "driver.log").read_text()[-4000:]
-        return any(r["step"] >= 210 for r in metrics_records(run_dir))  # checkpoint 100 is registered
+        return any(r["step"] >= 210 for r in records(run_dir))  # checkpoint 100 is registered
 
     wait_for(past_second_checkpoint, 300, "a record past the second checkpoint")
     os.kill(int((run_dir / "workers" / "rank-1.pid").read_text()), signal.SIGKILL)
     result = finish(job, run_dir)
     assert "resumed from the checkpoint at step" in (run_dir / "driver.log").read_text()
-    assert [r["step"] for r in metrics_records(run_dir)] == list(range(10, 601, 10))
+    assert [r["step"] for r in records(run_dir)] == list(range(10, 601, 10))
     assert result["metrics"]["eval_accuracy"] >= 0.95
     for key in ("sum", "l2"):
         assert result["param_checksum"][key] == pytest.approx(ddp["param_checksum"][key], rel=1e-5)
@@ -239,7 +239,7 @@ def test_non_finite_loss_fails_the_job_with_its_reason(ray_cluster, tmp_path):
     assert result["status"] == "failed"
     assert "training stopped: loss is nan at step" in result["reason"]
     failed_at = json.loads((run_dir / "failure.json").read_text())["step"]
-    assert [r["step"] for r in metrics_records(run_dir)] == list(range(1, failed_at))  # the good steps, once
+    assert [r["step"] for r in records(run_dir)] == list(range(1, failed_at))  # the good steps, once
     assert "resumed from the checkpoint" not in log  # no pointless retries
     checkpoints = sorted(p for p in (ray_cluster["storage"] / "diverges").glob("checkpoint_*") if p.is_dir())
     assert checkpoints, "the last good checkpoint is kept"
@@ -294,7 +294,7 @@ def test_placement_group_removed_mid_run_is_retried_or_failed_with_the_reason(
         assert code == 0, log[-4000:]
         assert "resumed from the checkpoint at step" in log
         assert result["status"] == "succeeded"
-        assert [r["step"] for r in metrics_records(run_dir)] == list(range(3, 25, 3))  # each step once
+        assert [r["step"] for r in records(run_dir)] == list(range(3, 25, 3))  # each step once
     else:
         assert code == 1
         assert result["status"] == "failed"
