@@ -6,7 +6,8 @@ They add what a JSON Schema cannot carry and change no check:
   sent as the one file of a real archive (schemathesis has no serializer for the media type).
 - Three rules of a job spec span its sections, and JSON Schema cannot state them (the
   ``POST /v1/jobs`` description does): ``training.global_batch_size`` is a multiple of
-  ``scaling.num_workers`` (of every count of an elastic ``{min, max}``), ``training.chunk_size``
+  ``scaling.num_workers`` (of every count of an elastic ``{min, max}``, whose ``min`` is at most
+  its ``max``), ``training.chunk_size``
   divides each worker's share, and
   ``optimizer.hessian_batch_fraction`` leaves at least one example of the batch. Generated
   *valid* specs are made to keep them, as a user who read the description would; invalid ones go
@@ -66,7 +67,10 @@ def spec_rules_across_sections(_: schemathesis.HookContext, case: schemathesis.C
     spec = case.body
     training, scaling = spec.get("training"), spec.get("scaling")
     training = training if isinstance(training, dict) else {}
-    counts = _worker_counts(scaling.get("num_workers", 1) if isinstance(scaling, dict) else 1)
+    workers = scaling.get("num_workers", 1) if isinstance(scaling, dict) else 1
+    if isinstance(workers, dict) and _integer(workers.get("min")) and _integer(workers.get("max")):
+        workers["min"], workers["max"] = sorted((workers["min"], workers["max"]))  # the rule min <= max
+    counts = _worker_counts(workers)
     batch = _integer(training.get("global_batch_size", 64))
     if counts is None or batch is None or batch < 1:
         return case  # not a valid spec after all: nothing to keep

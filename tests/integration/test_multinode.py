@@ -6,8 +6,8 @@ directory of its own, all sharing the storage path. A node is lost by SIGKILLing
 session (raylet, object store, workers) at once, as when a machine goes away; before that, Ray
 is told it will go (``ray drain-node``, as an autoscaler does before a spot reclaim).
 
-A job with ``num_workers: {min: 1, max: 2}`` grows onto a node that joins and goes on with one
-worker when a node is lost, each time resuming from its latest checkpoint at the new world size;
+A job with ``num_workers: {min: 1, max: 2}`` grows onto a node that joins, then goes on with one
+worker when that node is lost, each time resuming from its latest checkpoint at the new world size;
 its final parameters equal those of a fixed 2-worker run (the same spec through the worker loop
 on gloo processes, no Ray): the global batch is the spec's at every size, and ``chunk_size``
 makes the sums the same.
@@ -35,7 +35,7 @@ from trainer.spec import validate_spec
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
-STEPS = 800
+STEPS = 1600
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,10 @@ def start_job(cluster: NodesCluster, spec: dict[str, Any], run_dir: Path) -> sub
     run_dir.mkdir(parents=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
     storage = run_dir.parent / "storage"  # every node's storage: this machine's
-    env = {**cluster.env, "HUTCH_STORAGE_PATH": str(storage), "RAY_ADDRESS": cluster.address}
+    # After a node dies at once, Ray Train first asks for the group size it had and waits for it
+    # (60 s by default, what benchmarks/fault_recovery.py measures); the test waits 15 s.
+    env = {**cluster.env, "HUTCH_STORAGE_PATH": str(storage), "RAY_ADDRESS": cluster.address,
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}  # fmt: skip
     log = (run_dir / "driver.log").open("w")
     return subprocess.Popen(
         [sys.executable, "-m", "trainer", str(run_dir / "spec.yaml"), "--run-dir", str(run_dir),
@@ -104,27 +107,14 @@ def finished_like_the_fixed_run(job: subprocess.Popen, run_dir: Path, expected: 
         assert result["param_checksum"][key] == pytest.approx(expected[key], rel=1e-5)
 
 
-def test_an_elastic_job_grows_onto_a_node_that_joins(
+def test_an_elastic_job_grows_onto_a_joining_node_and_goes_on_when_it_is_lost(
     cluster: NodesCluster, fixed_two_workers, tmp_path
 ) -> None:
-    run_dir = tmp_path / "grows"
-    job = start_job(cluster, elastic_spec("grows"), run_dir)
+    run_dir = tmp_path / "elastic"
+    job = start_job(cluster, elastic_spec("elastic"), run_dir)
     one = wait_for(lambda: training_on(job, run_dir, 1), 240, "training on the one node", 0.2)
     cluster.add_node("b")
     two = wait_for(lambda: training_on(job, run_dir, 2, one), 240, "training on two nodes", 0.2)
-    assert one < two < STEPS, (one, two)
-    finished_like_the_fixed_run(job, run_dir, fixed_two_workers)
-    assert "resumed from the checkpoint at step" in (run_dir / "driver.log").read_text()
-
-
-def test_an_elastic_job_goes_on_with_one_worker_when_a_node_is_lost(
-    cluster: NodesCluster, fixed_two_workers, tmp_path
-) -> None:
-    if "b" not in cluster.nodes:  # run alone: the second node joins first
-        cluster.add_node("b")
-    run_dir = tmp_path / "shrinks"
-    job = start_job(cluster, elastic_spec("shrinks"), run_dir)
-    two = wait_for(lambda: training_on(job, run_dir, 2, 40), 240, "training on two nodes", 0.2)
     # As a spot reclaim goes: Ray is told the node will go (the group checkpoints at its next
     # logging step and trains on), then the node is gone.
     cluster.drain_node("b", deadline_s=60)
@@ -137,8 +127,8 @@ def test_an_elastic_job_goes_on_with_one_worker_when_a_node_is_lost(
     step = int(drained.group(1))
     wait_for(lambda: training_on(job, run_dir, 2, step), 60, "training on past the drain checkpoint", 0.1)
     cluster.lose_node("b")
-    one = wait_for(lambda: training_on(job, run_dir, 1, 0), 240, "training on the node left", 0.2)
-    assert two < step < one <= STEPS, (two, step, one)
-    resumed = re.findall(r"resumed from the checkpoint at step (\d+)", log.read_text())
-    assert resumed and int(resumed[-1]) >= step, resumed  # the drain checkpoint, or a later one
+    alone = wait_for(lambda: training_on(job, run_dir, 1, step), 240, "training on the node left", 0.2)
+    assert one < two < step < alone <= STEPS, (one, two, step, alone)
+    resumed = [int(s) for s in re.findall(r"resumed from the checkpoint at step (\d+)", log.read_text())]
+    assert len(resumed) >= 2 and resumed[0] < step <= resumed[-1], resumed  # grown, then shrunk
     finished_like_the_fixed_run(job, run_dir, fixed_two_workers)
