@@ -34,7 +34,7 @@ from api.client import (
 from api.packing import PackingError
 from api.schemas import Job
 from service.lifecycle import JobState
-from service.settings import settings_table
+from service.settings import SettingError, settings_table
 from trainer.spec import SpecError, load_spec
 
 app = typer.Typer(
@@ -201,6 +201,8 @@ def serve(
         if error.title != "Settings":
             raise
         _fail(f"invalid settings:\n{settings_problems(error)}", 2)
+    except SettingError as error:
+        _fail(f"invalid settings:\n  {error}", 2)
 
 
 @app.command()

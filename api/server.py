@@ -18,6 +18,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call to Ray: noise
     settings = Settings()
+    settings.ray_token()  # a token file that cannot be read stops the start here, with its reason
     app = create_app(settings)
     where = settings.ray_address or "a local Ray head (started now)"
     token_hint = "HUTCH_API_TOKENS" if settings.api_tokens else f"{settings.token_file}"

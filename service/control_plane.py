@@ -73,6 +73,7 @@ class ControlPlane:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        ray_token = settings.ray_token()  # a SettingError now, before anything starts, if unreadable
         self.store = JobStore(settings.resolved_database_url)
         self.layout = RunLayout(settings.resolved_storage_path)
         self.local_head: LocalRayHead | None = None
@@ -80,13 +81,14 @@ class ControlPlane:
         if address is None:
             self.local_head = self._ensure_local_head()
             address = self.local_head.dashboard_url
-        token = settings.ray_auth_token
         self.launcher = RayLauncher(
             address,
             self.layout,
             settings.ray_dashboard_url,
             local=self.local_head is not None,
-            auth_token=token.get_secret_value() if token else None,
+            auth_token=ray_token,
+            auth_token_file=settings.ray_auth_token_file,
+            driver_resources=settings.driver_resources,
         )
         self.packages = self.launcher.packages
         self._head_lock = threading.Lock()  # a restart of the local head and close() take turns
@@ -99,6 +101,7 @@ class ControlPlane:
             settings.reconcile_interval_s,
             revive,
             autoscaling_limits={resource: n for resource, n in limits.items() if n is not None},
+            driver_resources=settings.driver_resources,
         )
 
     @classmethod
@@ -300,7 +303,11 @@ class ControlPlane:
             self._admission_skipped = True
             return
         self._admission_skipped = False
-        check_fits(spec, capacity, self.settings.max_cluster_cpus, self.settings.max_cluster_gpus)
+        settings = self.settings
+        check_fits(
+            spec, capacity, settings.max_cluster_cpus, settings.max_cluster_gpus,
+            driver_resources=settings.driver_resources,
+        )  # fmt: skip
 
     # -- views ----------------------------------------------------------------------------
     def dashboard_url(self, job: JobRecord) -> str | None:

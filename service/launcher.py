@@ -13,23 +13,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shlex
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from service.admission import ClusterCapacity
 from service.packages import PackageStore, UnknownPackage
+from service.settings import SettingError, read_token_file
 from trainer.rundir import RunLayout
 from trainer.spec import PACKAGE_URI
+
+log = logging.getLogger("hutch.launcher")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,16 +79,24 @@ def unwritable(path: Path, error: OSError) -> StorageUnavailable:
 TOKEN_HINT = "HUTCH_RAY_AUTH_TOKEN (on KubeRay: the Secret named after the RayCluster, key auth_token)"
 
 
-def auth_failure(address: str, status: int, token_sent: bool) -> RayAuthFailed:
+def token_file_hint(path: Path) -> str:
+    """Where to look when the token of a token file is rejected (the path, never the token)."""
+    return (
+        f"HUTCH_RAY_AUTH_TOKEN_FILE ({path}, read again on every rejection; on KubeRay: key auth_token "
+        "of the Secret the RayCluster's authOptions use, mounted as a volume without subPath)"
+    )
+
+
+def auth_failure(address: str, status: int, token_sent: bool, hint: str = TOKEN_HINT) -> RayAuthFailed:
     """The error for a 401/403 from Ray, saying which of the two token problems it is."""
     if status == 401 or not token_sent:
         return RayAuthFailed(
             f"Ray at {address} has token authentication on and refused the request ({status}): "
-            f"no Ray token is configured; set {TOKEN_HINT}"
+            f"no Ray token is configured; set {hint}"
         )
     return RayAuthFailed(
         f"Ray at {address} rejected the Ray token ({status} Forbidden: invalid authentication token); "
-        f"check {TOKEN_HINT}"
+        f"check {hint}"
     )
 
 
@@ -92,7 +105,16 @@ class RayLauncher:
 
     With ``auth_token`` every call carries ``Authorization: Bearer <token>``: Ray's job client
     and the dashboard calls made here alike (Ray's client would only find a token in this
-    process's own ``RAY_AUTH_*`` environment, and the dashboard calls would carry none)."""
+    process's own ``RAY_AUTH_*`` environment, and the dashboard calls would carry none).
+
+    With ``auth_token_file`` the token is read from that file (now, unless ``auth_token`` is its
+    content, read already; a :class:`~service.settings.SettingError` if it cannot be), and again
+    whenever Ray rejects it (401/403): a new token there replaces the old one for every later
+    call, and the rejected call is made once more with it, so a rotated Secret is followed
+    without a restart.
+
+    ``driver_resources`` (custom resource -> amount) go with every submission as the Ray job's
+    ``entrypoint_resources``: Ray runs the driver only on a node that offers them."""
 
     def __init__(
         self,
@@ -101,6 +123,8 @@ class RayLauncher:
         dashboard_url: str | None = None,
         local: bool = False,
         auth_token: str | None = None,
+        auth_token_file: Path | None = None,
+        driver_resources: Mapping[str, float] | None = None,
     ):
         self.address = address
         self.layout = layout
@@ -109,7 +133,14 @@ class RayLauncher:
         self._dashboard_is_address = dashboard_url is None
         # A local head runs this very interpreter; a remote cluster's image has `python` with hutch.
         self.python = sys.executable if local else "python"
-        self._headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
+        self.driver_resources = dict(driver_resources or {})
+        self._token_file = auth_token_file
+        if auth_token is None and auth_token_file is not None:
+            auth_token = read_token_file(auth_token_file)
+        self._token = auth_token
+        self._token_hint = token_file_hint(auth_token_file) if auth_token_file is not None else TOKEN_HINT
+        self._unreadable: str | None = None  # the token file's last read error, said once
+        self._headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         self._client: Any = None
         self._lock = threading.Lock()
         # One HTTP client for the dashboard calls: a new one per call costs ~35 ms of CPU (TLS setup).
@@ -133,12 +164,52 @@ class RayLauncher:
         """What a failed call to Ray means: a token problem, or Ray out of reach."""
         from ray.exceptions import AuthenticationError
 
+        if isinstance(error, RayUnavailable):  # already said (by the ``client`` property)
+            return error
         if isinstance(error, AuthenticationError):
             status = 403 if "Forbidden" in str(error) or "invalid" in str(error) else 401
-            return auth_failure(self.address, status, bool(self._headers))
+            return auth_failure(self.address, status, bool(self._headers), self._token_hint)
         if isinstance(error, httpx.HTTPStatusError) and error.response.status_code in (401, 403):
-            return auth_failure(self.address, error.response.status_code, bool(self._headers))
+            return auth_failure(
+                self.address, error.response.status_code, bool(self._headers), self._token_hint
+            )
         return RayUnavailable(f"Ray at {self.address} is not reachable: {error}")
+
+    def _with_token(self, call: Callable[[], T]) -> T:
+        """``call()``; if Ray rejects the token and the token file now holds another one, once
+        more with that one."""
+        rejected = self._token
+        try:
+            return call()
+        except RayAuthFailed:
+            if not self._renew_token(rejected):
+                raise
+        return call()
+
+    def _renew_token(self, rejected: str | None) -> bool:
+        """After Ray rejected the token ``rejected``: read the token file again and, if it holds
+        a new token, use it for every later call (new clients, no cached capacity). True if the
+        token in use now differs from the rejected one (a call worth making again)."""
+        if self._token_file is None:
+            return False
+        try:
+            token = read_token_file(self._token_file)
+        except SettingError as error:  # rewritten right now, or gone: keep the token we have
+            if str(error) != self._unreadable:
+                log.warning("Ray rejected the token; reading it again failed: %s", error)
+            self._unreadable = str(error)
+            return False
+        self._unreadable = None
+        with self._lock:
+            if token != self._token:
+                self._token = token
+                self._headers = {"Authorization": f"Bearer {token}"}
+                self._client = None
+                # The old HTTP client is left to the garbage collector, as in reconnect().
+                self._http = httpx.Client(base_url=self.address, headers=self._headers, timeout=10)
+                self._capacity = None
+                log.warning("Ray rejected the token; using the new token found in %s", self._token_file)
+            return self._token != rejected
 
     @staticmethod
     def submission_id(job_id: str, attempt: int) -> str:
@@ -176,7 +247,8 @@ class RayLauncher:
         return env
 
     def submit(self, job_id: str, attempt: int, spec: Mapping[str, Any], name: str) -> str:
-        """Start attempt ``attempt`` of a job (resuming from its checkpoints, if any); idempotent."""
+        """Start attempt ``attempt`` of a job (resuming from its checkpoints, if any); idempotent.
+        Its driver asks Ray for :attr:`driver_resources`, if any."""
         run = self.layout.run(job_id)
         # The trainer does not need the runtime_env (Ray applies it), and its env_vars may be secrets.
         trainer_spec = {key: value for key, value in spec.items() if key != "runtime_env"}
@@ -189,13 +261,22 @@ class RayLauncher:
             runtime_env = self.runtime_env(spec)
         except UnknownPackage as missing:  # removed from the storage after the job was accepted
             raise RayRefused(str(missing)) from missing
+        entrypoint = self.entrypoint(job_id, attempt, spec)
+        # `job_name` is the key the Ray dashboard's Jobs page shows in its "Job name" column.
+        metadata = {"job_name": name, "hutch_job_id": job_id, "hutch_attempt": str(attempt)}
+        return self._with_token(lambda: self._submit(submission_id, entrypoint, metadata, runtime_env))
+
+    def _submit(
+        self, submission_id: str, entrypoint: str, metadata: dict[str, str], runtime_env: dict[str, Any]
+    ) -> str:
+        client = self.client
         try:
-            self.client.submit_job(
-                entrypoint=self.entrypoint(job_id, attempt, spec),
+            client.submit_job(
+                entrypoint=entrypoint,
                 submission_id=submission_id,
-                # `job_name` is the key the Ray dashboard's Jobs page shows in its "Job name" column.
-                metadata={"job_name": name, "hutch_job_id": job_id, "hutch_attempt": str(attempt)},
+                metadata=metadata,
                 runtime_env=runtime_env,
+                entrypoint_resources=dict(self.driver_resources) or None,
             )
         except RuntimeError as error:
             if "already exists" in str(error):  # submitted before a crash: that one is ours
@@ -209,8 +290,12 @@ class RayLauncher:
 
     def status(self, submission_id: str) -> RayJob | None:
         """Ray's view of a submission; None if Ray has no such job."""
+        return self._with_token(lambda: self._status(submission_id))
+
+    def _status(self, submission_id: str) -> RayJob | None:
+        client = self.client
         try:
-            info = self.client.get_job_info(submission_id)
+            info = client.get_job_info(submission_id)
         except RuntimeError as error:
             if "does not exist" in str(error):
                 return None
@@ -221,8 +306,12 @@ class RayLauncher:
 
     def stop(self, submission_id: str) -> None:
         """Ask Ray to stop a submission (SIGTERM, then SIGKILL, to its driver and workers)."""
+        self._with_token(lambda: self._stop(submission_id))
+
+    def _stop(self, submission_id: str) -> None:
+        client = self.client
         try:
-            self.client.stop_job(submission_id)
+            client.stop_job(submission_id)
         except RuntimeError as error:
             if "does not exist" not in str(error):
                 raise RayUnavailable(str(error)) from error
@@ -260,6 +349,9 @@ class RayLauncher:
         self._http.close()
 
     def ping(self) -> None:
+        self._with_token(self._ping)
+
+    def _ping(self) -> None:
         try:
             response = self._http.get("/api/version", timeout=3)
             response.raise_for_status()
@@ -270,9 +362,16 @@ class RayLauncher:
         """Resources (``CPU``, ``GPU``, …) of the cluster's alive nodes. The answer, or the
         failure to get one, is kept for ``max_age_s`` so a burst of submissions asks Ray once."""
         now = time.monotonic()
-        if self._capacity is None or now - self._capacity[0] >= max_age_s:
-            self._capacity = (now, self._read_capacity())
-        answer = self._capacity[1]
+        kept = self._capacity
+        if kept is not None and isinstance(kept[1], RayAuthFailed) and self._renew_token(self._token):
+            kept = None  # the token file holds a new token: ask with it now, not when the answer expires
+        if kept is None or now - kept[0] >= max_age_s:
+            rejected = self._token
+            answer = self._read_capacity()
+            if isinstance(answer, RayAuthFailed) and self._renew_token(rejected):
+                answer = self._read_capacity()
+            kept = self._capacity = (now, answer)
+        answer = kept[1]
         if isinstance(answer, RayUnavailable):
             # A new exception each time: raising the kept one again would add every caller's
             # frames (and the requests they hold) to its traceback until the failure expires.

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from service.admission import startable
+from service.admission import missing_driver_resources, startable
 from service.launcher import RayJob, RayLauncher, RayRefused, RayUnavailable, StorageUnavailable, unwritable
 from service.lifecycle import JobState
 from service.store import JobRecord, JobStore
@@ -47,7 +47,11 @@ class Reconciler:
     """Runs :meth:`reconcile_once` every ``interval_s`` seconds on a daemon thread.
 
     ``revive_ray``, called before each tick, is the control plane's chance to bring back a Ray
-    head of its own that died (see :meth:`service.control_plane.ControlPlane.revive_local_head`)."""
+    head of its own that died (see :meth:`service.control_plane.ControlPlane.revive_local_head`).
+
+    ``driver_resources`` (HUTCH_DRIVER_RESOURCES) count as part of every job's demand, unless
+    the cluster autoscales (``autoscaling_limits``): then Ray and its autoscaler place drivers.
+    While no node offers them, queued jobs wait, and :attr:`last_error` (so ``/readyz``) says why."""
 
     def __init__(
         self,
@@ -56,12 +60,15 @@ class Reconciler:
         interval_s: float = 1.0,
         revive_ray: Callable[[], bool] | None = None,
         autoscaling_limits: Mapping[str, float] | None = None,
+        driver_resources: Mapping[str, float] | None = None,
     ) -> None:
         self.store = store
         self.launcher = launcher
         self.interval_s = interval_s
         self.revive_ray = revive_ray
         self.autoscaling_limits = dict(autoscaling_limits or {})
+        # Without autoscaling limits the cluster is what it is, drivers' resources included.
+        self.driver_resources = {} if self.autoscaling_limits else dict(driver_resources or {})
         self.last_error: str | None = None
         self.stats = PassStats()
         self._tick_error: str | None = None
@@ -116,12 +123,12 @@ class Reconciler:
         error, blocked = self._each(self.store.in_states(STARTED))
         if error is None and not self._stop.is_set():
             try:
-                queued = self._startable()
+                queued, waiting = self._startable()
             except RayUnavailable as unavailable:
                 error = str(unavailable)
             else:
                 error, blocked_start = self._each(queued)
-                blocked = blocked or blocked_start
+                blocked = blocked or blocked_start or waiting
         if error and error != self.last_error:
             log.warning("Ray is unavailable; jobs wait: %s", error)
         elif blocked and not error and blocked != self.last_error:
@@ -144,17 +151,21 @@ class Reconciler:
                 log.exception("reconciling job %s failed", job.id)
         return None, blocked
 
-    def _startable(self) -> list[JobRecord]:
-        """The head of the queue that fits in the cluster (or its autoscaling limits) now."""
+    def _startable(self) -> tuple[list[JobRecord], str | None]:
+        """The head of the queue that fits in the cluster (or its autoscaling limits) now, and
+        why none can start if no node offers the drivers' resources."""
         if not self.store.has_queued():
-            return []
+            return [], None
         # Before the queue is read: with Ray out of reach (its answer is kept a while), a tick,
         # which every submission asks for, costs no more than this.
-        room = {**self.launcher.capacity().total, **self.autoscaling_limits}
+        capacity = self.launcher.capacity()
+        room = {**capacity.total, **self.autoscaling_limits}
+        missing = missing_driver_resources(self.driver_resources, capacity)
         now = time.monotonic()
         self._backoff = {job_id: at for job_id, at in self._backoff.items() if at > now}
         queue = [job for job in self.store.queue() if job.id not in self._backoff]
-        return startable(queue, self.store.in_states(STARTED), room)
+        waiting = missing if missing and queue else None
+        return startable(queue, self.store.in_states(STARTED), room, self.driver_resources), waiting
 
     def _reconcile(self, job: JobRecord) -> None:
         if job.state == JobState.QUEUED:

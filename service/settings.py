@@ -7,12 +7,22 @@ address, it runs against them unchanged.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -81,7 +91,15 @@ class Settings(TokenSettings):
         validation_alias=AliasChoices("HUTCH_RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN", "ray_auth_token"),
         description="Token of a Ray cluster with token authentication (RAY_AUTH_MODE=token; KubeRay keeps "
         "it in the Secret named after the cluster, key auth_token), sent on every call to Ray (falls back "
-        "to RAY_AUTH_TOKEN). Never logged or shown.",
+        "to RAY_AUTH_TOKEN). Never logged or shown. Fixed for the life of the process; for a token that "
+        "rotates, use HUTCH_RAY_AUTH_TOKEN_FILE instead.",
+    )
+    ray_auth_token_file: Path | None = Field(
+        default=None,
+        description="A file holding the Ray token, instead of HUTCH_RAY_AUTH_TOKEN (not both): e.g. the "
+        "KubeRay Secret mounted as a volume (not with subPath, which Kubernetes never updates). Read at "
+        "start-up (it must exist and hold a token) and read again whenever Ray rejects the token: a "
+        "rotated token is picked up, and the rejected call retried, with no restart.",
     )
     ray_dashboard_url: str | None = Field(
         default=None,
@@ -122,6 +140,14 @@ class Settings(TokenSettings):
     reconcile_interval_s: PositiveFloat = Field(
         default=1.0, description="How often the reconciler follows Ray jobs into the store."
     )
+    driver_resources: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description="Custom Ray resources every job's driver (python -m trainer) asks for, as a JSON object "
+        'of name -> amount, e.g. {"hutch-driver": 1}: Ray then runs the driver only on a node that offers '
+        "them (ray start --resources; a KubeRay worker group's resources), e.g. to keep job code off the "
+        "head. Unset: the driver runs where Ray puts it, by default on the head. CPU, GPU and memory are "
+        "not custom resources and are refused here.",
+    )
     local_ray_num_cpus: PositiveInt | None = Field(
         default=None, description="CPUs of the local Ray head [this machine's count]."
     )
@@ -141,6 +167,26 @@ class Settings(TokenSettings):
             return None
         return SecretStr(value.get_secret_value().strip())
 
+    @field_validator("ray_auth_token_file", mode="before")
+    @classmethod
+    def _unset_if_blank(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("ray_auth_token_file")
+    @classmethod
+    def _one_token_source(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and info.data.get("ray_auth_token") is not None:
+            raise ValueError(
+                "HUTCH_RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN) and HUTCH_RAY_AUTH_TOKEN_FILE are both set; "
+                "set only one: the file for a token that rotates, the variable for a fixed one"
+            )
+        return value
+
+    @field_validator("driver_resources", mode="before")
+    @classmethod
+    def _custom_resources(cls, value: object) -> object:
+        return parse_driver_resources(value)
+
     @field_validator("ray_address")
     @classmethod
     def _http_address(cls, value: str | None) -> str | None:
@@ -152,6 +198,12 @@ class Settings(TokenSettings):
                 "must be the HTTP address of the Ray dashboard (job submission API), e.g. http://head:8265"
             )
         return value if "://" in value else f"http://{value}"
+
+    def ray_token(self) -> str | None:
+        """The Ray token as configured now: HUTCH_RAY_AUTH_TOKEN's, or the file's (read now)."""
+        if self.ray_auth_token_file is not None:
+            return read_token_file(self.ray_auth_token_file)
+        return self.ray_auth_token.get_secret_value() if self.ray_auth_token else None
 
     @cached_property
     def resolved_data_dir(self) -> Path:
@@ -166,6 +218,67 @@ class Settings(TokenSettings):
     @property
     def resolved_storage_path(self) -> Path:
         return (self.storage_path or self.resolved_data_dir / "storage").expanduser().absolute()
+
+
+class SettingError(ValueError):
+    """A setting whose value parses but cannot be used (a token file that cannot be read, …);
+    ``variable`` names it."""
+
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path`` (HUTCH_RAY_AUTH_TOKEN_FILE), surrounding whitespace stripped; a
+    :class:`SettingError` naming the setting and the path if it cannot be read or is empty."""
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise SettingError(
+            "HUTCH_RAY_AUTH_TOKEN_FILE", f"cannot read the Ray token file {path}: {reason}"
+        ) from None
+    if not token:
+        raise SettingError("HUTCH_RAY_AUTH_TOKEN_FILE", f"the Ray token file {path} is empty")
+    return token
+
+
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def parse_driver_resources(value: object) -> dict[str, float]:
+    """HUTCH_DRIVER_RESOURCES as a dict: a JSON object (or a mapping) of custom resource name ->
+    positive amount; a ``ValueError`` saying what is wrong otherwise."""
+    example = 'e.g. {"hutch-driver": 1}'
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise ValueError(
+                f"must be a JSON object of resource name -> amount, {example}: {error}"
+            ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object of resource name -> amount, {example}; got {value!r}")
+    resources = {}
+    for name, amount in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"resource names must be non-empty strings, {example}; got {name!r}")
+        if name.lower() in {reserved.lower() for reserved in RESERVED_RESOURCES}:
+            raise ValueError(
+                f"{name!r} is not a custom resource: CPU, GPU and memory have their own parameters in Ray "
+                "(entrypoint_num_cpus, entrypoint_num_gpus, entrypoint_memory) and are not taken here; "
+                f"name a custom resource that the driver's nodes offer, {example}"
+            )
+        number = isinstance(amount, int | float) and not isinstance(amount, bool)
+        if not number or not math.isfinite(amount) or amount < 1e-4:
+            raise ValueError(
+                f"the amount of {name!r} must be a positive number (at least 0.0001), got {amount!r}"
+            )
+        resources[name] = float(amount)
+    return resources
 
 
 def settings_table() -> list[tuple[str, str, str]]:

@@ -5,6 +5,10 @@ real `hutch serve` processes pointed at its job API, jobs trained on it.
 With a wrong or a missing token, `/readyz` says which (503, the reason in the body), and a
 submitted job waits QUEUED; restarted with the right token, the same service on the same store
 runs that job to SUCCEEDED, refuses a job larger than the cluster, and stops a running one.
+
+With the token in a file (HUTCH_RAY_AUTH_TOKEN_FILE, as a mounted Secret), a rotation is followed
+without a restart: the cluster comes back with a new token, a job waits QUEUED while the file
+holds the old one, and runs once the file holds the new one.
 """
 
 from __future__ import annotations
@@ -25,22 +29,23 @@ from benchmarks.ray_nodes import end_process_group, start_ray_head
 from service.local_ray import own_port_options
 from tests.e2e.conftest import TOKEN, ServiceProcess
 from tests.e2e.test_api_contract import spec_with
+from trainer.launch import ONE_MACHINE_RAY_ENV
 
 pytestmark = pytest.mark.slow
 
 RAY_TOKEN = secrets.token_hex(16)
 
 
-@pytest.fixture(scope="module")
-def token_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A 2-CPU Ray head with token auth on; its job drivers find hutch's `python` on PATH, as in
-    the Ray image."""
-    gcs_port, dashboard_port = free_port(), free_port()
+def start_token_head(token: str, gcs_port: int, dashboard_port: int) -> int:
+    """A 2-CPU Ray head with token auth on and ``token``, its job API up; its process group. Its
+    job drivers find hutch's `python` on PATH, as in the Ray image, and Ray Train's controller takes
+    the settings of a one-machine cluster."""
     env = {
+        **ONE_MACHINE_RAY_ENV,
         **os.environ,
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
         "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": RAY_TOKEN,
+        "RAY_AUTH_TOKEN": token,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     env.pop("RAY_ADDRESS", None)
@@ -50,8 +55,21 @@ def token_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        auth = {"Authorization": f"Bearer {RAY_TOKEN}"}
+        auth = {"Authorization": f"Bearer {token}"}
         wait_for(lambda: _job_api_up(address, auth), 120, "the token-protected Ray job API", 0.5)
+    except BaseException:
+        end_process_group(pgid)
+        raise
+    return pgid
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A 2-CPU Ray head with token auth on (:func:`start_token_head`)."""
+    dashboard_port = free_port()
+    pgid = start_token_head(RAY_TOKEN, free_port(), dashboard_port)
+    try:
+        address = f"http://127.0.0.1:{dashboard_port}"
         yield {"address": address, "storage": tmp_path_factory.mktemp("token-storage")}
     finally:
         end_process_group(pgid)
@@ -66,12 +84,23 @@ def _job_api_up(address: str, headers: dict[str, str]) -> bool:
         return False
 
 
-def service_on(cluster: dict[str, Any], data_dir: Path, ray_token: str | None) -> ServiceProcess:
+def service_on(
+    cluster: dict[str, Any], data_dir: Path, ray_token: str | None, token_file: Path | None = None
+) -> ServiceProcess:
     env = {"HUTCH_RAY_ADDRESS": cluster["address"], "HUTCH_STORAGE_PATH": str(cluster["storage"])}
     if ray_token is not None:
         env["HUTCH_RAY_AUTH_TOKEN"] = ray_token
+    if token_file is not None:
+        env["HUTCH_RAY_AUTH_TOKEN_FILE"] = str(token_file)
     service = ServiceProcess(data_dir, env)
-    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "HUTCH_RAY_AUTH_TOKEN"):
+    names = (
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN_PATH",
+        "HUTCH_RAY_AUTH_TOKEN",
+        "HUTCH_RAY_AUTH_TOKEN_FILE",
+    )
+    for name in names:
         if name not in env:
             service.env.pop(name, None)  # only what this test sets reaches the service
     return service
@@ -166,10 +195,92 @@ def test_token_auth_wrong_then_missing_then_right(
         right.stop()
 
 
-def _ray_job_info(address: str, submission_id: str | None) -> dict[str, Any]:
+def _ray_job_info(address: str, submission_id: str | None, token: str = RAY_TOKEN) -> dict[str, Any]:
     """What the Ray dashboard's Jobs page reads for one job (its REST API, with the token)."""
     response = httpx.get(
-        f"{address}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {RAY_TOKEN}"}, timeout=10
+        f"{address}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {token}"}, timeout=10
     )
     response.raise_for_status()
     return response.json()
+
+
+def tiny(name: str) -> dict[str, Any]:
+    """A digits job of a few steps on one worker: a few seconds of training."""
+    return spec_with(
+        name=name,
+        **{"training.steps": 10, "training.checkpoint_every": 10, "training.eval_every": 10,
+           "training.log_every": 5, "scaling.num_workers": 1, "training.global_batch_size": 32},
+    )  # fmt: skip
+
+
+def write_token(path: Path, token: str) -> None:
+    """Replace the file at once, as Kubernetes updates a mounted Secret (a new file, renamed in)."""
+    new = path.with_name(f".{path.name}.new")
+    new.write_text(token + "\n")
+    new.replace(path)
+
+
+def test_a_rotated_token_file_is_followed_without_a_restart(tmp_path_factory: pytest.TempPathFactory) -> None:
+    token_a, token_b = secrets.token_hex(16), secrets.token_hex(16)
+    gcs_port, dashboard_port = free_port(), free_port()
+    cluster = {
+        "address": f"http://127.0.0.1:{dashboard_port}",
+        "storage": tmp_path_factory.mktemp("rotation-storage"),
+    }
+    data_dir = tmp_path_factory.mktemp("rotation-service")
+    token_file = tmp_path_factory.mktemp("ray-token") / "auth_token"
+    write_token(token_file, token_a)
+    heads = [start_token_head(token_a, gcs_port, dashboard_port)]
+    service = service_on(cluster, data_dir, None, token_file)
+    try:
+        service.start()  # /readyz answers 200: the file's token is accepted
+        assert service.process is not None
+        pid = service.process.pid
+        with Client(service.url, TOKEN) as client:
+            first = client.submit(tiny("rotation-before"))
+            done = client.wait(first.id, timeout=180, poll_interval=0.5)
+            assert done.state == "SUCCEEDED", done.failure_reason
+
+            # The rotation: the cluster comes back on the same address with token B; the file
+            # still holds A.
+            end_process_group(heads.pop())
+            heads.append(start_token_head(token_b, gcs_port, dashboard_port))
+            second = client.submit(tiny("rotation-after"))  # admission cannot ask Ray: accepted
+            assert second.state == "QUEUED"
+
+            def rejected() -> dict[str, str] | None:
+                response = readiness(service)
+                checks = response.json()["checks"]
+                return checks if response.status_code == 503 and checks["job_submission"] != "ok" else None
+
+            checks = wait_for(rejected, 60, "/readyz to report the rejected token")
+            for check in ("ray", "job_submission"):
+                assert "rejected the Ray token" in checks[check], checks
+                assert f"HUTCH_RAY_AUTH_TOKEN_FILE ({token_file}" in checks[check], checks
+            assert [e.state for e in client.events(second.id)] == ["QUEUED"]  # waits, does not fail
+
+            write_token(token_file, token_b)  # Kubernetes updates the mounted Secret
+            final = client.wait(second.id, timeout=180, poll_interval=0.5)
+            assert final.state == "SUCCEEDED", final.failure_reason
+            lifecycle = ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+            assert [e.state for e in client.events(second.id)] == lifecycle
+            assert _ray_job_info(cluster["address"], final.ray_job_id, token_b)["status"] == "SUCCEEDED"
+            response = wait_for(lambda: (r := readiness(service)).status_code == 200 and r, 30, "/readyz 200")
+            assert response.json()["checks"] == {"database": "ok", "ray": "ok", "job_submission": "ok"}
+
+            # The same process all along, and nothing lost: the first job is still listed,
+            # SUCCEEDED, with its metrics.
+            assert service.process.poll() is None and service.process.pid == pid
+            listed = {job.id: job for job in client.list(limit=10).jobs}
+            assert listed[first.id].state == "SUCCEEDED"
+            assert listed[first.id].latest_metrics and listed[first.id].latest_metrics["step"] == 10
+            assert [r["step"] for r in client.metrics(first.id).records] == [5, 10]
+            assert [e.state for e in client.events(first.id)] == lifecycle
+        log = service.log_tail(2000)
+        assert log.count(f"using the new token found in {token_file}") == 1, log
+        assert token_a not in log and token_b not in log
+    finally:
+        if service.process is not None and service.process.poll() is None:
+            service.stop()
+        for pgid in heads:
+            end_process_group(pgid)

@@ -1,5 +1,5 @@
 """Admission arithmetic: which jobs can never be scheduled on a cluster of given nodes, and which
-queued jobs fit beside the running ones now.
+queued jobs fit beside the running ones now (drivers' resources, HUTCH_DRIVER_RESOURCES, included).
 
 The cluster's resources are given as numbers here; the service reads them from Ray's nodes API
 (exercised with a real local Ray head in tests/e2e/test_service_ray.py)."""
@@ -15,6 +15,9 @@ import pytest
 from benchmarks.harness import free_port
 from service.admission import ClusterCapacity, Unschedulable, check_fits, demand, startable
 from service.launcher import RayLauncher, RayUnavailable
+from service.lifecycle import JobState
+from service.reconciler import Reconciler
+from service.store import JobStore
 from trainer.rundir import RunLayout
 from trainer.spec import validate_spec
 
@@ -156,3 +159,95 @@ def test_an_elastic_job_needs_its_minimum_to_start_and_is_counted_at_it() -> Non
     job.spec = stored
     assert names(startable([job, Queued("b", num_workers=2)], [], {"CPU": 4.0})) == ["e", "b"]
     assert names(startable([Queued("c")], [job], {"CPU": 2.0})) == []
+
+
+# -- the drivers' resources (HUTCH_DRIVER_RESOURCES) -------------------------------------------
+
+DRIVER = {"hutch-driver": 1.0}
+WITH_DRIVERS = ClusterCapacity(
+    total={"CPU": 8.0, "hutch-driver": 2.0}, largest_node={"CPU": 4.0, "hutch-driver": 1.0}
+)
+
+
+def test_a_job_is_refused_while_no_node_offers_the_drivers_resources() -> None:
+    with pytest.raises(Unschedulable) as refused:
+        check_fits(spec(), CPU_ONLY, driver_resources=DRIVER)
+    assert refused.value.field is None  # no field of the job's: the service's setting
+    assert "every job's driver asks for 1 hutch-driver (HUTCH_DRIVER_RESOURCES)" in str(refused.value)
+    assert "nodes offer none" in str(refused.value)
+    with pytest.raises(Unschedulable, match="nodes offer at most 1"):  # one driver runs on one node
+        check_fits(spec(), WITH_DRIVERS, driver_resources={"hutch-driver": 2.0})
+    check_fits(spec(), WITH_DRIVERS, driver_resources=DRIVER)
+    check_fits(spec(), CPU_ONLY)  # no driver resources: as before
+
+
+def test_an_autoscaling_cluster_leaves_the_drivers_resources_to_ray() -> None:
+    check_fits(spec(), CPU_ONLY, 16, driver_resources=DRIVER)  # a node offering them may be added
+    check_fits(spec(), CPU_ONLY, None, 0, driver_resources=DRIVER)
+
+
+def test_each_started_job_holds_its_drivers_resources() -> None:
+    assert demand(Queued("a", num_workers=2).spec, DRIVER) == {"CPU": 2.0, "hutch-driver": 1.0}
+    queue = [Queued("a"), Queued("b"), Queued("c")]
+    room = {"CPU": 8.0, "hutch-driver": 2.0}
+    assert names(startable(queue, [], room, DRIVER)) == ["a", "b"]  # CPUs for 8, drivers for 2
+    assert names(startable(queue, [Queued("busy")], room, DRIVER)) == ["a"]
+    assert startable(queue, [], {"CPU": 8.0}, DRIVER) == []  # no node offers it: all wait
+    assert names(startable(queue, [], {"CPU": 8.0})) == ["a", "b", "c"]  # without the setting
+
+
+class FakeLauncher:
+    """What the reconciler asks of the launcher to start queued jobs; Ray's resources are set."""
+
+    def __init__(self, layout: RunLayout, capacity: ClusterCapacity) -> None:
+        self.layout = layout
+        self.cluster = capacity
+        self.submitted: list[str] = []
+
+    def capacity(self) -> ClusterCapacity:
+        return self.cluster
+
+    @staticmethod
+    def submission_id(job_id: str, attempt: int) -> str:
+        return RayLauncher.submission_id(job_id, attempt)
+
+    def status(self, submission_id: str) -> None:
+        return None  # never submitted before
+
+    def submit(self, job_id: str, attempt: int, spec: Any, name: str) -> str:
+        self.submitted.append(job_id)
+        return self.submission_id(job_id, attempt)
+
+
+@pytest.mark.parametrize("autoscaling", [False, True])
+def test_queued_jobs_wait_with_a_reason_while_no_node_offers_the_drivers_resources(
+    tmp_path: Any, autoscaling: bool
+) -> None:
+    store = JobStore(f"sqlite:///{tmp_path / 'hutch.db'}")
+    try:
+        launcher = FakeLauncher(RunLayout(tmp_path / "storage"), CPU_ONLY)
+        limits = {"CPU": 16.0} if autoscaling else {}
+        reconciler = Reconciler(
+            store,
+            launcher,  # type: ignore[arg-type]
+            autoscaling_limits=limits,
+            driver_resources=DRIVER,
+        )
+        job, _ = store.create("waits", Queued("waits").spec)  # accepted while Ray could not be asked
+        reconciler.reconcile_once()
+        if autoscaling:  # Ray and its autoscaler place the driver: handed to Ray at once
+            assert launcher.submitted == [job.id] and reconciler.last_error is None
+            return
+        assert launcher.submitted == [] and store.get(job.id).state == JobState.QUEUED  # type: ignore[union-attr]
+        assert reconciler.last_error is not None  # what /readyz shows as job_submission
+        assert (
+            "1 hutch-driver (HUTCH_DRIVER_RESOURCES) but the cluster's nodes offer none"
+            in reconciler.last_error
+        )
+
+        launcher.cluster = WITH_DRIVERS  # a node offering it joined
+        reconciler.reconcile_once()
+        assert launcher.submitted == [job.id] and reconciler.last_error is None
+        assert store.get(job.id).state == JobState.STARTING  # type: ignore[union-attr]
+    finally:
+        store.close()
