@@ -4,7 +4,7 @@ Python client parses into them."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -103,3 +103,8 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+    queue: Literal["open", "held"] | None = Field(
+        default=None,
+        description="/readyz only: `held` while HUTCH_HOLD_QUEUE keeps every queued job from "
+        "starting (the service is ready all the same).",
+    )

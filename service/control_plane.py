@@ -66,6 +66,7 @@ class Telemetry:
     oldest_queued_s: float | None  # the longest wait of a QUEUED job (0 with none; None: unknown)
     ray_up: bool
     reconciler: PassStats
+    queue_held: bool
 
 
 class ControlPlane:
@@ -102,6 +103,7 @@ class ControlPlane:
             revive,
             autoscaling_limits={resource: n for resource, n in limits.items() if n is not None},
             driver_resources=settings.driver_resources,
+            hold_queue=settings.hold_queue,
         )
 
     @classmethod
@@ -349,4 +351,4 @@ class ControlPlane:
             ray_up = True
         except RayUnavailable:
             ray_up = False
-        return Telemetry(counts, waited, ray_up, self.reconciler.stats)
+        return Telemetry(counts, waited, ray_up, self.reconciler.stats, self.reconciler.hold_queue)

@@ -61,8 +61,10 @@ class Reconciler:
         revive_ray: Callable[[], bool] | None = None,
         autoscaling_limits: Mapping[str, float] | None = None,
         driver_resources: Mapping[str, float] | None = None,
+        hold_queue: bool = False,
     ) -> None:
         self.store = store
+        self.hold_queue = hold_queue  # HUTCH_HOLD_QUEUE: follow started jobs, start none
         self.launcher = launcher
         self.interval_s = interval_s
         self.revive_ray = revive_ray
@@ -119,9 +121,10 @@ class Reconciler:
             self._tick_error = text
 
     def reconcile_once(self) -> None:
-        """Follow the started jobs, then start the queued ones that fit beside them."""
+        """Follow the started jobs, then start the queued ones that fit beside them (none while
+        the queue is held)."""
         error, blocked = self._each(self.store.in_states(STARTED))
-        if error is None and not self._stop.is_set():
+        if error is None and not self._stop.is_set() and not self.hold_queue:
             try:
                 queued, waiting = self._startable()
             except RayUnavailable as unavailable:

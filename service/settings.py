@@ -140,6 +140,12 @@ class Settings(TokenSettings):
     reconcile_interval_s: PositiveFloat = Field(
         default=1.0, description="How often the reconciler follows Ray jobs into the store."
     )
+    hold_queue: bool = Field(
+        default=False,
+        description="Start no queued job (new, retried or resumed) while true: submissions queue, "
+        "cancels apply, running jobs are followed. For work on the Ray cluster without losing a "
+        "step (deploy/README.md, Upgrade); /readyz says the queue is held.",
+    )
     driver_resources: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict,
         description="Custom Ray resources every job's driver (python -m trainer) asks for, as a JSON object "

@@ -25,10 +25,11 @@ async def healthz() -> schemas.Health:  # async: liveness never waits for the AP
 
 @router.get("/readyz", response_model=schemas.Health, responses=UNREADY)
 def readyz(plane: Plane) -> JSONResponse:
-    """The database and the Ray cluster answer."""
+    """The database and the Ray cluster answer; ``queue`` says whether queued jobs may start."""
     checks = plane.readiness()
     ready = all(value == "ok" for value in checks.values())
-    body = schemas.Health(status="ok" if ready else "unavailable", checks=checks)
+    queue = "held" if plane.reconciler.hold_queue else "open"
+    body = schemas.Health(status="ok" if ready else "unavailable", checks=checks, queue=queue)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
@@ -61,6 +62,11 @@ class ServiceNumbers:
                 value=now.oldest_queued_s,
             )  # fmt: skip
         yield GaugeMetricFamily("hutch_ray_up", "1 if the Ray cluster answers, else 0", value=int(now.ray_up))
+        yield GaugeMetricFamily(
+            "hutch_queue_held",
+            "1 while HUTCH_HOLD_QUEUE keeps queued jobs from starting",
+            value=int(now.queue_held),
+        )
         passes = now.reconciler
         yield CounterMetricFamily("hutch_reconciler_passes", "Reconciler passes", value=passes.passes)
         yield CounterMetricFamily(

@@ -387,6 +387,48 @@ def test_sigkill_of_the_service_loses_nothing(service: ServiceProcess, client: C
     assert len([j for j in client.iter_jobs() if j.id == job.id]) == 1
 
 
+def test_a_held_queue_starts_no_job_until_released(service: ServiceProcess, client: Client) -> None:
+    """HUTCH_HOLD_QUEUE (the maintenance procedure of deploy/README.md): with Ray up and room to
+    spare, a submitted job stays QUEUED pass after pass while the service stays ready and says the
+    queue is held; restarted without the hold, as a changed setting restarts the control plane,
+    the service starts the job, which succeeds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def gauges() -> dict[str, float]:
+        text = service.client().get("/metrics").text
+        return {
+            s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels
+        }
+
+    service.kill()  # the local Ray head stays up, as in the SIGKILL test above
+    service.env["HUTCH_HOLD_QUEUE"] = "true"
+    try:
+        service.start()
+        tiny = {
+            "training.steps": 10,
+            "training.log_every": 5,
+            "training.eval_every": 10,
+            "scaling.num_workers": 1,
+        }
+        job = client.submit(spec_with(name="e2e-held", **tiny))
+        passes = "hutch_reconciler_passes_total"
+        first = gauges()
+        later = wait_for(lambda: (now := gauges())[passes] >= first[passes] + 3 and now, 60, "three passes")
+        assert later["hutch_ray_up"] == 1 and later["hutch_queue_held"] == 1, later
+        held = client.get(job.id)
+        assert held.state == "QUEUED" and held.ray_job_id is None and held.queue_position == 1
+        ready = service.client().get("/readyz")
+        assert ready.status_code == 200 and ready.json()["queue"] == "held", ready.text
+    finally:
+        service.kill()
+        del service.env["HUTCH_HOLD_QUEUE"]
+        service.start()
+    assert service.client().get("/readyz").json()["queue"] == "open"
+    final = client.wait(job.id, timeout=300, poll_interval=0.5)
+    assert final.state == "SUCCEEDED", final.failure_reason
+    assert [e.state for e in client.events(job.id)] == ["QUEUED", "STARTING", "RUNNING", "SUCCEEDED"]
+
+
 def test_jobs_that_can_never_fit_are_refused(service: ServiceProcess, client: Client) -> None:
     from api.client import InvalidRequest
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import ipaddress
+import json
 import os
 import re
 import shlex
@@ -19,8 +21,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
+from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -55,9 +58,9 @@ OPERATOR_LABELS = {
 KUBERAY_HELM_REPO = "https://ray-project.github.io/kuberay-helm/"
 PROMETHEUS_HELM_REPO = "https://prometheus-community.github.io/helm-charts"
 PROMETHEUS_CHART = "prometheus-community/kube-prometheus-stack"
-KUBERAY_MIN = (1, 6, 0)  # authOptions came in 1.5.1, RayCluster upgradeStrategy in 1.6.0
+KUBERAY_MIN = (1, 7, 0)  # authOptions.secretName, group-level resources: the CRDs of 1.7.0
 RAY_TOKEN_AUTH = (2, 52, 0)  # the first Ray with token authentication
-RAY_TOKEN_KEY = "auth_token"  # the key of the Secret KubeRay generates
+RAY_TOKEN_KEY = "auth_token"  # the key KubeRay reads the token from
 DASHBOARD_PORT = 8265
 # Conditions KubeRay sets on a RayCluster (ray-operator/apis/ray/v1/raycluster_types.go).
 RAYCLUSTER_CONDITIONS = {"RayClusterProvisioned", "HeadPodReady"}
@@ -303,18 +306,43 @@ def routes(tmp_path_factory: pytest.TempPathFactory) -> Routes:
 # -- rendering and schemas ---------------------------------------------------------------------------
 
 
+CLUSTER_SCOPED = {"PriorityClass"}
+PRUNE_PROTECTION = {  # what Argo CD and Flux honour: never prune or delete this object
+    "argocd.argoproj.io/sync-options": "Prune=false,Delete=false",
+    "kustomize.toolkit.fluxcd.io/prune": "disabled",
+}
+
+
 @pytest.mark.parametrize("target", TARGETS)
-def test_renders_into_one_namespace(target: str) -> None:
+def test_renders_into_one_namespace_it_cannot_delete(target: str) -> None:
+    """Every object goes into the namespace, which is not itself rendered: `kubectl delete -k` or a
+    GitOps prune of an overlay cannot take the namespace, its Secrets and its volume with it."""
     docs = render(target)
     seen = set()
     for obj in docs:
         assert ident(obj) not in seen, f"{target}: {ident(obj)} is rendered twice"
         seen.add(ident(obj))
-        if obj["kind"] != "Namespace":
-            assert obj["metadata"].get("namespace") == NAMESPACE, (
-                f"{target}: {ident(obj)} is not in {NAMESPACE}"
-            )
-    assert one(docs, "Namespace")["metadata"]["name"] == NAMESPACE
+        expected = None if obj["kind"] in CLUSTER_SCOPED else NAMESPACE
+        assert obj["metadata"].get("namespace") == expected, f"{target}: {ident(obj)} is not in {expected}"
+    assert not find(docs, "Namespace"), f"{target}: the namespace is part of what a prune deletes"
+
+
+def test_the_namespace_enforces_restricted_and_is_never_pruned() -> None:
+    namespace = yaml.safe_load((DEPLOY / "namespace.yaml").read_text())
+    assert (namespace["kind"], namespace["metadata"]["name"]) == ("Namespace", NAMESPACE)
+    labels = namespace["metadata"]["labels"]
+    for mode in ("enforce", "warn", "audit"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted", labels
+    assert PRUNE_PROTECTION.items() <= namespace["metadata"]["annotations"].items()
+    assert _validate_core(namespace, _core_versions()[-1]) is None
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_storage_volume_is_never_pruned(target: str) -> None:
+    claim = one(render(target), "PersistentVolumeClaim", "hutch-storage")
+    assert PRUNE_PROTECTION.items() <= claim["metadata"].get("annotations", {}).items(), (
+        f"{target}: a GitOps prune would delete every checkpoint"
+    )
 
 
 def _validate_core(obj: dict[str, Any], version: str) -> str | None:
@@ -461,10 +489,10 @@ def test_control_plane_env_vars_are_settings(target: str, monkeypatch: pytest.Mo
 def test_secrets_stay_in_secrets(target: str) -> None:
     docs = render(target)
     env = control_plane_env(docs)
-    for name in ("HUTCH_API_TOKENS", "HUTCH_RAY_AUTH_TOKEN"):
-        assert isinstance(env.get(name), SecretKey), (
-            f"{target}: {name} must come from a Secret, not {env.get(name)!r}"
-        )
+    assert isinstance(env.get("HUTCH_API_TOKENS"), SecretKey), (
+        f"{target}: HUTCH_API_TOKENS must come from a Secret, not {env.get('HUTCH_API_TOKENS')!r}"
+    )
+    assert env.get("HUTCH_RAY_AUTH_TOKEN_FILE") in secret_files(docs), f"{target}: the Ray token is no Secret"
     url = env.get("HUTCH_DATABASE_URL")
     if isinstance(url, str):
         from sqlalchemy.engine import make_url
@@ -520,8 +548,11 @@ def test_one_replica_replaced_with_recreate(target: str) -> None:
     assert spec.get("strategy", {}).get("type") == "Recreate", (
         f"{target}: a rolling update would run two reconcilers at once"
     )
+    labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
     for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler"):
-        assert not find(docs, kind), f"{target}: a {kind} makes no sense for a single replica"
+        for obj in find(docs, kind):
+            selector = obj["spec"].get("selector") or {"matchLabels": obj["spec"].get("scaleTargetRef", {})}
+            assert not _matches(selector, labels), f"{target}: a {kind} makes no sense for a single replica"
     selector = spec["selector"]["matchLabels"]
     assert "app.kubernetes.io/version" not in selector, f"{target}: a version in the (immutable) selector"
 
@@ -616,7 +647,28 @@ def test_ray_address_is_the_head_service_kuberay_creates(target: str) -> None:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_ray_token_comes_from_the_secret_kuberay_generates(target: str) -> None:
+def secret_files(docs: tuple[dict[str, Any], ...]) -> dict[str, SecretKey]:
+    """The control plane's files that Secrets provide: path -> (Secret, key). Only whole-volume
+    mounts count: a subPath mount is never updated when its Secret changes."""
+    spec = deployment(docs)["spec"]["template"]["spec"]
+    files = {}
+    for mount in control_plane_container(docs).get("volumeMounts", []):
+        source = volume(spec, mount["name"]).get("secret")
+        if source and "subPath" not in mount:
+            items = source.get("items") or []
+            for item in items:
+                path = str(PurePosixPath(mount["mountPath"]) / item["path"])
+                files[path] = SecretKey(
+                    source["secretName"], item["key"], bool(source.get("optional", False))
+                )
+    return files
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ray_token_is_a_file_of_the_secret_the_raycluster_names(target: str) -> None:
+    """Ray and the control plane read the token from one Secret the installer manages
+    (authOptions.secretName); the control plane reads it as a file, which Kubernetes updates when
+    the Secret changes, so a rotation needs no restart."""
     docs = render(target)
     cluster = raycluster(docs)
     auth = cluster["spec"].get("authOptions", {})
@@ -624,10 +676,13 @@ def test_ray_token_comes_from_the_secret_kuberay_generates(target: str) -> None:
         f"{target}: {ident(cluster)} spec.authOptions.mode is {auth.get('mode')}"
     )
     assert _version(cluster["spec"]["rayVersion"]) >= RAY_TOKEN_AUTH, f"{target}: Ray too old for token auth"
-    secret = auth.get("secretName", cluster["metadata"]["name"])
-    token = control_plane_env(docs).get("HUTCH_RAY_AUTH_TOKEN")
-    assert token == SecretKey(secret, RAY_TOKEN_KEY, False), (
-        f"{target}: HUTCH_RAY_AUTH_TOKEN is {token}, not the required key {RAY_TOKEN_KEY} of Secret {secret}"
+    assert auth.get("secretName"), f"{target}: the Ray token is one KubeRay generates: nobody can rotate it"
+    env = control_plane_env(docs)
+    assert "HUTCH_RAY_AUTH_TOKEN" not in env, f"{target}: a token in the environment is never re-read"
+    path = env.get("HUTCH_RAY_AUTH_TOKEN_FILE")
+    assert secret_files(docs).get(path) == SecretKey(auth["secretName"], RAY_TOKEN_KEY, False), (
+        f"{target}: HUTCH_RAY_AUTH_TOKEN_FILE={path} is not the key {RAY_TOKEN_KEY} of Secret "
+        f"{auth['secretName']} mounted whole ({secret_files(docs)})"
     )
 
 
@@ -643,7 +698,7 @@ def test_images_run_the_pinned_ray(target: str) -> None:
     if cluster["spec"].get("autoscalerOptions", {}).get("image"):
         images.append((f"{ident(cluster)} autoscaler", cluster["spec"]["autoscalerOptions"]["image"]))
     for where, image in images:
-        name, _, tag = image.rpartition(":")
+        name, _, tag = image.partition("@")[0].rpartition(":")
         assert name and "/" not in tag and tag != "latest", (
             f"{target}: {where}: image {image} has no pinned tag"
         )
@@ -655,9 +710,54 @@ def test_images_run_the_pinned_ray(target: str) -> None:
         assert flavour in tag, f"{target}: {where}: image {image} is not a {flavour.strip('-')} build"
     assert len({image for _, image in images}) == 1, f"{target}: Ray pods run different images: {images}"
     plane = control_plane_container(docs)["image"]
-    assert plane.rpartition(":")[2] == PROJECT_VERSION, (
+    assert plane.partition("@")[0].rpartition(":")[2] == PROJECT_VERSION, (
         f"{target}: control-plane image {plane} is not {PROJECT_VERSION}"
     )
+
+
+PLACEHOLDER_REGISTRY = "registry.invalid"  # RFC 6761: never resolves
+
+
+def registry(image: str) -> str:
+    """The registry an image reference is pulled from, as container runtimes read it: the first
+    path part when it has a dot or a port or is localhost, else Docker Hub."""
+    first, slash, _ = image.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
+def every_image(docs: tuple[dict[str, Any], ...]) -> list[tuple[str, str]]:
+    images = [(where, c["image"]) for where, spec in all_pod_specs(docs)
+              for c in spec.get("initContainers", []) + spec["containers"]]  # fmt: skip
+    autoscaler = raycluster(docs)["spec"].get("autoscalerOptions", {}).get("image")
+    return images + ([("autoscaler", autoscaler)] if autoscaler else [])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_image_resolves_to_docker_hub(target: str) -> None:
+    """hutch's images resolve to a registry the installer names (a placeholder that cannot pull
+    until they do, localhost/ for kind and minikube), never to Docker Hub's hutch/, which nobody
+    here owns; the README's own overlay pins them by digest."""
+    images = every_image(render(target))
+    hub = [(where, image) for where, image in images if registry(image) == "docker.io"]
+    assert not hub, f"{target}: images pulled from Docker Hub: {hub}"
+    registries = {registry(image) for _, image in images}
+    expected = {
+        "deploy/overlays/dev": {"localhost"},
+        README_EXAMPLE: {"registry.example.com"},
+    }.get(target, {PLACEHOLDER_REGISTRY})
+    assert registries == expected, f"{target}: images from {registries}, not {expected}"
+    if target == README_EXAMPLE:
+        unpinned = [image for _, image in images if not re.search(r"@sha256:[0-9a-f]{64}$", image)]
+        assert not unpinned, f"the README's own overlay does not pin these by digest: {unpinned}"
+
+
+def test_registry_check_can_fail() -> None:
+    assert registry("hutch/ray:1") == registry("docker.io/hutch/ray:1") == registry("ray:1") == "docker.io"
+    assert registry("localhost/hutch/ray:1") == "localhost"
+    assert registry("registry.example.com/ml/hutch-ray@sha256:" + "0" * 64) == "registry.example.com"
+    assert registry("myhost:5000/hutch/ray:1") == "myhost:5000"
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -783,6 +883,150 @@ def test_pods_run_unprivileged_as_one_user(target: str) -> None:
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_ray_scratch_space_is_bounded_and_requested(target: str) -> None:
+    """/tmp/ray (logs, spilled objects, runtime envs) is an emptyDir with a size limit, under the
+    name KubeRay shares with the autoscaler, and each Ray container requests the ephemeral storage
+    its disk-backed emptyDirs may take, so a full disk evicts that pod, not the node's others."""
+    for pod in ray_pods(render(target)):
+        container = pod.ray_container
+        mount = mount_for(container, "/tmp/ray/session_latest/logs")
+        assert mount and mount["mountPath"] == "/tmp/ray", (
+            f"{target}: {pod.where}: /tmp/ray is the container layer"
+        )
+        assert mount["name"] == "ray-logs", (
+            f"{target}: {pod.where}: KubeRay's autoscaler shares the volume ray-logs"
+        )
+        on_disk = [
+            v for v in pod.spec["volumes"] if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+        ]
+        assert all("sizeLimit" in v["emptyDir"] for v in on_disk), (
+            f"{target}: {pod.where}: unbounded emptyDir"
+        )
+        resources = container["resources"]
+        request = quantity(resources["requests"].get("ephemeral-storage", 0))
+        assert request == quantity(resources["limits"].get("ephemeral-storage", -1)), f"{target}: {pod.where}"
+        assert request > sum(quantity(v["emptyDir"]["sizeLimit"]) for v in on_disk), (
+            f"{target}: {pod.where}: {request / 2**30:.0f} GiB ephemeral storage: no room for the layer"
+        )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_head_is_not_evicted_by_drains_or_preempted_by_training(target: str) -> None:
+    docs = render(target)
+    head, *workers = ray_pods(docs)
+    budget = one(docs, "PodDisruptionBudget", "hutch-ray-head")["spec"]
+    assert budget.get("maxUnavailable") == 0 or budget.get("minAvailable") == 1, budget
+    assert _matches(budget["selector"], head.labels), f"{target}: the head's budget does not select it"
+    assert not any(_matches(budget["selector"], w.labels) for w in workers), (
+        f"{target}: the budget holds workers"
+    )
+    priority = one(docs, "PriorityClass", head.spec.get("priorityClassName"))
+    assert 0 < priority["value"] < 1_000_000_000 and not priority.get("globalDefault"), priority
+    assert all(w.spec.get("priorityClassName") in (None, "") for w in workers), (
+        f"{target}: workers outrank jobs"
+    )
+
+
+TOKEN_DIR = PurePosixPath("/var/run/secrets/kubernetes.io")
+
+
+def _token_volumes(spec: dict[str, Any]) -> set[str]:
+    """The pod's volumes that carry a service-account token (projected ones: the Secrets hutch
+    mounts are its own, never of type service-account-token)."""
+    names = set()
+    for item in spec.get("volumes", []):
+        sources = item.get("projected", {}).get("sources", [])
+        if any("serviceAccountToken" in source for source in sources):
+            names.add(item["name"])
+    return names
+
+
+def token_holders(docs: tuple[dict[str, Any], ...]) -> list[str]:
+    """Every container that would hold a Kubernetes API credential: one in a pod whose token is
+    automounted (the pod's setting, else its service account's; KubeRay's accounts automount), or
+    one that mounts a token volume or anything under /var/run/secrets/kubernetes.io. KubeRay's
+    autoscaler container is counted from ``autoscalerOptions.volumeMounts``."""
+    accounts = {a["metadata"]["name"]: a for a in find(docs, "ServiceAccount")}
+    holders = []
+    for where, spec in all_pod_specs(docs):
+        account = accounts.get(spec.get("serviceAccountName", ""), {})
+        automount = spec.get(
+            "automountServiceAccountToken", account.get("automountServiceAccountToken", True)
+        )
+        tokens = _token_volumes(spec)
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            mounts = container.get("volumeMounts", [])
+            if automount is not False or any(
+                m["name"] in tokens
+                or TOKEN_DIR in [PurePosixPath(m["mountPath"]), *PurePosixPath(m["mountPath"]).parents]
+                for m in mounts
+            ):
+                holders.append(f"{where} container {container['name']}")
+    cluster = raycluster(docs)["spec"]
+    head_tokens = _token_volumes(cluster["headGroupSpec"]["template"]["spec"])
+    if any(m["name"] in head_tokens for m in cluster.get("autoscalerOptions", {}).get("volumeMounts", [])):
+        holders.append("autoscaler")
+    return holders
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_only_the_autoscaler_holds_a_service_account_token(target: str) -> None:
+    """Job code (drivers and training workers) runs in the Ray containers: none of them may hold a
+    Kubernetes credential. The autoscaler alone gets one, at the path Ray's KubeRay node provider
+    reads it from."""
+    from ray.autoscaler._private.kuberay import node_provider
+
+    docs = render(target)
+    assert token_holders(docs) == ["autoscaler"], f"{target}: token holders {token_holders(docs)}"
+    cluster = raycluster(docs)["spec"]
+    mount = one_of(cluster["autoscalerOptions"]["volumeMounts"])
+    assert str(PurePosixPath(mount["mountPath"]) / "token") == node_provider.IN_CLUSTER_TOKEN_PATH
+    assert str(PurePosixPath(mount["mountPath"]) / "ca.crt") == node_provider.IN_CLUSTER_CA_CERT_PATH
+    token = volume(cluster["headGroupSpec"]["template"]["spec"], mount["name"])
+    paths = set()
+    for source in token["projected"]["sources"]:
+        ((kind, content),) = source.items()
+        paths |= {content["path"]} if kind == "serviceAccountToken" else {i["path"] for i in content["items"]}
+    assert {"token", "ca.crt", "namespace"} <= paths, f"{target}: the projected token lacks {paths}"
+
+
+def one_of(items: list[dict[str, Any]]) -> dict[str, Any]:
+    assert len(items) == 1, items
+    return items[0]
+
+
+def test_token_check_can_fail() -> None:
+    """The check sees the head's token automounted again, and a worker mounting the token volume."""
+    docs = copy.deepcopy(render("deploy/base"))
+    cluster = raycluster(docs)["spec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    del head["automountServiceAccountToken"]
+    assert "RayCluster/hutch-ray head container ray-head" in token_holders(docs)
+    head["automountServiceAccountToken"] = False
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    worker.setdefault("volumes", []).append(copy.deepcopy(volume(head, "autoscaler-token")))
+    worker["containers"][0]["volumeMounts"].append({"name": "autoscaler-token", "mountPath": "/run/t"})
+    assert "RayCluster/hutch-ray worker group cpu container ray-worker" in token_holders(docs)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_job_drivers_run_on_workers_not_on_the_head(target: str) -> None:
+    """The control plane asks for driver resources (HUTCH_DRIVER_RESOURCES) that a worker group
+    advertises and the head does not, so no job code runs beside the autoscaler."""
+    docs = render(target)
+    wanted = json.loads(control_plane_env(docs)["HUTCH_DRIVER_RESOURCES"])
+    assert wanted, f"{target}: no driver resources: drivers land on the head"
+    head, *workers = ray_pods(docs)
+    assert not wanted.keys() & head.group.get("resources", {}).keys(), f"{target}: the head offers {wanted}"
+    offering = [
+        w.where
+        for w in workers
+        if all(float(w.group.get("resources", {}).get(k, 0)) >= v for k, v in wanted.items())
+    ]
+    assert offering, f"{target}: no worker group offers the driver resources {wanted}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_labels(target: str) -> None:
     for obj in render(target):
         labels = obj["metadata"].get("labels", {})
@@ -805,10 +1049,19 @@ def test_labels(target: str) -> None:
 
 
 class Pod(NamedTuple):
+    """A pod (``namespace`` set) or an address outside the pod network (``namespace`` None)."""
+
     name: str
-    namespace: str
+    namespace: str | None
     labels: dict[str, str]
     ports: dict[str, int]
+    ip: str = "10.244.1.17"  # the pod network: kind's default 10.244.0.0/16
+    namespace_labels: Mapping[str, str] = MappingProxyType({})
+
+
+def address(name: str, ip: str) -> Pod:
+    """Something that is not a pod: a node, the API server, a managed database, the internet."""
+    return Pod(name, None, {}, {}, ip)
 
 
 def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -828,20 +1081,31 @@ def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
-def _peer_admits(peer: dict[str, Any], source: Pod, policy_namespace: str) -> bool:
-    if "ipBlock" in peer:
-        return True  # an address range may hold any pod: treat it as admitting everyone
+def _inside(ip: str, cidr: str) -> bool:
+    where, network = ipaddress.ip_address(ip), ipaddress.ip_network(cidr)
+    return where.version == network.version and where in network
+
+
+def _peer_admits(peer: dict[str, Any], other: Pod, policy_namespace: str) -> bool:
+    """Whether a ``from``/``to`` entry of a policy in ``policy_namespace`` names ``other``."""
+    if "ipBlock" in peer:  # addresses, pods' included (as Calico and most CNIs apply them)
+        block = peer["ipBlock"]
+        return _inside(other.ip, block["cidr"]) and not any(
+            _inside(other.ip, c) for c in block.get("except", [])
+        )
+    if other.namespace is None:
+        return False  # selectors name pods only
     if "namespaceSelector" in peer:
-        namespace_labels = {"kubernetes.io/metadata.name": source.namespace}
+        namespace_labels = {"kubernetes.io/metadata.name": other.namespace, **other.namespace_labels}
         if not _matches(peer["namespaceSelector"], namespace_labels):
             return False
-    elif source.namespace != policy_namespace:
+    elif other.namespace != policy_namespace:
         return False
-    return _matches(peer.get("podSelector", {}), source.labels)
+    return _matches(peer.get("podSelector", {}), other.labels)
 
 
-def _port_admits(entry: dict[str, Any], port: int, destination: Pod) -> bool:
-    if entry.get("protocol", "TCP") != "TCP":
+def _port_admits(entry: dict[str, Any], port: int, protocol: str, destination: Pod) -> bool:
+    if entry.get("protocol", "TCP") != protocol:
         return False
     if "port" not in entry:
         return True
@@ -849,52 +1113,91 @@ def _port_admits(entry: dict[str, Any], port: int, destination: Pod) -> bool:
     return first <= port <= entry.get("endPort", first)
 
 
-def reachable(policies: list[dict[str, Any]], source: Pod, destination: Pod, port: int) -> bool:
-    """Whether Kubernetes NetworkPolicy semantics let ``source`` open a TCP connection to
-    ``destination`` on ``port`` (ingress side; egress is not restricted by these manifests)."""
+def _policy_types(policy: dict[str, Any]) -> list[str]:
+    """A policy's directions; unset: Ingress, and Egress when it has egress rules."""
+    default = ["Ingress", "Egress"] if "egress" in policy["spec"] else ["Ingress"]
+    return policy["spec"].get("policyTypes", default)
+
+
+def _allowed(policies: list[dict[str, Any]], pod: Pod, other: Pod, destination: Pod, port: int,
+             protocol: str, direction: str) -> bool:  # fmt: skip
+    """Whether the policies selecting ``pod`` let it open (Egress) or accept (Ingress) this."""
+    if pod.namespace is None:
+        return True  # not a pod: no policy applies
+    key, peers_key = direction.lower(), "to" if direction == "Egress" else "from"
     selecting = [
         p for p in policies
-        if p["metadata"]["namespace"] == destination.namespace
-        and _matches(p["spec"]["podSelector"], destination.labels)
-        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        if p["metadata"]["namespace"] == pod.namespace
+        and _matches(p["spec"]["podSelector"], pod.labels)
+        and direction in _policy_types(p)
     ]  # fmt: skip
     if not selecting:
         return True
     for policy in selecting:
-        for rule in policy["spec"].get("ingress", []):
-            peers, ports = rule.get("from", []), rule.get("ports", [])
-            if ports and not any(_port_admits(entry, port, destination) for entry in ports):
+        for rule in policy["spec"].get(key, []):
+            peers, ports = rule.get(peers_key, []), rule.get("ports", [])
+            if ports and not any(_port_admits(entry, port, protocol, destination) for entry in ports):
                 continue
-            if not peers or any(
-                _peer_admits(peer, source, policy["metadata"]["namespace"]) for peer in peers
-            ):
+            if not peers or any(_peer_admits(peer, other, policy["metadata"]["namespace"]) for peer in peers):
                 return True
     return False
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_network_policy_lets_only_the_right_pods_in(target: str) -> None:
-    docs = render(target)
-    policies = find(docs, "NetworkPolicy")
-    assert all("Egress" not in p["spec"].get("policyTypes", []) for p in policies), (
-        f"{target}: an egress policy; the rules below assume egress is open"
+def reachable(policies: list[dict[str, Any]], source: Pod, destination: Pod, port: int,
+              protocol: str = "TCP") -> bool:  # fmt: skip
+    """Whether Kubernetes NetworkPolicy semantics let ``source`` open a connection to
+    ``destination`` on ``port``: the source's egress rules and the destination's ingress rules."""
+    return _allowed(policies, source, destination, destination, port, protocol, "Egress") and _allowed(
+        policies, destination, source, destination, port, protocol, "Ingress"
     )
+
+
+def _pods(docs: tuple[dict[str, Any], ...]) -> tuple[Pod, Pod, list[Pod]]:
+    """The control plane, the Ray head and a pod of each worker group, as NetworkPolicies see them."""
 
     def ports(container: dict[str, Any]) -> dict[str, int]:
         return {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
 
     plane_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
-    plane = Pod("the control plane", NAMESPACE, plane_labels, ports(control_plane_container(docs)))
-    head, *workers = (Pod(p.where, NAMESPACE, p.labels, ports(p.ray_container)) for p in ray_pods(docs))
-    assert workers, f"{target}: no worker group"
-    stranger = Pod("another pod in the namespace", NAMESPACE, {"app": "stranger"}, {})
-    outsider = Pod("a pod in another namespace", "default", {}, {})
-    operator = Pod("the KubeRay operator", OPERATOR_NAMESPACE, OPERATOR_LABELS, {})
-    prometheus = Pod("Prometheus", PROMETHEUS_NAMESPACE, PROMETHEUS_LABELS, {})
+    plane = Pod(
+        "the control plane", NAMESPACE, plane_labels, ports(control_plane_container(docs)), "10.244.1.2"
+    )
+    head, *workers = (
+        Pod(p.where, NAMESPACE, p.labels, ports(p.ray_container), f"10.244.2.{i}")
+        for i, p in enumerate(ray_pods(docs), 1)
+    )
+    assert workers, "no worker group"
+    return plane, head, workers
+
+
+METADATA = address("the cloud metadata address", "169.254.169.254")
+METADATA_V6 = address("the cloud metadata address (IPv6)", "fd00:ec2::254")
+INTERNET = address("a package index on the internet", "151.101.0.223")
+API_SERVER = address("the Kubernetes API server", "172.18.0.2")
+DATABASE = address("a managed Postgres in the VPC", "10.20.0.5")
+NODE = address("a node's kubelet", "10.0.3.4")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_network_policy_lets_only_the_right_pods_in_and_out(target: str) -> None:
+    docs = render(target)
+    policies = find(docs, "NetworkPolicy")
+    plane, head, workers = _pods(docs)
+    stranger = Pod("another pod in the namespace", NAMESPACE, {"app": "stranger"}, {}, "10.244.3.9")
+    outsider = Pod("a pod in another namespace", "default", {}, {"http": 8080}, "10.244.4.4")
+    operator = Pod("the KubeRay operator", OPERATOR_NAMESPACE, OPERATOR_LABELS, {}, "10.244.5.5")
+    prometheus = Pod("Prometheus", PROMETHEUS_NAMESPACE, PROMETHEUS_LABELS, {}, "10.244.6.6")
+    grafana = Pod("Grafana", PROMETHEUS_NAMESPACE, {"app.kubernetes.io/name": "grafana"}, {}, "10.244.6.7")
+    ingress = Pod("the ingress controller", "ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}, {},
+                  "10.244.7.7")  # fmt: skip
+    client = Pod(
+        "a CI runner in a labelled namespace", "ci", {}, {}, "10.244.8.8", {"hutch-api-client": "true"}
+    )
+    dns = Pod("CoreDNS", "kube-system", {"k8s-app": "kube-dns"}, {}, "10.244.0.3")
     expected = [
         (plane, head, DASHBOARD_PORT, True),
         (workers[0], head, DASHBOARD_PORT, True),
-        (operator, head, DASHBOARD_PORT, True),
+        (operator, head, DASHBOARD_PORT, False),
         (stranger, head, DASHBOARD_PORT, False),
         (outsider, head, DASHBOARD_PORT, False),
         (workers[-1], head, 6379, True),
@@ -903,14 +1206,35 @@ def test_network_policy_lets_only_the_right_pods_in(target: str) -> None:
         (operator, head, 6379, False),
         (plane, head, 10001, False),
         (outsider, head, 10001, False),
-        (stranger, plane, 8000, True),
-        (outsider, plane, 8000, True),
-        (stranger, plane, 9000, False),
+        (ingress, plane, 8000, True),
+        (client, plane, 8000, True),
         (prometheus, plane, 8000, True),
+        (stranger, plane, 8000, False),
+        (outsider, plane, 8000, False),
+        (head, plane, 8000, False),
+        (ingress, plane, 9000, False),
         (prometheus, head, METRICS_PORT, True),
+        (prometheus, head, 44217, True),
+        (prometheus, head, 44227, True),
         (prometheus, head, 6379, False),
         (prometheus, head, DASHBOARD_PORT, False),
         (stranger, head, METRICS_PORT, False),
+        # out of the control plane: DNS, the head's job API and the database only
+        (plane, dns, 53, True),
+        (plane, DATABASE, 5432, True),
+        (plane, workers[0], DASHBOARD_PORT, False),
+        (plane, INTERNET, 443, False),
+        (plane, API_SERVER, 443, False),
+        (plane, METADATA, 80, False),
+        (plane, outsider, 8080, False),
+        # out of the head: the autoscaler's API server, the dashboard's Prometheus and Grafana
+        (head, API_SERVER, 443, True),
+        (head, API_SERVER, 6443, True),
+        (head, prometheus, 9090, True),
+        (head, grafana, 3000, True),
+        (head, METADATA, 80, False),
+        (head, DATABASE, 5432, False),
+        (head, dns, 53, True),
     ]
     for worker in workers:
         expected += [
@@ -922,32 +1246,67 @@ def test_network_policy_lets_only_the_right_pods_in(target: str) -> None:
             (plane, worker, 10002, False),
             (stranger, worker, 10002, False),
             (operator, worker, DASHBOARD_PORT, False),
+            # out of a worker, where job code runs: DNS, the cluster, the internet; not the
+            # metadata address, the API server, nodes, the database, other namespaces
+            (worker, dns, 53, True),
+            (worker, head, 6379, True),
+            (worker, INTERNET, 443, True),
+            (worker, METADATA, 80, False),
+            (worker, METADATA_V6, 80, False),
+            (worker, API_SERVER, 443, False),
+            (worker, API_SERVER, 6443, False),
+            (worker, NODE, 10250, False),
+            (worker, DATABASE, 5432, False),
+            (worker, outsider, 8080, False),
+            (worker, plane, 8000, False),
+            (worker, prometheus, 9090, False),
         ]
     wrong = [
         f"{source.name} -> {destination.name} port {port}: {'refused' if allowed else 'allowed'}"
         for source, destination, port, allowed in expected
-        if reachable(policies, source, destination, port) != allowed
+        if reachable(policies, source, destination, port, "UDP" if port == 53 else "TCP") != allowed
     ]
     assert not wrong, f"{target}: NetworkPolicies get these wrong:\n" + "\n".join(wrong)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_ray_pod_reaches_the_metadata_address(target: str) -> None:
+    """Job code runs in Ray pods: the node's cloud credentials (169.254.169.254) stay out of reach."""
+    docs = render(target)
+    policies = find(docs, "NetworkPolicy")
+    _, head, workers = _pods(docs)
+    for pod in (head, *workers):
+        for port in (80, 443, 8080):
+            for metadata in (METADATA, METADATA_V6):
+                assert not reachable(policies, pod, metadata, port), (
+                    f"{target}: {pod.name} -> {metadata.ip}:{port}"
+                )
+
+
 def test_network_policy_check_can_fail() -> None:
     """The check sees a rule gone missing (no policy of its own on the head: the control plane is
-    shut out of the dashboard) and a rule too many (an open port: a stranger gets in)."""
+    shut out of the dashboard), a rule too many (an open port: a stranger gets in), and an egress
+    rule that lets the metadata address through."""
     docs = render("deploy/base")
     policies = find(docs, "NetworkPolicy")
-    head = Pod("head", NAMESPACE, ray_pods(docs)[0].labels, {})
-    plane = Pod("plane", NAMESPACE, deployment(docs)["spec"]["template"]["metadata"]["labels"], {})
+    plane, head, workers = _pods(docs)
     stranger = Pod("stranger", NAMESPACE, {}, {})
     assert reachable(policies, plane, head, DASHBOARD_PORT)
     assert not reachable(policies, stranger, head, DASHBOARD_PORT)
-    without_head = [p for p in policies if p["metadata"]["name"] != "hutch-ray-head"]
+    without_head = [p for p in policies if p["metadata"]["name"] != "hutch-ray-job-api"]
     assert not reachable(without_head, plane, head, DASHBOARD_PORT)
     opened = copy.deepcopy(policies)
-    one(tuple(opened), "NetworkPolicy", "hutch-ray-head")["spec"]["ingress"].append(
+    one(tuple(opened), "NetworkPolicy", "hutch-ray-job-api")["spec"]["ingress"].append(
         {"ports": [{"port": 8265}]}
     )
     assert reachable(opened, stranger, head, DASHBOARD_PORT)
+    assert not reachable(policies, workers[0], METADATA, 80)
+    leaky = copy.deepcopy(policies)
+    for rule in one(tuple(leaky), "NetworkPolicy", "hutch-ray")["spec"]["egress"]:
+        for peer in rule.get("to", []):
+            peer.get("ipBlock", {}).pop("except", None)
+    assert reachable(leaky, workers[0], METADATA, 80)
+    assert reachable(leaky, workers[0], API_SERVER, 443)
 
 
 # -- deploy/README.md ----------------------------------------------------------------------------------
@@ -970,7 +1329,7 @@ def readme_commands() -> Iterator[tuple[str, list[str]]]:
                     words.append(word)
 
 
-TAKES_VALUE = {"-n", "--namespace", "-o", "--name", "--version", "--for", "--timeout", "-k"}
+TAKES_VALUE = {"-n", "--namespace", "-o", "--name", "--version", "--for", "--timeout", "-k", "-f", "-l", "-c"}
 
 
 def split_options(words: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -1009,6 +1368,9 @@ KIND_NAMES = {"deployment": "Deployment", "deploy": "Deployment", "svc": "Servic
               "raycluster": "RayCluster", "secret": "Secret", "pvc": "PersistentVolumeClaim"}  # fmt: skip
 
 
+EACH_WORKER_POD = "pod/<each Ray worker pod>"  # what `xargs -I{}` stands for after `get pods -o name`
+
+
 class ReadmeCheck:
     """Walks the README's commands in order, as a newcomer would run them, and notes every one
     that does not match the manifests (or is not a command these tests know how to check)."""
@@ -1020,9 +1382,6 @@ class ReadmeCheck:
         self.targets = {t: render(t) for t in ("deploy/overlays/dev", "deploy/overlays/gpu")}
         self.dev = self.targets["deploy/overlays/dev"]
         cluster = raycluster(self.dev)
-        self.ray_secret = (
-            cluster["spec"].get("authOptions", {}).get("secretName", cluster["metadata"]["name"])
-        )
         self.head_service = f"{cluster['metadata']['name']}-head-svc"
         self.head_ports = {p["containerPort"] for p in ray_pods(self.dev)[0].ray_container.get("ports", [])}
         self.storage = control_plane_env(self.dev)["HUTCH_STORAGE_PATH"]
@@ -1048,6 +1407,8 @@ class ReadmeCheck:
                 self.environment.update(dict(word.partition("=")[::2] for word in args))
             elif program in ("kubectl", "helm", "hutch", "kind", "minikube", "curl", "pip", "prometheus"):
                 getattr(self, program)(args, env)
+            elif program == "xargs" and args[:2] == ["-I{}", "kubectl"]:  # after `kubectl get pods -o name`
+                self.kubectl([EACH_WORKER_POD if a == "{}" else a for a in args[2:]], env)
             elif program != "base64":
                 self.problem(f"{program} is not a command the tests check")
         self.finish()
@@ -1059,10 +1420,10 @@ class ReadmeCheck:
     def exists(self, reference: str) -> bool:
         kind, _, name = reference.partition("/")
         kind = KIND_NAMES.get(kind, kind)
-        if kind == "Service" and name == self.head_service:
+        if (kind == "Service" and name == self.head_service) or reference == EACH_WORKER_POD:
             return True
         if kind == "Secret":
-            return name == self.ray_secret or name in {n for n, _ in self.secrets}
+            return name in {n for n, _ in self.secrets}
         return any(
             o["kind"] == kind and o["metadata"]["name"] == name for d in self.targets.values() for o in d
         )
@@ -1071,7 +1432,13 @@ class ReadmeCheck:
         positional, options = split_options(args)
         verb = positional[:2] if positional[:1] in (["create"], ["rollout"]) else positional[:1]
         rest = positional[len(verb) :]
-        if verb in (["apply"], ["delete"], ["kustomize"]):
+        if verb == ["apply"] and option(options, "-f"):
+            path = ROOT / option(options, "-f", default="")
+            namespace = yaml.safe_load(path.read_text()) if path.is_file() else {}
+            if path != DEPLOY / "namespace.yaml" or namespace.get("metadata", {}).get("name") != NAMESPACE:
+                self.problem(f"applies {path.name}, not deploy/namespace.yaml (the namespace {NAMESPACE})")
+            return
+        if verb in (["apply"], ["delete"], ["kustomize"]) and rest[:1] not in (["secret"], ["pods"]):
             path = option(options, "-k") or (rest or [""])[0]
             if path == "my-cluster":
                 render(README_EXAMPLE)
@@ -1089,14 +1456,21 @@ class ReadmeCheck:
             return
         if option(options, "-n", "--namespace") != NAMESPACE:
             self.problem(f"runs outside the namespace {NAMESPACE} (-n {NAMESPACE})")
-        if verb == ["create", "secret"]:
+        if verb == ["delete"] and rest[:1] == ["secret"]:
+            if not self.exists(f"secret/{rest[1]}"):
+                self.problem(f"deletes Secret {rest[1]}, which no command above created")
+            self.secrets = [(name, keys) for name, keys in self.secrets if name != rest[1]]
+        elif verb in (["delete"], ["get"]) and rest == ["pods"] and option(options, "-l"):
+            selector = dict(pair.partition("=")[::2] for pair in option(options, "-l", default="").split(","))
+            if not any(selector.items() <= pod.labels.items() for pod in ray_pods(self.dev)):
+                self.problem(f"-l {option(options, '-l')} selects no Ray pod")
+        elif verb == ["create", "secret"]:
             self.secrets.append((rest[1], {v.partition("=")[0] for v in options.get("--from-literal", [])}))
-            if rest[0] != "generic" or rest[1] == self.ray_secret:
-                self.problem(f"create generic Secrets of hutch's own (KubeRay makes {self.ray_secret})")
+            if rest[0] != "generic":
+                self.problem("create generic Secrets (key=value pairs)")
         elif verb == ["get"] and rest[:1] == ["secret"]:
             key = re.fullmatch(r"jsonpath=\{\.data\.([\w.-]+)\}", option(options, "-o", default=""))
-            keys = {RAY_TOKEN_KEY} if rest[1] == self.ray_secret else set()
-            keys |= {k for name, created in self.secrets if name == rest[1] for k in created}
+            keys = {k for name, created in self.secrets if name == rest[1] for k in created}
             if not key or key.group(1) not in keys:
                 self.problem(f"Secret {rest[1]} has no such key (it has {sorted(keys)})")
         elif verb == ["get"] and rest == ["pods"]:
@@ -1109,7 +1483,14 @@ class ReadmeCheck:
                 self.problem(f"KubeRay sets no condition {condition!r}")
             command = rest[rest.index("--") + 1 :] if "--" in rest else []
             checkpoints = f"{self.storage}/checkpoints"
-            if verb == ["exec"] and (command[:1] != ["ls"] or not all(p == checkpoints for p in command[1:])):
+            if verb == ["exec"] and rest[0] == EACH_WORKER_POD:
+                worker = ray_pods(self.dev)[1].ray_container
+                hook = worker.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+                if command != hook or option(options, "-c") != worker["name"]:
+                    self.problem(f"not the worker pods' preStop hook, {hook}, in container {worker['name']}")
+            elif verb == ["exec"] and (
+                command[:1] != ["ls"] or not all(p == checkpoints for p in command[1:])
+            ):
                 self.problem(f"not a look at the checkpoints, {checkpoints}")
         elif verb == ["port-forward"]:
             kind, _, name = rest[0].partition("/")
@@ -1153,17 +1534,22 @@ class ReadmeCheck:
         api = f"http://127.0.0.1:{self.forwarded.get('hutch')}"
         if env.get("HUTCH_URL") != api or "HUTCH_TOKEN" not in env:
             self.problem(f"needs HUTCH_URL={api} (the port-forward) and HUTCH_TOKEN")
-        settings = control_plane_env(self.dev)
-        limits = float(settings["HUTCH_MAX_CLUSTER_CPUS"]), float(settings["HUTCH_MAX_CLUSTER_GPUS"])
-        per_pod = [ray_resources(pod) for pod in ray_pods(self.dev)[1:]]
         for spec_file in (w for w in positional[1:] if w.endswith((".yaml", ".yml", ".json"))):
             spec = load_spec(ROOT / spec_file)
+            overlay = "gpu" if spec.scaling.use_gpu else "dev"  # a GPU job is for the gpu overlay
+            docs = self.targets[f"deploy/overlays/{overlay}"]
+            settings = control_plane_env(docs)
+            limits = float(settings["HUTCH_MAX_CLUSTER_CPUS"]), float(settings["HUTCH_MAX_CLUSTER_GPUS"])
+            per_pod = [ray_resources(pod) for pod in ray_pods(docs)[1:]]
             try:
                 check_fits(spec, ClusterCapacity({}, {}), *limits)
             except Unschedulable as error:
-                self.problem(f"the dev overlay would refuse {spec_file}: {error}")
-            if not any(spec.scaling.cpus_per_worker <= cpus for cpus, _ in per_pod):
-                self.problem(f"one worker of {spec_file} fits no dev worker pod ({per_pod})")
+                self.problem(f"the {overlay} overlay would refuse {spec_file}: {error}")
+            scaling = spec.scaling
+            if not any(
+                scaling.cpus_per_worker <= cpus and scaling.gpus_per_worker <= gpus for cpus, gpus in per_pod
+            ):
+                self.problem(f"one worker of {spec_file} fits no {overlay} worker pod ({per_pod})")
 
     def helm(self, args: list[str], env: dict[str, str]) -> None:
         positional, options = split_options(args)
@@ -1184,12 +1570,12 @@ class ReadmeCheck:
                 re.search(r"KubeRay v(\d+\.\d+\.\d+)", validated.read_text()) if validated.exists() else None
             )
             if _version(version) < KUBERAY_MIN or (crd and version != crd.group(1)):
-                self.problem(f"KubeRay {version}: needs 1.6.0 or newer, the version of the validated CRDs")
+                self.problem(f"KubeRay {version}: needs 1.7.0 or newer, the version of the validated CRDs")
             if positional[2:3] != ["kuberay/kuberay-operator"]:
                 self.problem("not the kuberay-operator chart")
             self.helm_releases.append((positional[1], namespace))
             if namespace != OPERATOR_NAMESPACE:
-                self.problem(f"the NetworkPolicy admits the operator from {OPERATOR_NAMESPACE}")
+                self.problem(f"the operator goes into {OPERATOR_NAMESPACE}, as the README says throughout")
         elif positional[:1] == ["uninstall"]:
             if (positional[1], namespace) not in self.helm_releases:
                 self.problem(f"not a release installed above, {self.helm_releases}")
@@ -1228,7 +1614,8 @@ class ReadmeCheck:
                 self.problem(f"{tool} loads {sorted(loaded)}; the dev overlay runs {sorted(images)}")
         for target, docs in self.targets.items():
             wanted = {v for v in control_plane_env(docs).values() if isinstance(v, SecretKey)}
-            for name in {ref.name for ref in wanted} - {self.ray_secret}:
+            wanted |= set(secret_files(docs).values())
+            for name in {ref.name for ref in wanted}:
                 keys = {ref.key for ref in wanted if ref.name == name}
                 if keys not in [created for secret, created in self.secrets if secret == name]:
                     self.problem(f"{target} needs Secret {name} with {sorted(keys)}: no command creates it")
@@ -1252,15 +1639,19 @@ def test_readme_check_can_fail(routes: Routes, monkeypatch: pytest.MonkeyPatch) 
         ("-n hutch --from-literal=api-tokens=", "-n hutch --from-literal=api-token=", "needs Secret"),
         ("svc/hutch 8000:8000", "svc/hutch 8000:8080", "offers ports"),
         ("deployment/hutch-control-plane --timeout", "deployment/hutch --timeout", "not an object"),
-        ("--version 1.7.0", "--version 1.5.1", "needs 1.6.0"),
-        ("--namespace kuberay-system --create", "--namespace ray-system --create", "admits the operator"),
+        ("--version 1.7.0", "--version 1.5.1", "needs 1.7.0"),
+        ("--namespace kuberay-system --create", "--namespace ray-system --create", "the operator goes into"),
         (
             "HUTCH_URL=http://127.0.0.1:8000 HUTCH_TOKEN",
             "HUTCH_URL=http://127.0.0.1:8001 HUTCH_TOKEN",
             "HUTCH_URL",
         ),
         ("127.0.0.1:8000/readyz", "127.0.0.1:8000/ready", "not an open route"),
-        ("hutch hutch/control-plane:0.1.0", "hutch hutch/control-plane:0.0.9", "kind loads"),
+        (
+            "hutch localhost/hutch/control-plane:0.1.0",
+            "hutch localhost/hutch/control-plane:0.0.9",
+            "kind loads",
+        ),
         ("condition=HeadPodReady", "condition=Ready", "no condition"),
         ("helm repo update", "docker build .", "not a command the tests check"),
     ]
@@ -1277,7 +1668,8 @@ def test_readme_check_can_fail(routes: Routes, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_readme_objects_validate() -> None:
-    """The README's YAML sketches (an Ingress) are valid objects that point at real ports."""
+    """The README's YAML sketches (an Ingress, a StorageClass) are valid objects; the Ingress has
+    TLS, routes the API (/v1) alone (never /metrics, /docs, /openapi.json) to a real port."""
     versions = _core_versions()
     service = one(render("deploy/base"), "Service", "hutch")
     ports = {p.get("name") for p in service["spec"]["ports"]} | {p["port"] for p in service["spec"]["ports"]}
@@ -1287,8 +1679,13 @@ def test_readme_objects_validate() -> None:
     for obj in objects:
         problem = _validate_core(obj, versions[-1])
         assert problem is None, f"deploy/README.md: {problem}"
+        if obj["kind"] == "Ingress":
+            assert obj["spec"].get("tls"), "deploy/README.md: the Ingress sends bearer tokens in clear"
         for rule in obj.get("spec", {}).get("rules", []):
             for path in rule["http"]["paths"]:
+                assert path["path"] == "/v1", (
+                    f"deploy/README.md: the Ingress routes {path['path']}, not only /v1"
+                )
                 backend = path["backend"]["service"]
                 port = backend["port"].get("name", backend["port"].get("number"))
                 assert backend["name"] == "hutch" and port in ports, (

@@ -32,6 +32,7 @@ from tests.unit.test_deploy import (
 )
 
 MONITORING = ROOT / "deploy" / "monitoring"
+AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT = 44217, 44227  # Ray's defaults (checked below)
 WITH_MONITORING = ["deploy/overlays/gpu"]  # the overlays that include the component
 OPERATOR_KINDS = {kind: kind.lower() for kind in ("PodMonitor", "ServiceMonitor", "PrometheusRule")}
 
@@ -95,13 +96,22 @@ def test_operator_validation_is_strict() -> None:
 @pytest.mark.parametrize("target", WITH_MONITORING)
 def test_monitors_select_the_pods_and_ports_that_run(target: str) -> None:
     docs = render(target)
-    pod_monitor, service_monitor = one(docs, "PodMonitor"), one(docs, "ServiceMonitor")
-    ports = {e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]}
-    for pod in ray_pods(docs):
-        assert _matches(pod_monitor["spec"]["selector"], pod.labels), f"{target}: misses {pod.where}"
-        named = {p["name"]: p["containerPort"] for p in pod.ray_container.get("ports", [])}
-        assert ports <= named.keys(), f"{target}: {pod.where} has no port {ports - named.keys()}"
-        assert named["metrics"] == 8080, f"{target}: {pod.where} metrics port"  # KubeRay's metrics port
+    service_monitor = one(docs, "ServiceMonitor")
+    scraped: dict[str, set[int]] = {}  # pod -> the ports some PodMonitor scrapes on it
+    for pod_monitor in find(docs, "PodMonitor"):
+        ports = {e["port"] for e in pod_monitor["spec"]["podMetricsEndpoints"]}
+        for pod in ray_pods(docs):
+            if _matches(pod_monitor["spec"]["selector"], pod.labels):
+                named = {p["name"]: p["containerPort"] for p in pod.ray_container.get("ports", [])}
+                scraped.setdefault(pod.where, set()).update(named[p] for p in ports & named.keys())
+    from ray.autoscaler._private.constants import AUTOSCALER_METRIC_PORT as autoscaler
+    from ray.dashboard.consts import DASHBOARD_METRIC_PORT as dashboard
+
+    assert (autoscaler, dashboard) == (AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT)
+    head, *workers = ray_pods(docs)
+    assert scraped.get(head.where) == {8080, AUTOSCALER_METRIC_PORT, DASHBOARD_METRIC_PORT}, scraped
+    for worker in workers:
+        assert scraped.get(worker.where) == {8080}, f"{target}: {worker.where} scraped on {scraped}"
     service = one(docs, "Service", "hutch")
     assert _matches(service_monitor["spec"]["selector"], service["metadata"]["labels"])
     served = {p["name"] for p in service["spec"]["ports"]}
