@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -34,8 +34,11 @@ from api.client import (
 from api.packing import PackingError
 from api.schemas import Job
 from service.lifecycle import JobState
-from service.settings import SettingError, settings_table
+from service.settings import SettingError, Settings, settings_table
 from trainer.spec import SpecError, load_spec
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 app = typer.Typer(
     help="hutch: distributed training with a sharded, delayed-Hessian AdaHessian.", no_args_is_help=True
@@ -194,6 +197,7 @@ def serve(
 ) -> None:
     """Run the control plane: the REST API, the job store and the reconciler (settings below)."""
     from api.server import serve as run_server
+    from service.migrations import SchemaError
 
     try:
         run_server(host=host, port=port)
@@ -203,6 +207,70 @@ def serve(
         _fail(f"invalid settings:\n{settings_problems(error)}", 2)
     except SettingError as error:
         _fail(f"invalid settings:\n  {error}", 2)
+    except SchemaError as error:
+        _fail(str(error), 2)
+
+
+db_app = typer.Typer(
+    help="The job store's schema: bring it to this release's revision, or show its revision.",
+    no_args_is_help=True,
+)
+app.add_typer(db_app, name="db")
+
+
+@contextmanager
+def _database() -> Iterator[tuple[Engine, str]]:
+    """The database of HUTCH_DATABASE_URL (or the default SQLite file) and its URL without password,
+    for the ``db`` commands; bad settings and schema errors exit 2, an unreachable database 1."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import OperationalError
+
+    from service.migrations import SchemaError
+
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        _fail(f"invalid settings:\n{settings_problems(error)}", 2)
+    engine = create_engine(settings.resolved_database_url)
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        yield engine, where
+    except SchemaError as error:
+        _fail(str(error), 2)
+    except OperationalError as error:
+        _fail(f"cannot use the database {where}: {error.orig}", 1)
+    finally:
+        engine.dispose()
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Bring the job store to this release's schema (HUTCH_DATABASE_URL, or the default SQLite file).
+
+    Run it as a database role that may change the schema, before starting a release that needs a
+    newer revision: the service refuses to start on an earlier one and names this command. A
+    database made by a release before migrations is recognised and upgraded, its jobs kept; one that
+    a newer release has upgraded is left as it is (exit 2). Prints the revision before and after.
+    """
+    from service import migrations
+
+    with _database() as (engine, where):
+        before, after = migrations.migrate(engine)
+    if before == after:
+        typer.echo(f"{where}: at revision {after}, this release's; nothing to do")
+    else:
+        typer.echo(f"{where}: {migrations.describe(before)} -> {after}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the job store's schema revision and the one this release needs; changes nothing."""
+    from service import migrations
+
+    with _database() as (engine, where):
+        found = migrations.current(engine)
+    needed = "this release's" if found == migrations.head() else f"this release needs {migrations.head()}"
+    typer.echo(f"{where}: {migrations.describe(found)} ({needed})")
 
 
 @app.command()

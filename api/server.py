@@ -9,6 +9,7 @@ import uvicorn
 
 from api.app import create_app
 from service.settings import Settings
+from service.store import JobStore
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -17,8 +18,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per call to Ray: noise
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its steps: service.migrations logs the upgrade
     settings = Settings()
     settings.ray_token()  # a token file that cannot be read stops the start here, with its reason
+    # So does a database whose schema this release cannot use (a SchemaError saying what to do);
+    # the embedded default's is upgraded here.
+    JobStore(settings.resolved_database_url, upgrade=settings.upgrades_database).close()
     app = create_app(settings)
     where = settings.ray_address or "a local Ray head (started now)"
     token_hint = "HUTCH_API_TOKENS" if settings.api_tokens else f"{settings.token_file}"

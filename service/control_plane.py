@@ -75,7 +75,7 @@ class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         ray_token = settings.ray_token()  # a SettingError now, before anything starts, if unreadable
-        self.store = JobStore(settings.resolved_database_url)
+        self.store = JobStore(settings.resolved_database_url, upgrade=settings.upgrades_database)
         self.layout = RunLayout(settings.resolved_storage_path)
         self.local_head: LocalRayHead | None = None
         address = settings.ray_address

@@ -79,6 +79,13 @@ class Settings(TokenSettings):
         description="SQLAlchemy URL of the job store, e.g. postgresql+psycopg://user:pw@host/hutch "
         "[sqlite:///DATA_DIR/hutch.db].",
     )
+    database_auto_upgrade: bool | None = Field(
+        default=None,
+        description="Upgrade the job store's schema at start when this release needs a newer one (what "
+        "`hutch db upgrade` does), as the database role the service runs as. Unset: only the default "
+        "SQLite file is; a configured database at an earlier revision is refused, naming the command to "
+        "run, so its operator decides when and the service's role needs no right to change the schema.",
+    )
     ray_address: str | None = Field(
         default=None,
         validation_alias=AliasChoices("HUTCH_RAY_ADDRESS", "RAY_ADDRESS", "ray_address"),
@@ -220,6 +227,14 @@ class Settings(TokenSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.resolved_data_dir / 'hutch.db'}"
+
+    @property
+    def upgrades_database(self) -> bool:
+        """Whether the store's schema is upgraded at start: as HUTCH_DATABASE_AUTO_UPGRADE says, or else
+        for the embedded default alone, which has no operator to run ``hutch db upgrade``."""
+        if self.database_auto_upgrade is None:
+            return self.database_url is None
+        return self.database_auto_upgrade
 
     @property
     def resolved_storage_path(self) -> Path:

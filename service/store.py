@@ -26,6 +26,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -36,7 +37,6 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     literal,
     select,
     union,
@@ -47,6 +47,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from service import migrations
 from service.lifecycle import ALLOWED_MOVES, TERMINAL_STATES, JobState
 
 
@@ -127,6 +128,64 @@ class EventRow(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16))
     message: Mapped[str | None] = mapped_column(Text)
+
+
+class LeaseRow(Base):
+    """Who leads the reconciler (:mod:`service.leader`): one row per lease name. ``token`` is the
+    fencing token, one more at every change of holder; ``expires_at`` is on the database's own
+    clock (seconds since the epoch), so replicas on hosts whose clocks differ agree on it."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(200))
+    token: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+class WebhookRow(Base):
+    """A subscription to job state changes (:mod:`service.webhooks` sends them)."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    events: Mapped[list[str] | None] = mapped_column(JSON)  # the states it wants; null: every state
+    secret: Mapped[str] = mapped_column(String(200))  # kept as given: the service signs with it
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class DeliveryRow(Base):
+    """One state change of one job for one webhook: the outbox (written with the change, see
+    :func:`_queue_deliveries`), then how its sending goes. ``attempts`` counts the sendings;
+    ``job_attempt`` is the job's attempt. No foreign key to ``webhooks``: one would make a state
+    change fail when its subscription is deleted meanwhile; deliveries without one are not sent."""
+
+    __tablename__ = "webhook_deliveries"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[str] = mapped_column(String(32))  # the same for every webhook and every sending
+    job_id: Mapped[str] = mapped_column(String(64))
+    job_name: Mapped[str] = mapped_column(String(200))
+    labels: Mapped[dict[str, str]] = mapped_column(JSON)
+    submitted_by: Mapped[str | None] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(16))
+    job_attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    message: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending, delivered or failed (given up)
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    # The first finds what is due and whether an earlier change of the same job still waits (the
+    # order of a job's changes); the second reads a webhook's deliveries newest first.
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status_webhook_job_seq", "status", "webhook_id", "job_id", "seq"),
+        Index("ix_webhook_deliveries_webhook_seq", "webhook_id", "seq"),
+    )
 
 
 @dataclass(frozen=True)
@@ -222,13 +281,16 @@ def decode_cursor(cursor: str) -> int:
 class JobStore:
     """All reads and writes of jobs; safe to share between threads."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, upgrade: bool = False) -> None:
+        """Open the store at ``url``. An empty database gets this release's schema; one at an
+        earlier revision is upgraded if ``upgrade`` (the embedded default's choice) and refused
+        otherwise, as is one a newer release wrote (:class:`~service.migrations.SchemaError`)."""
         self.engine: Engine = _engine(url)
-        Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
-        for table in Base.metadata.sorted_tables:  # create_all makes the indexes of new tables only
-            for index in table.indexes:
-                index.create(self.engine, checkfirst=True)
+        try:
+            migrations.prepare(self.engine, upgrade)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time. Writers that find it taken sleep in SQLite's busy
         # handler (1, 2, 5, … 100 ms steps), which made a tail of 0.7-1 s under 20 concurrent
@@ -502,19 +564,6 @@ class JobStore:
             if deleted:
                 session.execute(EventRow.__table__.delete().where(EventRow.job_id == job_id))
         return deleted == 1
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Bring a store made by an earlier version up to date: add the columns it lacks (with their
-    server defaults), so an upgraded service opens its old database as is."""
-    present = {column["name"] for column in inspect(engine).get_columns(JobRow.__tablename__)}
-    with engine.begin() as connection:
-        for column in JobRow.__table__.columns:
-            if column.name not in present:
-                kind = column.type.compile(dialect=engine.dialect)
-                default = f" NOT NULL DEFAULT {column.server_default.arg}" if column.server_default else ""
-                table = JobRow.__tablename__
-                connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column.name} {kind}{default}")
 
 
 def _json_loads(text: str | bytes) -> Any:

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
 
 from service.lifecycle import JobState
 from service.store import BadCursor, Base, IdempotencyConflict, JobStore
@@ -152,34 +151,6 @@ def test_queue_is_highest_priority_first_then_oldest(store: JobStore) -> None:
         assert store.queue_position(job) == place
     started = store.get("q-low-2")
     assert started is not None and store.queue_position(started) is None
-
-
-def test_a_store_of_an_earlier_version_gains_the_new_columns(tmp_path: Path) -> None:
-    """A database made before ``priority`` existed opens as is; its jobs get the default."""
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    JobStore(url).close()
-    import sqlite3
-
-    with sqlite3.connect(tmp_path / "old.db") as connection:
-        connection.execute("DROP INDEX ix_jobs_state_priority_seq")
-        connection.execute("DROP INDEX ix_jobs_state_seq")
-        connection.execute("ALTER TABLE jobs DROP COLUMN priority")
-        columns = [row[1] for row in connection.execute("PRAGMA table_info(jobs)")]
-        assert "priority" not in columns
-        connection.execute(
-            "INSERT INTO jobs (id, name, state, spec, request_hash, created_at, updated_at, attempt, "
-            "cancel_requested) VALUES ('old-1', 'old', 'QUEUED', '{}', 'h', '2026-01-01', '2026-01-01', 1, 0)"
-        )
-    upgraded = JobStore(url)
-    try:
-        old = upgraded.get("old-1")
-        assert old is not None and old.priority == 0 and upgraded.queue_position(old) == 1
-        upgraded.create("new-1", {**spec("new"), "priority": 2})
-        assert [job.id for job in upgraded.queue()] == ["new-1", "old-1"]
-        indexes = {index["name"] for index in inspect(upgraded.engine).get_indexes("jobs")}
-        assert {"ix_jobs_state_priority_seq", "ix_jobs_state_seq"} <= indexes
-    finally:
-        upgraded.close()
 
 
 def test_a_list_by_one_state_walks_an_index_newest_first(tmp_path: Path) -> None:

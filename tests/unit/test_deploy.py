@@ -1386,6 +1386,7 @@ class ReadmeCheck:
         self.head_ports = {p["containerPort"] for p in ray_pods(self.dev)[0].ray_container.get("ports", [])}
         self.storage = control_plane_env(self.dev)["HUTCH_STORAGE_PATH"]
         self.cli_commands = {c.name or c.callback.__name__ for c in cli.registered_commands}
+        self.cli_commands |= {group.name for group in cli.registered_groups}  # `hutch db upgrade`
         self.secrets: list[tuple[str, set[str]]] = []  # created, in order: (name, keys)
         self.environment: dict[str, str] = {}  # exported so far
         self.forwarded: dict[str, int] = {}  # Service -> local port

@@ -347,7 +347,7 @@ def control_plane_sources() -> list[Path]:
     """What the control-plane image runs: api/, service/ and the trainer modules they import (the job
     spec model, its lr schedule, the run directory, failure causes)."""
     shared = [ROOT / "trainer" / name for name in ("spec.py", "lr_schedule.py", "rundir.py", "outcome.py")]
-    return sorted([*(ROOT / "api").rglob("*.py"), *(ROOT / "service").glob("*.py"), *shared])
+    return sorted([*(ROOT / "api").rglob("*.py"), *(ROOT / "service").rglob("*.py"), *shared])
 
 
 def imported_top_level_modules(path: Path) -> set[str]:
