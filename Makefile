@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench gpu-wheels
 
 $(STAMP): pyproject.toml requirements-dev.txt docker/control-plane-requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,3 +23,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/optimizer_cost.py
+
+# The wheels scripts/gpu-check installs on a lent GPU machine (scripts/README.md): carry the folder.
+gpu-wheels: $(STAMP)
+	BIN=$(BIN) scripts/gpu-wheels .gpu-wheels
