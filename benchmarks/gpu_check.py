@@ -4,9 +4,10 @@ one command for a short GPU loan (``scripts/gpu-check``; scripts/README.md says 
     scripts/gpu-check            # a GPU: NCCL, CUDA, bf16, flash attention
     scripts/gpu-check --cpu      # the same checks at tiny sizes on the CPU with gloo (CI runs it)
 
-Every check trains ResNet-20 (CIFAR shapes) and the GPT-style LM for eight steps on one fixed batch
-(so the loss falls and loss curves have something to agree on), the Hessian every second step (so
-delayed steps are covered), and compares with a reference run (``sdpa-switch``: the LM only):
+Every check but ``collectives`` trains ResNet-20 (CIFAR shapes) and the GPT-style LM for eight
+steps on one fixed batch (so the loss falls and loss curves have something to agree on), the
+Hessian every second step (so delayed steps are covered), and compares with a reference run
+(``sdpa-switch`` and the bf16 DeepSpeed checks: the LM only):
 
 * ``updates``: the distance of the parameters' updates (final minus initial, all parameters
   together) from the reference's, relative to the reference's (L2);
@@ -17,12 +18,15 @@ The reference is the single-process :class:`~trainer.optim.AdaHessian` in float6
 device*: a probe is drawn by the device's generator, and from one seed CUDA's Philox and the
 CPU's Mersenne twister give different ±1 probes, so a CPU run cannot be a CUDA run's reference.
 
+* ``collectives``: the collectives the sharded optimizer and the FSDP2 backend call between ranks
+  (``reduce_scatter_single``, ``all_gather_single``, ``all_reduce``), at world size 1 on NCCL
+  (gloo with ``--cpu``), where each is a copy: they exist in the image's torch and run on CUDA
+  buffers. (At world size 1 the backends themselves skip them: one rank owns everything.)
 * ``adahessian``: the single-process AdaHessian in fp32.
 * ``sharded``: the DDP backend (:class:`~trainer.optim.sharded.ShardedAdaHessian`: flat buffers,
   ``p.data`` views, the statistics) at world size 1 on NCCL (gloo with ``--cpu``), in float64, so
-  it must equal the reference to rounding; the LM's steps in two chunks. At world size 1 the
-  optimizer skips its reduce-scatter and all-gather (one rank owns everything); NCCL runs the
-  backend's broadcast.
+  it must equal the reference to rounding; the LM's steps in two chunks. NCCL runs the backend's
+  broadcast.
 * ``fsdp2``: the FSDP2 backend at world size 1 (FSDP2's all-gathers and reduce-scatters run on
   NCCL), in float64, equal to the reference to rounding.
 * ``deepspeed-zero1``, ``deepspeed-zero2``: the DeepSpeed backend at world size 1 in fp32
@@ -87,6 +91,7 @@ TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"updates": 0.3, "losses": 1e-2},
     "bf16": {"losses": 0.25},
     "products": {"products": 1e-4, "checkpointed": 1e-4},
+    "exact": {"collectives": 0.0},
 }
 """What each kind of check must stay within. ``float64``: the same arithmetic in another order
 (measured: 0 to 5e-14; the losses are reported in fp32). ``fp32``: AdaHessian divides each step by
@@ -97,7 +102,7 @@ coordinates with tiny gradients and, with the Hessian in bf16 (DeepSpeed), the s
 only the losses are held (measured: 0.053, 0.07 at ``--cpu``'s shapes, DeepSpeed's bf16 losses
 being rounded to 8 bits); a run whose updates do nothing or go astray misses the reference's fall
 by 1 or more. ``products``: one double backward in fp32 against float64, with and without
-activation checkpointing (measured: 1e-6)."""
+activation checkpointing (measured: 1e-6). ``exact``: copies."""
 
 CHECK_STEPS = 8
 HESSIAN_FREQ = 2
@@ -296,14 +301,19 @@ class Check:
 
 @dataclass(frozen=True)
 class Plan:
-    """A check to run on each of ``workloads``: ``run(workload)`` returns its errors and details."""
+    """A check to run on each of ``workloads`` (none: once, on no model): ``run(workload)``
+    returns its errors and details."""
 
     name: str
     compares: str
     reference: str
     tolerance: str
-    run: Callable[[Workload], dict[str, Any]]
+    run: Callable[[Workload | None], dict[str, Any]]
     workloads: tuple[str, ...] = ("resnet20", "lm")
+
+    def targets(self) -> list[tuple[str, str | None]]:
+        """Each check's name (``plan/workload``, or ``plan``) and workload."""
+        return [(f"{self.name}/{w}", w) for w in self.workloads] or [(self.name, None)]
 
 
 class Checks:
@@ -316,6 +326,8 @@ class Checks:
         group = f"world size 1 on {'NCCL' if device.type == 'cuda' else 'gloo'}"
         f64, f32 = torch.float64, torch.float32
         self.plans = [
+            Plan("collectives", f"reduce_scatter_single, all_gather_single, all_reduce, {group}",
+                 "their definition", "exact", self._collectives, ()),
             Plan("adahessian", "single-process AdaHessian, fp32", "float64", "fp32",
                  lambda w: self._against_reference(w, "single", f32)),
             Plan("sharded", f"DDP backend, {group}, float64", "float64", "float64",
@@ -336,16 +348,15 @@ class Checks:
         ]  # fmt: skip
 
     def names(self) -> list[str]:
-        """Every check's name, ``plan/workload``."""
-        return [f"{plan.name}/{w}" for plan in self.plans for w in plan.workloads]
+        """Every check's name."""
+        return [name for plan in self.plans for name, _ in plan.targets()]
 
     def run(self, only: set[str] | None, skip: set[str], on_done: Callable[[Check], None]) -> list[Check]:
         """Every check (``only`` those named, ``plan`` or ``plan/workload``; none of ``skip``),
         each reported to ``on_done`` as it ends; an exception fails its check only."""
         done = []
         for plan in self.plans:
-            for name in plan.workloads:
-                full = f"{plan.name}/{name}"
+            for full, name in plan.targets():
                 if only is not None and not ({plan.name, full} & only):
                     continue
                 tolerances = {k: v * self.scale for k, v in TOLERANCES[plan.tolerance].items()}
@@ -353,12 +364,12 @@ class Checks:
                 if {plan.name, full} & skip:
                     check.skipped = "--skip"
                 else:
-                    self._run_check(check, plan, self.workloads[name])
+                    self._run_check(check, plan, None if name is None else self.workloads[name])
                 done.append(check)
                 on_done(check)
         return done
 
-    def _run_check(self, check: Check, plan: Plan, workload: Workload) -> None:
+    def _run_check(self, check: Check, plan: Plan, workload: Workload | None) -> None:
         log(f"check {check.name}")
         began = time.perf_counter()
         try:
@@ -377,6 +388,18 @@ class Checks:
         if key not in self._runs:
             self._runs[key] = train(path, w, self.device, dtype, **options)
         return self._runs[key]
+
+    def _collectives(self, _: Workload | None) -> dict[str, Any]:
+        """The collectives the sharded optimizer and the FSDP2 backend call between ranks (skipped
+        at world size 1, where one rank owns everything), called here at world size 1 on the
+        checked device's backend, where each is a copy: they exist in this torch and run there."""
+        sent = torch.arange(1.0, 9.0, device=self.device)
+        scattered, gathered, reduced = torch.empty_like(sent), torch.empty_like(sent), sent.clone()
+        dist.reduce_scatter_single(scattered, sent)
+        dist.all_gather_single(gathered, sent)
+        dist.all_reduce(reduced)
+        error = max(float((t - sent).abs().max()) for t in (scattered, gathered, reduced))
+        return {"errors": {"collectives": error}}
 
     def _initial(self, w: Workload) -> dict[str, torch.Tensor]:
         return {

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKS = [
-    "adahessian/resnet20", "adahessian/lm", "sharded/resnet20", "sharded/lm", "fsdp2/resnet20", "fsdp2/lm",
+    "collectives", "adahessian/resnet20", "adahessian/lm", "sharded/resnet20", "sharded/lm",
+    "fsdp2/resnet20", "fsdp2/lm",
     "deepspeed-zero1/resnet20", "deepspeed-zero1/lm", "deepspeed-zero2/resnet20", "deepspeed-zero2/lm",
     "deepspeed-zero1-bf16/lm", "deepspeed-zero2-bf16/lm", "bf16-ddp/resnet20", "bf16-ddp/lm",
     "sdpa-switch/lm",
