@@ -599,7 +599,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma-separated checks to skip (e.g. deepspeed-zero1-bf16)")
     p.add_argument("--no-costs", action="store_true", help="no cost table")
     p.add_argument("--tolerance-scale", type=float, default=1.0, help="multiplies every tolerance (0: break)")
-    p.add_argument("--budget-s", type=float, default=420.0, help="no cost block starts after this")
+    p.add_argument("--budget-s", type=float, default=360.0, help="no cost block starts after this")
     p.add_argument("--wheel-install-s", type=float, default=None, help="set by scripts/gpu-check")
     return p.parse_args(argv)
 
