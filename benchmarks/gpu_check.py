@@ -592,7 +592,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU with gloo (about 30 s)")
+    p.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU with gloo (about 10 s)")
     default_out = os.environ.get("OUT") or str(Path(__file__).resolve().parent / "results")
     p.add_argument("--out", type=Path, default=Path(default_out), help="folder for gpu_check.json [$OUT]")
     p.add_argument("--only", default="", help="comma-separated checks to run (path or path/workload)")
