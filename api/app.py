@@ -18,9 +18,10 @@ from fastapi import Depends, FastAPI, HTTPException
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.audit import AuditLog
 from api.deps import ERRORS, RequireToken
 from api.errors import error_response, install_error_handlers
-from api.routes import jobs, packages, probes
+from api.routes import jobs, packages, probes, webhooks
 from service.control_plane import ControlPlane
 from service.settings import Settings
 
@@ -57,15 +58,17 @@ def create_app(settings: Settings | None = None, plane: ControlPlane | None = No
     install_error_handlers(app)
     limits = {"/v1/packages": (settings.max_package_bytes, "HUTCH_MAX_PACKAGE_BYTES")}
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, per_path=limits)
+    app.add_middleware(AuditLog)
     app.add_middleware(RequestMetrics, registry=app.state.metrics)
     # Each router is included here, flat: a router within a router costs every request a
     # second round of matching.
     v1_only = {
-        "dependencies": [Depends(RequireToken(settings.accepted_tokens()))],
+        "dependencies": [Depends(RequireToken(settings.callers()))],
         "responses": {401: ERRORS[401], 422: ERRORS[422]},
     }
     app.include_router(jobs.router(settings), **v1_only)
     app.include_router(packages.router, **v1_only)
+    app.include_router(webhooks.router(settings), **v1_only)
     app.include_router(probes.router)
     return app
 

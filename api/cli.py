@@ -196,6 +196,8 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8000,
 ) -> None:
     """Run the control plane: the REST API, the job store and the reconciler (settings below)."""
+    from sqlalchemy.exc import OperationalError
+
     from api.server import serve as run_server
     from service.migrations import SchemaError
 
@@ -209,6 +211,8 @@ def serve(
         _fail(f"invalid settings:\n  {error}", 2)
     except SchemaError as error:
         _fail(str(error), 2)
+    except OperationalError as error:  # at start: the store is checked before anything listens
+        _fail(f"cannot use the job store's database: {error.orig}", 1)
 
 
 db_app = typer.Typer(
@@ -335,11 +339,13 @@ def jobs(
     all_jobs: Annotated[
         bool, typer.Option("--all", help="Show every matching job (ignores --limit).")
     ] = False,
+    mine: Annotated[bool, typer.Option("--mine", help="Only jobs submitted with this token.")] = False,
 ) -> None:
-    """List jobs, newest first: id, name, state, attempt, step/steps, loss, age."""
+    """List jobs, newest first: id, name, state, attempt, step/steps, loss, age, who submitted it."""
     labels = _parse_labels(label)
     with _client(ctx) as client:
-        found = client.iter_jobs(state, labels, page_size=_PAGE_SIZE)
+        by = client.whoami().name if mine else None
+        found = client.iter_jobs(state, labels, page_size=_PAGE_SIZE, submitted_by=by)
         shown = list(found if all_jobs else itertools.islice(found, limit + 1))
     more = not all_jobs and len(shown) > limit
     shown = shown[:limit] if more else shown
@@ -347,7 +353,7 @@ def jobs(
         typer.echo("no matching jobs", err=True)
         return
     table = Table(box=None)
-    for column in ("id", "name", "state", "attempt", "step", "loss", "age"):
+    for column in ("id", "name", "state", "attempt", "step", "loss", "age", "by"):
         # In a narrow terminal only the name is shortened (the id starts with it).
         table.add_column(column, no_wrap=column != "name")
     for job in shown:
@@ -359,6 +365,7 @@ def jobs(
             _progress(job),
             _shown((job.latest_metrics or {}).get("loss")),
             _age(job.created_at),
+            escape(_shown(job.submitted_by)),
         )
     _console().print(table)
     if more:
@@ -393,6 +400,7 @@ def status(
         "priority": str(job.priority),
         "workers": _workers(job.spec, job.latest_metrics),
         "labels": ", ".join(f"{k}={v}" for k, v in job.labels.items()) or "-",
+        "by": _shown(job.submitted_by),
         "steps": _progress(job),
         "created": f"{job.created_at.isoformat()} ({_age(job.created_at)} ago)",
         "started": _shown(job.started_at and job.started_at.isoformat()),

@@ -36,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from api.packing import DEFAULT_MAX_PACKAGE_BYTES, pack_directory
 from api.schemas import (
+    Caller,
     CheckpointList,
     ErrorDetail,
     ErrorResponse,
@@ -139,12 +140,8 @@ def _resolve_token(token: str | None = None) -> str | None:
             f"cannot look for the API token in the HUTCH_* settings (set HUTCH_TOKEN instead):\n"
             f"{settings_problems(exc)}"
         ) from None
-    if settings.api_tokens:
-        return settings.api_tokens[0]
     try:
-        return settings.token_file.read_text().strip() or None
-    except FileNotFoundError:
-        return None
+        return settings.client_token()
     except OSError as exc:
         raise HutchError(f"cannot read the API token file {settings.token_file}: {exc}") from exc
 
@@ -234,10 +231,14 @@ class Client:
         labels: Mapping[str, str] | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        submitted_by: str | None = None,
     ) -> JobPage:
-        """One page of jobs, newest first, in any of ``state`` and carrying all of ``labels``;
-        pass the page's ``next_cursor`` as ``cursor`` for the next one."""
+        """One page of jobs, newest first, in any of ``state``, carrying all of ``labels`` (and
+        submitted with the token named ``submitted_by``); pass the page's ``next_cursor`` as
+        ``cursor`` for the next one."""
         params: builtins.list[tuple[str, str | int]] = [("limit", limit)]
+        if submitted_by is not None:
+            params.append(("submitted_by", submitted_by))
         states = [state] if isinstance(state, str) else builtins.list(state or ())
         params += [("state", str(s)) for s in states]
         params += [("label", f"{key}={value}") for key, value in (labels or {}).items()]
@@ -250,15 +251,20 @@ class Client:
         state: str | Sequence[str] | None = None,
         labels: Mapping[str, str] | None = None,
         page_size: int = 50,
+        submitted_by: str | None = None,
     ) -> Iterator[Job]:
         """Every matching job, newest first, fetching pages as it goes."""
         cursor: str | None = None
         while True:
-            page = self.list(state, labels, page_size, cursor)
+            page = self.list(state, labels, page_size, cursor, submitted_by)
             yield from page.jobs
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    def whoami(self) -> Caller:
+        """The name of this client's token, and whether it is an admin's."""
+        return _parse(Caller, self._send("GET", "/v1/whoami"))
 
     def events(self, job_id: str) -> builtins.list[JobEvent]:
         """The job's state changes, oldest first."""

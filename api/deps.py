@@ -2,7 +2,7 @@
 route, and the error answers their OpenAPI entries name."""
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,12 +11,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from api import schemas
 from api.errors import ApiError
 from service.control_plane import ControlPlane
+from service.identity import Caller
 
 # Error answers are JSON in api.errors' one shape on every route, the text routes too (`logs` is a
 # StreamingResponse route, so FastAPI files these under application/json, not under text/plain).
 ERRORS = {
     400: {"model": schemas.ErrorResponse, "description": "The body cannot be read (e.g. not UTF-8)"},
     401: {"model": schemas.ErrorResponse, "description": "Missing or wrong bearer token"},
+    403: {"model": schemas.ErrorResponse, "description": "Another's job, and not an admin token"},
     404: {"model": schemas.ErrorResponse, "description": "No such job"},
     409: {"model": schemas.ErrorResponse, "description": "The job is in the wrong state for this"},
     413: {"model": schemas.ErrorResponse, "description": "The body is larger than the service takes"},
@@ -40,16 +42,32 @@ Plane = Annotated[ControlPlane, Depends(control_plane)]
 
 
 class RequireToken:
-    """The dependency that refuses a request without one of ``tokens`` as its bearer token."""
+    """The dependency that refuses a request without one of the ``callers``' tokens as its bearer
+    token, and records who holds it (``request.state.caller``: see :func:`caller`)."""
 
-    def __init__(self, tokens: Sequence[str]) -> None:
-        self.tokens = [token.encode() for token in tokens]
+    def __init__(self, callers: Mapping[str, Caller]) -> None:
+        self.callers = [(token.encode(), caller) for token, caller in callers.items()]
 
-    async def __call__(self, credentials: Credentials) -> None:  # async: no thread hop for a compare
+    async def __call__(self, request: Request, credentials: Credentials) -> None:  # async: no thread hop
         if credentials is None:
             raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
         given = credentials.credentials.encode()
         # Compare against every token, in constant time each, so timing says nothing.
-        matches = [hmac.compare_digest(given, token) for token in self.tokens]
-        if not any(matches):
+        matches = [caller for token, caller in self.callers if hmac.compare_digest(given, token)]
+        if not matches:
             raise ApiError(401, "invalid bearer token")
+        request.state.caller = matches[0]
+
+
+async def caller(request: Request) -> Caller:
+    """Who sent the request (its token's holder; :class:`RequireToken` ran first)."""
+    return request.state.caller
+
+
+Who = Annotated[Caller, Depends(caller)]
+
+
+async def admin_only(who: Who) -> None:
+    """Refuse a caller whose token is not an admin's (for what is the whole service's, not a job's)."""
+    if not who.admin:
+        raise ApiError(403, f"only an admin token may do this; {who.name}'s is not one", code="forbidden")

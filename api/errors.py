@@ -20,9 +20,10 @@ from starlette.routing import Match
 
 from api.schemas import ErrorBody, ErrorDetail, ErrorResponse
 from service.admission import Unschedulable
-from service.control_plane import JobNotFound, WrongState
+from service.control_plane import JobNotFound, NotYours, WrongState
 from service.packages import BadPackage, UnknownPackage
 from service.store import BadCursor, IdempotencyConflict
+from service.webhooks import WebhookNotFound
 from trainer.spec import validation_problem
 
 log = logging.getLogger("hutch.api")
@@ -30,6 +31,7 @@ log = logging.getLogger("hutch.api")
 CODES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
@@ -64,20 +66,31 @@ def error_response(
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
-def _validation_details(errors: Sequence[Any]) -> tuple[str, list[ErrorDetail]]:
+SPEC_BODY = "/v1/jobs"
+"""The route whose body is a job spec (``invalid_spec``); other bodies are ``invalid_request``."""
+UNECHOED = frozenset({"secret"})
+"""Body fields whose value an error never shows (a webhook's secret)."""
+
+
+def _validation_details(errors: Sequence[Any], spec: bool = True) -> tuple[str, list[ErrorDetail]]:
     """(code, details) for FastAPI's validation errors: field paths without the ``body``/``query``
-    prefix for the spec, with it for query and header parameters."""
+    prefix for the body (a job spec if ``spec``), with it for query and header parameters."""
     details: list[ErrorDetail] = []
     in_body = False
     for error in errors:
         loc = tuple(error.get("loc", ()))
         if loc and loc[0] == "body":
-            in_body = True
+            in_body = spec
             if error.get("type") == "json_invalid":
                 reason = error.get("ctx", {}).get("error", "not valid JSON")
                 details.append(ErrorDetail(field=None, message=f"the body is not valid JSON: {reason}"))
                 continue
-            field, reason = validation_problem({**error, "loc": loc[1:]})
+            if not spec and error.get("type") == "extra_forbidden":  # the spec's reason lists its fields
+                field, reason = ".".join(map(str, loc[1:])), "unknown field"
+            else:
+                field, reason = validation_problem({**error, "loc": loc[1:]})
+            if not spec and field in UNECHOED:
+                reason = reason.partition(" (got ")[0]
         else:
             field, reason = validation_problem({**error, "loc": loc})
         details.append(ErrorDetail(field=field, message=reason))
@@ -101,8 +114,8 @@ def _allowed_methods(request: Request) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        code, details = _validation_details(exc.errors())
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        code, details = _validation_details(exc.errors(), spec=request.url.path == SPEC_BODY)
         what = "the job spec is invalid" if code == "invalid_spec" else "the request is invalid"
         summary = "; ".join(f"{d.field}: {d.message}" if d.field else d.message for d in details[:3])
         return error_response(422, code, f"{what}: {summary}", details)
@@ -123,6 +136,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(JobNotFound)
     async def _missing(_: Request, exc: JobNotFound) -> JSONResponse:
+        return error_response(404, "not_found", str(exc))
+
+    @app.exception_handler(NotYours)
+    async def _not_yours(_: Request, exc: NotYours) -> JSONResponse:
+        return error_response(403, "forbidden", str(exc))
+
+    @app.exception_handler(WebhookNotFound)
+    async def _no_webhook(_: Request, exc: WebhookNotFound) -> JSONResponse:
         return error_response(404, "not_found", str(exc))
 
     @app.exception_handler(WrongState)

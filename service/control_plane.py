@@ -16,13 +16,16 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.admission import check_fits
+from service.identity import Caller
 from service.launcher import CheckpointInfo, RayLauncher, RayUnavailable
+from service.leader import Lease
 from service.lifecycle import ACTIVE_STATES, RETRYABLE_STATES, TERMINAL_STATES, JobState
 from service.local_ray import LocalRayHead, ensure_local_head, stop_local_head
 from service.packages import Package
 from service.reconciler import PassStats, Reconciler
 from service.settings import Settings
 from service.store import EventRecord, JobRecord, JobStore, utcnow
+from service.webhooks import DeliveryPage, DeliveryStatus, Dispatcher, Webhook, Webhooks
 from trainer.rundir import RunLayout, follow_lines, records_after, tail_lines
 from trainer.spec import PACKAGE_URI, JobSpec
 
@@ -43,6 +46,17 @@ class AttemptNotFound(JobNotFound):
 
 class WrongState(Exception):
     """The action does not apply to the job in its current state."""
+
+
+class NotYours(Exception):
+    """The caller may not change this job: another submitted it, and the caller is no admin."""
+
+    def __init__(self, job: JobRecord, caller: Caller, action: str) -> None:
+        owner = f"submitted by {job.submitted_by}" if job.submitted_by else "submitted without a name"
+        super().__init__(
+            f"job {job.id} was {owner}; the token of {caller.name} may {action} only its own jobs "
+            "(an admin token may change any)"
+        )
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,9 @@ class Telemetry:
     ray_up: bool
     reconciler: PassStats
     queue_held: bool
+    leading: bool  # this replica holds the reconciler's lease
+    webhook_outcomes: Mapping[str, int]  # this replica's webhook sendings by outcome
+    webhooks_pending: int | None  # deliveries waiting to be sent (None: unknown)
 
 
 class ControlPlane:
@@ -96,6 +113,9 @@ class ControlPlane:
         self._admission_skipped = False  # said once per stretch of Ray being unreachable
         revive = self.revive_local_head if self.local_head is not None else None
         limits = {"CPU": settings.max_cluster_cpus, "GPU": settings.max_cluster_gpus}
+        # Replicas on one database take turns at reconciling (service/leader.py); alone, this one
+        # leads from its first tick (or once its killed predecessor's lease ends).
+        self.lease = Lease(self.store, settings.replica_name, ttl_s=settings.leader_lease_s)
         self.reconciler = Reconciler(
             self.store,
             self.launcher,
@@ -104,17 +124,31 @@ class ControlPlane:
             autoscaling_limits={resource: n for resource, n in limits.items() if n is not None},
             driver_resources=settings.driver_resources,
             hold_queue=settings.hold_queue,
+            lease=self.lease,
+        )
+        # Webhooks: any replica records subscriptions and deliveries; the leader sends them.
+        self.webhooks = Webhooks(self.store)
+        self.dispatcher = Dispatcher(
+            self.webhooks,
+            self.lease,
+            max_attempts=settings.webhook_max_attempts,
+            retry_s=settings.webhook_retry_s,
+            timeout_s=settings.webhook_timeout_s,
         )
 
     @classmethod
     def open(cls, settings: Settings) -> ControlPlane:
         plane = cls(settings)
+        plane.lease.start()
         plane.reconciler.start()
+        plane.dispatcher.start()
         return plane
 
     def close(self) -> None:
         """Stop following jobs; with a local head, stop it too and say so on the jobs it ran."""
         self.reconciler.stop()
+        self.dispatcher.stop()  # sendings under way end; pending deliveries wait in the database
+        self.lease.stop()  # the next replica takes over at once, not when the lease would end
         self.launcher.close()
         with self._head_lock:  # after a restart in progress, so the head it started is the one stopped
             head, self.local_head = self.local_head, None
@@ -162,8 +196,11 @@ class ControlPlane:
             return True
 
     # -- jobs -----------------------------------------------------------------------------
-    def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> Submitted:
-        """Queue a job; a key used before returns that job (even if the cluster has shrunk since)."""
+    def submit(
+        self, spec: JobSpec, idempotency_key: str | None = None, submitted_by: str | None = None
+    ) -> Submitted:
+        """Queue a job as ``submitted_by``'s; a key used before returns that job (even if the
+        cluster has shrunk since)."""
         body = spec.model_dump(mode="json")
         if idempotency_key is not None and (earlier := self.store.replay(idempotency_key, body)) is not None:
             return Submitted(earlier, created=False)
@@ -172,7 +209,7 @@ class ControlPlane:
             self.packages.path(working_dir)  # raises UnknownPackage: refused now, not failed later
         self.check_fits(spec)
         job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
-        job, created = self.store.create(job_id, body, idempotency_key)
+        job, created = self.store.create(job_id, body, idempotency_key, submitted_by)
         if created:
             self.reconciler.wake()
         return Submitted(job, created)
@@ -184,11 +221,17 @@ class ControlPlane:
         return job
 
     def list_jobs(
-        self, states: Sequence[JobState], labels: Mapping[str, str], limit: int, cursor: str | None
+        self,
+        states: Sequence[JobState],
+        labels: Mapping[str, str],
+        limit: int,
+        cursor: str | None,
+        submitted_by: str | None = None,
     ) -> JobPage:
-        """Jobs in any of ``states`` carrying all of ``labels``, newest first, ``limit`` at most;
-        ``cursor`` is the previous page's ``next_cursor``. Queue places cost one query a page."""
-        jobs, next_cursor = self.store.list(states, labels, limit, cursor)
+        """Jobs in any of ``states`` carrying all of ``labels`` (and ``submitted_by`` someone),
+        newest first, ``limit`` at most; ``cursor`` is the previous page's ``next_cursor``. Queue
+        places cost one query a page."""
+        jobs, next_cursor = self.store.list(states, labels, limit, cursor, submitted_by)
         positions = self.store.queue_positions(job for job in jobs if job.state == JobState.QUEUED)
         return JobPage(jobs, next_cursor, positions)
 
@@ -201,9 +244,16 @@ class ControlPlane:
         self.get(job_id)
         return self.store.events(job_id)
 
-    def cancel(self, job_id: str) -> JobRecord:
-        """Queued jobs end at once; started ones are stopped in Ray and end when Ray says so."""
+    def _changeable(self, job_id: str, caller: Caller | None, action: str) -> JobRecord:
+        """The job, if ``caller`` (None: the service itself) may ``action`` it."""
         job = self.get(job_id)
+        if caller is not None and not caller.may_change(job.submitted_by):
+            raise NotYours(job, caller, action)
+        return job
+
+    def cancel(self, job_id: str, caller: Caller | None = None) -> JobRecord:
+        """Queued jobs end at once; started ones are stopped in Ray and end when Ray says so."""
+        job = self._changeable(job_id, caller, "cancel")
         if job.state in TERMINAL_STATES:
             raise WrongState(f"job {job_id} is already {job.state}; only unfinished jobs can be cancelled")
         if job.state == JobState.QUEUED and self.store.move(
@@ -220,15 +270,15 @@ class ControlPlane:
         self.reconciler.wake()
         return job
 
-    def retry(self, job_id: str) -> JobRecord:
-        job = self.get(job_id)
+    def retry(self, job_id: str, caller: Caller | None = None) -> JobRecord:
+        job = self._changeable(job_id, caller, "retry")
         if job.state not in RETRYABLE_STATES or not self.store.retry(job_id):
             raise WrongState(f"job {job_id} is {job.state}; only FAILED or CANCELLED jobs can be retried")
         self.reconciler.wake()
         return self.get(job_id)
 
-    def delete(self, job_id: str) -> None:
-        job = self.get(job_id)
+    def delete(self, job_id: str, caller: Caller | None = None) -> None:
+        job = self._changeable(job_id, caller, "delete")
         if job.state not in TERMINAL_STATES or not self.store.delete(job_id):
             raise WrongState(
                 f"job {job_id} is {job.state}; cancel it first, only finished jobs can be deleted"
@@ -293,6 +343,29 @@ class ControlPlane:
         finally:
             path.unlink(missing_ok=True)
 
+    # -- webhooks -------------------------------------------------------------------------
+    def subscribe(self, url: str, events: Sequence[JobState] | None, secret: str | None) -> Webhook:
+        """A new webhook: every later change of a job into one of ``events`` (None: any state) is
+        POSTed to ``url``, signed with ``secret`` (one is made without it)."""
+        return self.webhooks.add(url, events, secret)
+
+    def list_webhooks(self) -> list[Webhook]:
+        return self.webhooks.all()
+
+    def webhook(self, webhook_id: str) -> Webhook:
+        """The webhook; :class:`~service.webhooks.WebhookNotFound` if there is none."""
+        return self.webhooks.get(webhook_id)
+
+    def unsubscribe(self, webhook_id: str) -> None:
+        """Remove the webhook and its deliveries (pending ones are not sent)."""
+        self.webhooks.remove(webhook_id)
+
+    def deliveries(
+        self, webhook_id: str, statuses: Sequence[DeliveryStatus], limit: int, cursor: str | None
+    ) -> DeliveryPage:
+        """The webhook's deliveries newest first, in any of ``statuses``, one page at a time."""
+        return self.webhooks.deliveries(webhook_id, statuses, limit, cursor)
+
     # -- admission ------------------------------------------------------------------------
     def check_fits(self, spec: JobSpec) -> None:
         """Refuse a job that can never be scheduled (see :mod:`service.admission`); when Ray
@@ -317,8 +390,10 @@ class ControlPlane:
         return self.launcher.dashboard_job_url(job.ray_job_id) if job.ray_job_id else None
 
     def readiness(self) -> dict[str, str]:
-        """``ok``, or why not, for each thing the service needs: the database, Ray, and job
-        submission (what kept the reconciler's last pass from following or starting jobs)."""
+        """``ok``, or why not, for the database, Ray, and job submission (what kept the leading
+        reconciler's last pass from following or starting jobs). Only the database decides
+        whether this replica is ready (:meth:`ready`): without Ray, the API still answers and
+        submissions queue."""
         checks = {}
         try:
             self.store.ping()
@@ -335,15 +410,32 @@ class ControlPlane:
         checks["job_submission"] = f"error: {last_error}" if last_error else "ok"
         return checks
 
+    @staticmethod
+    def ready(checks: Mapping[str, str]) -> bool:
+        """Whether a replica with these :meth:`readiness` checks can serve the API: it needs its
+        database; Ray's state is reported, and alerted on, but does not take it out of service."""
+        return checks.get("database") == "ok"
+
+    def leader(self) -> str | None:
+        """The replica that reconciles now (this one or another), None if none does or the
+        database cannot say."""
+        if self.lease.current() is not None:
+            return self.lease.replica
+        try:
+            return self.lease.holder_now()
+        except SQLAlchemyError:
+            return None
+
     def telemetry(self) -> Telemetry:
         """The service's own numbers for its metrics endpoint, read now. The database's part is
         empty while it is out of reach (a scrape still answers; /readyz says what is wrong)."""
         counts: Mapping[JobState, int] = {}
-        waited = None
+        waited = pending = None
         try:
             counts = self.store.count_by_state()  # every state, zeros included
             oldest = self.store.oldest_queued_at()
             waited = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+            pending = self.webhooks.pending()
         except SQLAlchemyError as error:
             log.warning("job counts unknown: %s", type(error).__name__)
         try:
@@ -351,4 +443,6 @@ class ControlPlane:
             ray_up = True
         except RayUnavailable:
             ray_up = False
-        return Telemetry(counts, waited, ray_up, self.reconciler.stats, self.reconciler.hold_queue)
+        stats, held = self.reconciler.stats, self.reconciler.hold_queue
+        leading, sent = self.lease.current() is not None, self.dispatcher.outcomes()
+        return Telemetry(counts, waited, ray_up, stats, held, leading, sent, pending)

@@ -6,6 +6,9 @@ the store and in Ray, so a service killed at any moment and restarted simply run
 Each move is a compare-and-set on (job, state, attempt), and a submission id is deterministic
 per attempt, so no job is submitted twice or finishes twice. An attempt that failed for an
 infrastructure cause is queued again as the next attempt while the spec's ``retry`` allows.
+
+With a :class:`~service.leader.Lease`, it reconciles only while this replica leads, and every
+write carries the lease it read under (a former leader that wakes changes nothing).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from dataclasses import dataclass, field
 
 from service.admission import missing_driver_resources, startable
 from service.launcher import RayJob, RayLauncher, RayRefused, RayUnavailable, StorageUnavailable, unwritable
+from service.leader import Lease
 from service.lifecycle import JobState
-from service.store import JobRecord, JobStore
+from service.store import Fence, JobRecord, JobStore
 from trainer.launch import UNWRITABLE
 from trainer.outcome import FailureCause
 from trainer.rundir import last_record, storage_error_code, tail_lines
@@ -51,7 +55,10 @@ class Reconciler:
 
     ``driver_resources`` (HUTCH_DRIVER_RESOURCES) count as part of every job's demand, unless
     the cluster autoscales (``autoscaling_limits``): then Ray and its autoscaler place drivers.
-    While no node offers them, queued jobs wait, and :attr:`last_error` (so ``/readyz``) says why."""
+    While no node offers them, queued jobs wait, and :attr:`last_error` (so ``/readyz``) says why.
+
+    ``lease``: reconcile only while it is held (several replicas on one database); None for a
+    reconciler that owns its store alone."""
 
     def __init__(
         self,
@@ -62,8 +69,11 @@ class Reconciler:
         autoscaling_limits: Mapping[str, float] | None = None,
         driver_resources: Mapping[str, float] | None = None,
         hold_queue: bool = False,
+        lease: Lease | None = None,
     ) -> None:
         self.store = store
+        self.lease = lease
+        self._fence: Fence | None = None  # the lease the current pass reads and writes under
         self.hold_queue = hold_queue  # HUTCH_HOLD_QUEUE: follow started jobs, start none
         self.launcher = launcher
         self.interval_s = interval_s
@@ -120,9 +130,20 @@ class Reconciler:
             log.error("a reconciler tick failed; trying again every %.1fs: %s", every, text, exc_info=error)
             self._tick_error = text
 
+    @property
+    def leading(self) -> bool:
+        """Whether this reconciler acts: it has no lease, or it still holds the one its pass
+        began under."""
+        return self.lease is None or (self._fence is not None and self.lease.current() == self._fence)
+
     def reconcile_once(self) -> None:
         """Follow the started jobs, then start the queued ones that fit beside them (none while
-        the queue is held)."""
+        the queue is held); nothing unless this replica leads."""
+        if self.lease is not None:
+            self._fence = self.lease.current()
+            if self._fence is None:  # another replica reconciles; its /readyz says how it goes
+                self.last_error = None
+                return
         error, blocked = self._each(self.store.in_states(STARTED))
         if error is None and not self._stop.is_set() and not self.hold_queue:
             try:
@@ -142,7 +163,7 @@ class Reconciler:
         """Reconcile ``jobs`` in turn; (Ray's error, which stops the pass; the storage's error)."""
         blocked = None
         for job in jobs:
-            if self._stop.is_set():
+            if self._stop.is_set() or not self.leading:
                 break
             try:
                 self._reconcile(job)
@@ -189,29 +210,33 @@ class Reconciler:
             self.launcher.stop(job.ray_job_id)  # repeated each tick until Ray reports it stopped
         if ray_job.status == "RUNNING" and job.state == JobState.STARTING:
             self.store.move(
-                job.id, JobState.STARTING, JobState.RUNNING, attempt=job.attempt, message="running"
-            )
+                job.id, JobState.STARTING, JobState.RUNNING, attempt=job.attempt, message="running",
+                fence=self._fence,
+            )  # fmt: skip
         elif ray_job.status in ("SUCCEEDED", "FAILED", "STOPPED"):
             self._finish_from_ray(job, ray_job)
 
     def _submit(self, job: JobRecord) -> None:
         submission_id = self.launcher.submission_id(job.id, job.attempt)
-        if self.launcher.status(submission_id) is None:  # not submitted before a crash
+        if self.launcher.status(submission_id) is None and self.leading:  # not submitted before a crash
             self._clear_outcome(job.id)
             try:
                 self.launcher.submit(job.id, job.attempt, job.spec, job.name)
             except RayRefused as refused:
                 if self.store.move(
                     job.id, JobState.QUEUED, JobState.FAILED, attempt=job.attempt,
-                    message=str(refused), failure_reason=str(refused),
+                    message=str(refused), failure_reason=str(refused), fence=self._fence,
                 ):  # fmt: skip
                     self.stats.failed_jobs[FailureCause.JOB_ERROR] += 1  # Ray refused its runtime_env
                 return
         moved = self.store.move(
             job.id, JobState.QUEUED, JobState.STARTING, attempt=job.attempt,
-            message=f"submitted as Ray job {submission_id}", ray_job_id=submission_id,
+            message=f"submitted as Ray job {submission_id}", ray_job_id=submission_id, fence=self._fence,
         )  # fmt: skip
-        if not moved:  # cancelled between our read and the submission: stop what we started
+        if moved or not self.leading:  # a lease lost meanwhile: the next leader adopts the submission
+            return
+        current = self.store.get(job.id)
+        if current is None or current.ray_job_id != submission_id:  # cancelled (or deleted) meanwhile
             self.launcher.stop(submission_id)
 
     def _finish_from_ray(self, job: JobRecord, ray_job: RayJob) -> None:
@@ -236,7 +261,7 @@ class Reconciler:
     ) -> None:
         moved = self.store.move(
             job.id, (JobState.STARTING, JobState.RUNNING), state, attempt=job.attempt,
-            message=message or reason, failure_reason=reason,
+            message=message or reason, failure_reason=reason, fence=self._fence,
         )  # fmt: skip
         if moved and cause is not None:
             self.stats.failed_jobs[cause] += 1
@@ -254,7 +279,7 @@ class Reconciler:
             f"retried automatically (attempt {job.attempt + 1} of {retry.max_attempts}, starting in "
             f"{delay:g} s) after an infrastructure failure: {reason}"
         )
-        if self.store.retry(job.id, message):
+        if self.store.retry(job.id, message, fence=self._fence):
             self._backoff[job.id] = time.monotonic() + delay
             self.stats.retried_jobs += 1
             log.warning("job %s: %s", job.id, message)
@@ -262,7 +287,7 @@ class Reconciler:
     def _refresh_metrics(self, job: JobRecord) -> None:
         record = last_record(self.launcher.layout.run(job.id).metrics_file)
         if record is not None and record != job.latest_metrics:
-            self.store.update_fields(job.id, attempt=job.attempt, latest_metrics=record)
+            self.store.update_fields(job.id, attempt=job.attempt, fence=self._fence, latest_metrics=record)
 
     def _clear_outcome(self, job_id: str) -> None:
         """Remove the previous attempt's outcome files, so they are not mistaken for this one's."""

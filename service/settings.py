@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.identity import Caller, parse_tokens, token_of
+
 
 class TokenSettings(BaseSettings):
     """The settings a client on the service's machine needs to find the API token, and no more
@@ -38,8 +40,9 @@ class TokenSettings(BaseSettings):
     )
     api_tokens: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated bearer tokens accepted on /v1. Unset: one is generated into "
-        "DATA_DIR/api-token (mode 600), where the CLI finds it.",
+        description="Comma-separated bearer tokens accepted on /v1, each `name:token` (may change its "
+        "own jobs), `name:token:admin` (any job) or a plain `token` (an admin named token-<hash>). "
+        "Unset: one admin token is generated into DATA_DIR/api-token (mode 600), where the CLI finds it.",
     )
 
     @field_validator("api_tokens", mode="before")
@@ -49,14 +52,32 @@ class TokenSettings(BaseSettings):
             return [token.strip() for token in value.split(",") if token.strip()]
         return value
 
+    @field_validator("api_tokens")
+    @classmethod
+    def _named_tokens(cls, value: list[str]) -> list[str]:
+        parse_tokens(value)  # a malformed entry stops the start, named by its place, never shown
+        return value
+
     @property
     def token_file(self) -> Path:
         return self.data_dir.expanduser().absolute() / "api-token"
 
-    def accepted_tokens(self) -> list[str]:
-        """The configured tokens, or the generated one (created on first use)."""
+    def client_token(self) -> str | None:
+        """The token a client on this machine sends: the first configured one's, else the
+        generated file's (None if there is none yet)."""
         if self.api_tokens:
-            return self.api_tokens
+            return token_of(self.api_tokens[0])
+        try:
+            return self.token_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def callers(self) -> dict[str, Caller]:
+        """Token → who holds it: the configured tokens, or the generated one (created on first
+        use, an admin)."""
+        return parse_tokens(self.api_tokens or [self._generated_token()])
+
+    def _generated_token(self) -> str:
         if not self.token_file.exists():
             import secrets
 
@@ -68,7 +89,7 @@ class TokenSettings(BaseSettings):
             else:
                 with os.fdopen(fd, "w") as out:
                     out.write(secrets.token_urlsafe(32) + "\n")
-        return [self.token_file.read_text().strip()]
+        return self.token_file.read_text().strip()
 
 
 class Settings(TokenSettings):
@@ -147,11 +168,36 @@ class Settings(TokenSettings):
     reconcile_interval_s: PositiveFloat = Field(
         default=1.0, description="How often the reconciler follows Ray jobs into the store."
     )
+    replica_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="This replica's name in /readyz and the reconciler's lease (several replicas may "
+        "serve one database; one of them reconciles) [the host name: in Kubernetes, the pod's].",
+    )
+    leader_lease_s: Annotated[float, Field(ge=2, le=300)] = Field(
+        default=10.0,
+        description="How long the reconciler's lease lasts unrenewed: when the leading replica dies, "
+        "another takes over within this many seconds (plus one renewal, a fifth of it).",
+    )
     hold_queue: bool = Field(
         default=False,
         description="Start no queued job (new, retried or resumed) while true: submissions queue, "
         "cancels apply, running jobs are followed. For work on the Ray cluster without losing a "
         "step (deploy/README.md, Upgrade); /readyz says the queue is held.",
+    )
+    webhook_max_attempts: PositiveInt = Field(
+        default=12,
+        description="Sendings of one webhook delivery before it is given up (failed): the receiver "
+        "answered no 2xx to any of them.",
+    )
+    webhook_retry_s: PositiveFloat = Field(
+        default=5.0,
+        description="The wait before a webhook delivery's second sending, doubled before each next "
+        "one, up to 10 minutes (12 sendings with the defaults span about 50 minutes).",
+    )
+    webhook_timeout_s: PositiveFloat = Field(
+        default=10.0, description="How long one webhook sending may take before it counts as failed."
     )
     driver_resources: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict,

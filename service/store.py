@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import threading
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    exists,
+    extract,
     func,
     insert,
     literal,
@@ -42,9 +45,10 @@ from sqlalchemy import (
     union,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 from service import migrations
@@ -94,6 +98,7 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    submitted_by: Mapped[str | None] = mapped_column(String(100))  # the API token's name
     labels: Mapped[list[LabelRow]] = relationship(
         cascade="all, delete-orphan", lazy="selectin", passive_deletes=True
     )
@@ -210,6 +215,7 @@ class JobRecord:
     idempotency_key: str | None
     request_hash: str
     priority: int = 0
+    submitted_by: str | None = None
 
     @classmethod
     def of_columns(cls, values: dict[str, Any]) -> JobRecord:
@@ -217,6 +223,7 @@ class JobRecord:
         The labels are the spec's: job_labels holds the same pairs, as an index for filtering."""
         labels = dict(values["spec"].get("labels") or {})
         values.update(state=JobState(values["state"]), labels=labels, priority=values.get("priority") or 0)
+        values.setdefault("submitted_by", None)
         return cls(**{name: values[name] for name in _RECORD_FIELDS})
 
 
@@ -224,6 +231,29 @@ _RECORD_FIELDS = tuple(JobRecord.__dataclass_fields__)
 JOBS = JobRow.__table__
 LABELS = LabelRow.__table__
 EVENTS = EventRow.__table__
+LEASES = LeaseRow.__table__
+WEBHOOKS = WebhookRow.__table__
+DELIVERIES = DeliveryRow.__table__
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The lease a reconciler held when it read a job (:mod:`service.leader`): a write that carries
+    it is made only while the database still gives that lease, unexpired, to that holder."""
+
+    lease: str
+    holder: str
+    token: int
+
+
+def database_now(engine: Engine) -> ColumnElement[Any]:
+    """Now on the database's own clock, in seconds since the epoch (what leases are timed by)."""
+    if engine.dialect.name == "sqlite":
+        return (func.julianday("now") - 2440587.5) * 86400.0
+    if engine.dialect.name == "postgresql":
+        return extract("epoch", func.clock_timestamp())
+    raise NotImplementedError(f"leases need SQLite or Postgres, not {engine.dialect.name}")
+
 
 # The statements of every request, built once: SQLAlchemy then reuses their compiled form without
 # building and hashing them again (which cost more than running them).
@@ -305,6 +335,25 @@ class JobStore:
         with self._one_writer if write else nullcontext(), self._sessions.begin() as session:
             yield session
 
+    def _fenced(self, session: Session, fence: Fence | None) -> ColumnElement[bool] | None:
+        """The condition that makes a write count only under ``fence``; None if the fence has
+        already fallen (nothing to write). On Postgres the lease row is also share-locked until
+        the write commits, so a takeover waits for it rather than reading around it; SQLite has
+        one writer at a time anyway."""
+        if fence is None:
+            return literal(True)
+        holds = (
+            (LEASES.c.name == fence.lease)
+            & (LEASES.c.holder == fence.holder)
+            & (LEASES.c.token == fence.token)
+            & (LEASES.c.expires_at > database_now(self.engine))
+        )
+        if self.engine.dialect.name == "postgresql":
+            locked = select(LEASES.c.token).where(holds).with_for_update(read=True)
+            if session.execute(locked).first() is None:
+                return None
+        return exists().where(holds)
+
     def ping(self) -> None:
         with self.engine.connect() as connection:
             connection.exec_driver_sql("SELECT 1")
@@ -314,7 +363,11 @@ class JobStore:
 
     # -- creation -------------------------------------------------------------------------
     def create(
-        self, job_id: str, spec: Mapping[str, Any], idempotency_key: str | None = None
+        self,
+        job_id: str,
+        spec: Mapping[str, Any],
+        idempotency_key: str | None = None,
+        submitted_by: str | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a new QUEUED job; with a key already used, return that job instead.
 
@@ -335,6 +388,7 @@ class JobStore:
             "attempt": 1,
             "cancel_requested": False,
             "priority": int(spec.get("priority") or 0),
+            "submitted_by": submitted_by,
         }
         queued = {"job_id": job_id, "at": now, "attempt": 1, "state": values["state"], "message": "submitted"}
         try:
@@ -346,6 +400,7 @@ class JobStore:
                     rows = [{"job_seq": seq, "key": key, "value": value} for key, value in labels.items()]
                     connection.execute(insert(LABELS), rows)
                 connection.execute(insert(EVENTS), queued)
+                _queue_deliveries(connection, job_id, now, 1, values["state"], "submitted")
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -389,8 +444,9 @@ class JobStore:
         labels: Mapping[str, str] | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        submitted_by: str | None = None,
     ) -> tuple[list[JobRecord], str | None]:
-        """Jobs newest first, filtered by any of ``states`` and all of ``labels``."""
+        """Jobs newest first, filtered by any of ``states``, all of ``labels`` and who submitted them."""
         query, newest = select(JOBS), JOBS.c.seq
         filters = list((labels or {}).items())
         if any("\x00" in key + value for key, value in filters):  # as in get: no label has one
@@ -409,6 +465,8 @@ class JobStore:
             )
         if states:
             query = query.where(JOBS.c.state.in_([str(s) for s in states]))
+        if submitted_by is not None:
+            query = query.where(JOBS.c.submitted_by == submitted_by)
         if cursor is not None:
             # BIGINT: a cursor goes up to 2**63-1, past Postgres's INTEGER of the column.
             query = query.where(newest < literal(decode_cursor(cursor), BigInteger))
@@ -490,10 +548,11 @@ class JobStore:
         *,
         attempt: int | None = None,
         message: str | None = None,
+        fence: Fence | None = None,
         **fields: Any,
     ) -> bool:
         """Move a job from one of ``expected`` (and ``attempt``, if given) to ``new``; False if
-        it was not there (someone else moved it first)."""
+        it was not there (someone else moved it first) or ``fence`` has fallen."""
         olds = [expected] if isinstance(expected, JobState) else list(expected)
         for old in olds:
             if new not in ALLOWED_MOVES[old]:
@@ -508,24 +567,29 @@ class JobStore:
         if attempt is not None:
             where.append(JobRow.attempt == attempt)
         with self._session(write=True) as session:
-            moved = session.execute(update(JobRow).where(*where).values(**values)).rowcount == 1
+            if (held := self._fenced(session, fence)) is None:
+                return False
+            moved = session.execute(update(JobRow).where(*where, held).values(**values)).rowcount == 1
             if moved:
                 current = session.scalar(select(JobRow.attempt).where(JobRow.id == job_id))
                 session.add(EventRow(job_id=job_id, at=now, attempt=current, state=str(new), message=message))
+                _queue_deliveries(session.connection(), job_id, now, current, str(new), message)
         return moved
 
-    def retry(self, job_id: str, message: str = "retry") -> bool:
+    def retry(self, job_id: str, message: str = "retry", fence: Fence | None = None) -> bool:
         """FAILED/CANCELLED → QUEUED as a new attempt (its event says ``message``); False if the
-        job was not in those states.
+        job was not in those states (or ``fence`` has fallen).
 
         Writes before it reads, so SQLite never has to upgrade a read transaction."""
         now = utcnow()
         retryable = [str(JobState.FAILED), str(JobState.CANCELLED)]
         with self._session(write=True) as session:
+            if (held := self._fenced(session, fence)) is None:
+                return False
             moved = (
                 session.execute(
                     update(JobRow)
-                    .where(JobRow.id == job_id, JobRow.state.in_(retryable))
+                    .where(JobRow.id == job_id, JobRow.state.in_(retryable), held)
                     .values(
                         state=str(JobState.QUEUED),
                         attempt=JobRow.attempt + 1,
@@ -544,15 +608,21 @@ class JobStore:
                 session.add(
                     EventRow(job_id=job_id, at=now, attempt=attempt, state=JobState.QUEUED, message=message)
                 )
+                _queue_deliveries(session.connection(), job_id, now, attempt, str(JobState.QUEUED), message)
         return moved
 
-    def update_fields(self, job_id: str, attempt: int | None = None, **fields: Any) -> bool:
-        """Change non-state fields (metrics, flags) of a job, of ``attempt`` if given."""
+    def update_fields(
+        self, job_id: str, attempt: int | None = None, fence: Fence | None = None, **fields: Any
+    ) -> bool:
+        """Change non-state fields (metrics, flags) of a job, of ``attempt`` if given (and while
+        ``fence`` holds, if given)."""
         where = [JobRow.id == job_id]
         if attempt is not None:
             where.append(JobRow.attempt == attempt)
         with self._session(write=True) as session:
-            return session.execute(update(JobRow).where(*where).values(**fields)).rowcount == 1
+            if (held := self._fenced(session, fence)) is None:
+                return False
+            return session.execute(update(JobRow).where(*where, held).values(**fields)).rowcount == 1
 
     def delete(self, job_id: str) -> bool:
         """Remove a terminal job, its labels and events; False if it is missing or not terminal."""
@@ -564,6 +634,30 @@ class JobStore:
             if deleted:
                 session.execute(EventRow.__table__.delete().where(EventRow.job_id == job_id))
         return deleted == 1
+
+
+_SUBSCRIPTIONS = select(WEBHOOKS.c.id, WEBHOOKS.c.events)
+_ANNOUNCED = select(JOBS.c.name, JOBS.c.spec, JOBS.c.submitted_by).where(JOBS.c.id == bindparam("job_id"))
+
+
+def _queue_deliveries(
+    connection: Connection, job_id: str, at: datetime, attempt: int, state: str, message: str | None
+) -> None:
+    """The webhooks' outbox: a pending delivery of this state change (the values of its
+    ``job_events`` row) for each subscription that wants its state, written in the transaction of
+    the change, so that a change that commits is announced even if the service stops at once, and
+    one that does not commit never is. Without subscriptions: one read of a table of a few rows."""
+    wanted = [hook for hook, states in connection.execute(_SUBSCRIPTIONS) if not states or state in states]
+    if not wanted:
+        return
+    job = connection.execute(_ANNOUNCED, {"job_id": job_id}).one()
+    change = {
+        "event_id": uuid.uuid4().hex, "job_id": job_id, "job_name": job.name,
+        "labels": dict(job.spec.get("labels") or {}), "submitted_by": job.submitted_by, "state": state,
+        "job_attempt": attempt, "at": at, "message": message, "status": "pending", "attempts": 0,
+        "next_attempt_at": at,
+    }  # fmt: skip
+    connection.execute(insert(DELIVERIES), [{**change, "webhook_id": hook} for hook in wanted])
 
 
 def _json_loads(text: str | bytes) -> Any:
@@ -590,4 +684,21 @@ def _engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, json_deserializer=_json_loads)
+    engine = create_engine(url, pool_pre_ping=True, json_deserializer=_json_loads)
+    if engine.dialect.name == "postgresql":
+
+        @event.listens_for(engine, "connect")
+        def _end_stalled_transactions(connection: Any, _record: Any) -> None:
+            # A replica paused or cut off inside a transaction (none of ours waits between its
+            # statements) would hold its row locks, the lease's among them, until its connection
+            # died: the server ends such a session after this, and the lease can pass on.
+            cursor = connection.cursor()
+            cursor.execute(f"SET idle_in_transaction_session_timeout = '{STALLED_TRANSACTION_S}s'")
+            cursor.close()
+            connection.commit()
+
+    return engine
+
+
+STALLED_TRANSACTION_S = 5
+"""Seconds a Postgres transaction of the service may sit idle before the server ends its session."""

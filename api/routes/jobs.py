@@ -6,14 +6,15 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 import pydantic_core
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import WithJsonSchema
 
 from api import schemas
-from api.deps import ERRORS, V1, Plane
+from api.deps import ERRORS, V1, Plane, Who
 from api.errors import ApiError
 from service.control_plane import ControlPlane
+from service.identity import NAME_PATTERN
 from service.lifecycle import JobState
 from service.settings import Settings
 from service.store import CURSOR_PATTERN, JobRecord
@@ -21,6 +22,9 @@ from trainer.spec import JobSpec, displayed_spec
 
 LABEL_FILTER = r"^[^=]+="
 """``key=value`` (what :func:`_label_filter` accepts): a non-empty key, the first ``=``, any value."""
+
+CHANGE_ERRORS: dict[int | str, dict[str, Any]] = {403: ERRORS[403], 404: ERRORS[404], 409: ERRORS[409]}
+"""What cancelling, retrying or deleting a job can answer: another's job, no such job, its state."""
 
 LOG_TEXT = {"description": "The log's lines", "content": {"text/plain": {"schema": {"type": "string"}}}}
 
@@ -40,6 +44,8 @@ def router(settings: Settings) -> APIRouter:
     )  # fmt: skip
     def submit_job(
         plane: Plane,
+        who: Who,
+        request: Request,
         spec: Annotated[JobSpec, Body(description="The job spec (see examples/).")],
         idempotency_key: Annotated[
             str | None,
@@ -57,7 +63,8 @@ def router(settings: Settings) -> APIRouter:
         ``optimizer.hessian_batch_fraction`` × ``training.global_batch_size`` at least 1), that
         names a package not uploaded (``unknown_package``) or that can never fit the cluster
         (``unschedulable``)."""
-        submitted = plane.submit(spec, idempotency_key)
+        submitted = plane.submit(spec, idempotency_key, submitted_by=who.name)
+        request.state.audit_job = submitted.job.id
         if submitted.created:
             return _json(_job(plane, submitted.job), 201)
         return _json(_job(plane, submitted.job), 200, {"Idempotent-Replayed": "true"})
@@ -75,9 +82,15 @@ def router(settings: Settings) -> APIRouter:
             Annotated[str, WithJsonSchema({"type": "string", "pattern": CURSOR_PATTERN})] | None,
             Query(description="next_cursor of the previous page (opaque)."),
         ] = None,
+        submitted_by: Annotated[
+            str | None,
+            Query(
+                pattern=NAME_PATTERN, description="Only jobs submitted with this token name (GET /v1/whoami)."
+            ),
+        ] = None,
     ) -> Response:
         """Jobs newest first, one page at a time."""
-        page = plane.list_jobs(state or [], _label_filter(label or []), limit, cursor)
+        page = plane.list_jobs(state or [], _label_filter(label or []), limit, cursor, submitted_by)
         listed = [_job(plane, job, page.queue_positions) for job in page.jobs]
         return _json({"jobs": listed, "next_cursor": page.next_cursor})
 
@@ -92,23 +105,24 @@ def router(settings: Settings) -> APIRouter:
         return [schemas.JobEvent(**vars(event)) for event in plane.events(job_id)]
 
     @jobs.post("/jobs/{job_id}/cancel", status_code=202, response_model=schemas.Job,
-               responses={404: ERRORS[404], 409: ERRORS[409]}, summary="Cancel a job")  # fmt: skip
-    def cancel_job(plane: Plane, job_id: str) -> Response:
+               responses=CHANGE_ERRORS, summary="Cancel a job")  # fmt: skip
+    def cancel_job(plane: Plane, who: Who, job_id: str) -> Response:
         """A queued job is cancelled at once; a started one is stopped in Ray and becomes
         CANCELLED when Ray confirms (``cancel_requested`` is true meanwhile)."""
-        return _json(_job(plane, plane.cancel(job_id)), 202)
+        return _json(_job(plane, plane.cancel(job_id, who)), 202)
 
     @jobs.post("/jobs/{job_id}/retry", status_code=202, response_model=schemas.Job,
-               responses={404: ERRORS[404], 409: ERRORS[409]}, summary="Retry a job")  # fmt: skip
-    def retry_job(plane: Plane, job_id: str) -> Response:
+               responses=CHANGE_ERRORS, summary="Retry a job")  # fmt: skip
+    def retry_job(plane: Plane, who: Who, job_id: str) -> Response:
         """A new attempt of the same job, resuming from its latest checkpoint."""
-        return _json(_job(plane, plane.retry(job_id)), 202)
+        return _json(_job(plane, plane.retry(job_id, who)), 202)
 
-    @jobs.delete("/jobs/{job_id}", status_code=204, responses={404: ERRORS[404], 409: ERRORS[409]},
+    @jobs.delete("/jobs/{job_id}", status_code=204,
+                 responses=CHANGE_ERRORS,
                  summary="Delete a finished job")  # fmt: skip
-    def delete_job(plane: Plane, job_id: str) -> Response:
+    def delete_job(plane: Plane, who: Who, job_id: str) -> Response:
         """Remove a finished job, its files and its checkpoints."""
-        plane.delete(job_id)
+        plane.delete(job_id, who)
         return Response(status_code=204)
 
     @jobs.get(
@@ -150,6 +164,11 @@ def router(settings: Settings) -> APIRouter:
         found = [schemas.Checkpoint(**vars(c)) for c in plane.checkpoints(job_id)]
         return schemas.CheckpointList(job_id=job_id, checkpoints=found)
 
+    @jobs.get("/whoami", response_model=schemas.Caller, summary="Who this token is")
+    async def whoami(who: Who) -> schemas.Caller:
+        """The name of the request's token and whether it is an admin's (who may change any job)."""
+        return schemas.Caller(name=who.name, admin=who.admin)
+
     return jobs
 
 
@@ -180,6 +199,7 @@ def _job(
         "name": job.name,
         "state": job.state.value,  # a str: to_json infers an enum's type for each one, slowly
         "labels": job.labels,
+        "submitted_by": job.submitted_by,
         "created_at": job.created_at,
         "updated_at": job.updated_at,
         "started_at": job.started_at,

@@ -29,6 +29,7 @@ async def upload_package(request: Request, response: Response, plane: Plane) -> 
     if media_type not in ("application/zip", "application/octet-stream"):
         raise ApiError(415, "send the zip archive as the body, with Content-Type: application/zip")
     package, created = await plane.receive_package(request.stream())
+    request.state.audit_object = package.uri
     if not created:
         response.status_code = 200
     return schemas.Package(

@@ -12,7 +12,7 @@ from starlette.datastructures import State
 from api import schemas
 from api.deps import Plane
 
-UNREADY = {503: {"model": schemas.Health, "description": "Database or Ray unreachable"}}
+UNREADY = {503: {"model": schemas.Health, "description": "The database is unreachable"}}
 
 router = APIRouter(tags=["probes"])
 
@@ -25,18 +25,27 @@ async def healthz() -> schemas.Health:  # async: liveness never waits for the AP
 
 @router.get("/readyz", response_model=schemas.Health, responses=UNREADY)
 def readyz(plane: Plane) -> JSONResponse:
-    """The database and the Ray cluster answer; ``queue`` says whether queued jobs may start."""
+    """200 while this replica can serve the API (its database answers), 503 otherwise. The body
+    says how the rest is: ``status`` ``ok``, ``degraded`` (Ray unreachable or refusing jobs:
+    submissions queue) or ``unavailable``; each check; whether the queue is held; this replica
+    and the one that reconciles."""
     checks = plane.readiness()
-    ready = all(value == "ok" for value in checks.values())
-    queue = "held" if plane.reconciler.hold_queue else "open"
-    body = schemas.Health(status="ok" if ready else "unavailable", checks=checks, queue=queue)
+    ready = plane.ready(checks)
+    status = "unavailable" if not ready else "ok" if all(v == "ok" for v in checks.values()) else "degraded"
+    body = schemas.Health(
+        status=status,
+        checks=checks,
+        queue="held" if plane.reconciler.hold_queue else "open",
+        replica=plane.lease.replica,
+        leader=plane.leader() if ready else None,
+    )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(request: Request) -> Response:
     """Prometheus metrics: requests by route and status, latency, jobs by state, the queue's
-    oldest wait, Ray's reachability, reconciler passes, errors and time."""
+    oldest wait, Ray's reachability, reconciler passes, errors and time, webhook deliveries."""
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -63,6 +72,11 @@ class ServiceNumbers:
             )  # fmt: skip
         yield GaugeMetricFamily("hutch_ray_up", "1 if the Ray cluster answers, else 0", value=int(now.ray_up))
         yield GaugeMetricFamily(
+            "hutch_reconciler_leader",
+            "1 on the replica whose reconciler leads (starts and follows jobs), 0 on the others",
+            value=int(now.leading),
+        )
+        yield GaugeMetricFamily(
             "hutch_queue_held",
             "1 while HUTCH_HOLD_QUEUE keeps queued jobs from starting",
             value=int(now.queue_held),
@@ -87,3 +101,17 @@ class ServiceNumbers:
             "Attempts the service started again by itself after an infrastructure failure",
             value=passes.retried_jobs,
         )  # fmt: skip
+        sent = CounterMetricFamily(
+            "hutch_webhook_deliveries",
+            "Webhook sendings of this replica by outcome: delivered, retried (failed, to be sent again), "
+            "failed (failed the last time: given up)",
+            labels=["outcome"],
+        )
+        for outcome, count in now.webhook_outcomes.items():
+            sent.add_metric([outcome], count)
+        yield sent
+        if now.webhooks_pending is not None:
+            yield GaugeMetricFamily(
+                "hutch_webhook_deliveries_pending", "Webhook deliveries waiting to be sent or sent again",
+                value=now.webhooks_pending,
+            )  # fmt: skip

@@ -47,11 +47,18 @@ class ServiceProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, ready_path: str = "/readyz", timeout: float = 180) -> None:
+        self.launch()
+        self.wait_ready(ready_path, timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (several can then start side by side)."""
         log = (self.data_dir / "service.log").open("ab")
         self.process = subprocess.Popen(
             [str(HUTCH), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+
+    def wait_ready(self, ready_path: str = "/readyz", timeout: float = 180) -> None:
         wait_for(lambda: self._answers(ready_path), timeout, f"the service on {self.url}{ready_path}", 0.3)
 
     def _answers(self, path: str) -> bool:

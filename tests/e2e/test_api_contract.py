@@ -175,7 +175,8 @@ def test_every_v1_route_refuses_a_missing_or_wrong_token(
 def test_probes_need_no_token(lite_service: ServiceProcess) -> None:
     assert httpx.get(lite_service.url + "/healthz").json()["status"] == "ok"
     ready = httpx.get(lite_service.url + "/readyz")
-    assert ready.status_code == 503  # Ray is unreachable here
+    # Ray is unreachable here: ready all the same (the API answers, jobs queue), saying so.
+    assert ready.status_code == 200 and ready.json()["status"] == "degraded", ready.text
     assert ready.json()["checks"]["database"] == "ok" and ready.json()["checks"]["ray"].startswith("error")
     metrics = httpx.get(lite_service.url + "/metrics").text
     assert 'hutch_jobs{state="QUEUED"}' in metrics and "hutch_http_requests_total" in metrics

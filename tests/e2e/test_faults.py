@@ -315,7 +315,8 @@ def test_read_only_or_full_storage_fails_running_jobs_with_that_reason_and_holds
         def says_read_only() -> dict[str, Any] | None:
             answer = http.get("/readyz")
             checks = answer.json()["checks"]
-            return checks if answer.status_code == 503 and "Read-only" in checks["job_submission"] else None
+            degraded = answer.status_code == 200 and answer.json()["status"] == "degraded"
+            return checks if degraded and "Read-only" in checks["job_submission"] else None
 
         checks = wait_for(says_read_only, 30, "/readyz to say the storage is read-only")
         assert checks["job_submission"].endswith("Read-only file system") and checks["database"] == "ok", (
@@ -328,7 +329,7 @@ def test_read_only_or_full_storage_fails_running_jobs_with_that_reason_and_holds
         assert http.get("/v1/jobs").status_code == 200
     for job in (read_only_victim, full_victim):  # writable again: both start, once
         checkpointed(client, job.id)
-    wait_for(lambda: http.get("/readyz").status_code == 200, 30, "/readyz to recover")
+    wait_for(lambda: http.get("/readyz").json()["status"] == "ok", 30, "/readyz to recover")
 
     own = [storage.path / "runs" / read_only_victim.id, storage.path / "checkpoints" / read_only_victim.id]
     with storage.read_only(*own):

@@ -187,6 +187,21 @@ def test_serve_with_an_invalid_setting_exits_2_naming_it(
     assert "Traceback" not in done.output
 
 
+def test_serve_with_an_unreachable_database_exits_1_saying_so(
+    cli: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from benchmarks.harness import free_port
+
+    monkeypatch.setenv("HUTCH_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv(
+        "HUTCH_DATABASE_URL", f"postgresql+psycopg://hutch:secret@127.0.0.1:{free_port()}/hutch"
+    )
+    done = cli.invoke(app, ["serve"])
+    assert done.exit_code == 1, done.output
+    assert done.stderr.startswith("error: cannot use the job store's database: connection failed")
+    assert "Traceback" not in done.output and "secret" not in done.output
+
+
 def test_submit_refuses_a_bad_spec_file_with_exit_2(cli: CliRunner, closed_url: str, tmp_path: Path) -> None:
     spec = tmp_path / "bad.yaml"
     spec.write_text("name: x\nmodel: {name: alexnet}\ndata: {name: digits}\n")

@@ -539,20 +539,41 @@ def test_probes_and_service_reach_the_port_the_server_listens_on(target: str, ro
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_one_replica_replaced_with_recreate(target: str) -> None:
+def test_replicas_fit_their_database_and_updates_keep_one_serving(target: str) -> None:
+    """Several replicas only on a database server (SQLite on a volume is one process's), then
+    updated one at a time with a PodDisruptionBudget that keeps one and lets a drain proceed,
+    spread over nodes; one replica is replaced with Recreate and has no budget (it could only
+    block drains). The gpu overlay, and so the README's own overlay, runs two."""
     docs = render(target)
     spec = deployment(docs)["spec"]
-    assert spec.get("replicas") == 1, (
-        f"{target}: the reconciler is not safe with {spec.get('replicas')} replicas"
-    )
-    assert spec.get("strategy", {}).get("type") == "Recreate", (
-        f"{target}: a rolling update would run two reconcilers at once"
-    )
-    labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
-    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler"):
-        for obj in find(docs, kind):
-            selector = obj["spec"].get("selector") or {"matchLabels": obj["spec"].get("scaleTargetRef", {})}
-            assert not _matches(selector, labels), f"{target}: a {kind} makes no sense for a single replica"
+    replicas = spec.get("replicas", 1)
+    labels = spec["template"]["metadata"]["labels"]
+    budgets = [b for b in find(docs, "PodDisruptionBudget") if _matches(b["spec"]["selector"], labels)]
+    strategy = spec.get("strategy", {})
+    if target in ("deploy/overlays/gpu", README_EXAMPLE):
+        assert replicas == 2, f"{target}: {replicas} control-plane replicas, not 2"
+    if replicas == 1:
+        assert strategy.get("type") == "Recreate", f"{target}: one replica is replaced with Recreate"
+        assert not budgets, f"{target}: a PodDisruptionBudget for one replica can only block drains"
+    else:
+        env = control_plane_env(docs)
+        assert "HUTCH_DATABASE_URL" in env and not str(env["HUTCH_DATABASE_URL"]).startswith("sqlite"), (
+            f"{target}: {replicas} replicas need a database server, not SQLite on a volume"
+        )
+        assert strategy.get("type") == "RollingUpdate", f"{target}: {strategy}"
+        assert strategy["rollingUpdate"]["maxUnavailable"] == 0, f"{target}: an update takes a replica away"
+        assert len(budgets) == 1, f"{target}: no PodDisruptionBudget keeps a replica through drains"
+        budget = budgets[0]["spec"]
+        assert 1 <= budget.get("minAvailable", 0) < replicas, (
+            f"{target}: minAvailable {budget.get('minAvailable')} of {replicas}: none kept, or drains blocked"
+        )
+        spread = spec["template"]["spec"].get("topologySpreadConstraints", [])
+        per_node = [c for c in spread if c["topologyKey"] == "kubernetes.io/hostname"]
+        assert any(_matches(c["labelSelector"], labels) for c in per_node), (
+            f"{target}: the replicas may all land on one node"
+        )
+    for obj in find(docs, "HorizontalPodAutoscaler"):
+        assert not _matches({"matchLabels": obj["spec"].get("scaleTargetRef", {})}, labels), target
     selector = spec["selector"]["matchLabels"]
     assert "app.kubernetes.io/version" not in selector, f"{target}: a version in the (immutable) selector"
 

@@ -498,7 +498,8 @@ def requirement_closure(requirements: list[Requirement]) -> set[str]:
 
 def test_control_plane_serves_with_only_its_requirements() -> None:
     """No torch, no DeepSpeed, no numpy, nor anything else outside the image: the app builds, its
-    lifespan opens the store and the reconciler, /healthz answers and /readyz reports Ray down."""
+    lifespan opens the store and the reconciler, /healthz answers and /readyz reports Ray down
+    (ready all the same: the database answers)."""
     allowed = requirement_closure(requirements_file(CONTROL_PLANE_REQUIREMENTS)) | {"hutch"}
     assert not allowed & {"torch", "deepspeed", "numpy"}, "the control-plane list pulls in the ML stack"
     result = subprocess.run(
@@ -510,7 +511,7 @@ def test_control_plane_serves_with_only_its_requirements() -> None:
     assert report["heavy"] == []
     assert report["healthz"] == 200
     status, body = report["readyz"]
-    assert status == 503 and body["checks"]["database"] == "ok", body
+    assert status == 200 and body["status"] == "degraded" and body["checks"]["database"] == "ok", body
     assert body["checks"]["ray"].startswith("error"), body
 
 

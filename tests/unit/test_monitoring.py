@@ -193,7 +193,8 @@ def test_every_query_names_metrics_that_exist() -> None:
     known |= {
         "hutch_jobs", "hutch_queue_oldest_seconds", "hutch_ray_up", "hutch_reconciler_passes_total",
         "hutch_reconciler_errors_total", "hutch_reconciler_seconds_total", "hutch_job_failures_total",
-        "hutch_job_retries_total",
+        "hutch_job_retries_total", "hutch_reconciler_leader", "hutch_queue_held",
+        "hutch_webhook_deliveries_total", "hutch_webhook_deliveries_pending",
         "hutch_http_requests_total", "hutch_http_request_duration_seconds_bucket",
     }  # fmt: skip
     expressions = [expr for _, expr in queries(dashboard())] + [rule["expr"] for rule in alert_rules()]
