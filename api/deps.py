@@ -5,13 +5,15 @@ import hmac
 from collections.abc import Mapping
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import WithJsonSchema
 
 from api import schemas
 from api.errors import ApiError
 from service.control_plane import ControlPlane
 from service.identity import Caller
+from service.store import CURSOR_PATTERN
 
 # Error answers are JSON in api.errors' one shape on every route, the text routes too (`logs` is a
 # StreamingResponse route, so FastAPI files these under application/json, not under text/plain).
@@ -28,6 +30,12 @@ ERRORS = {
 V1 = "/v1"
 """The prefix of the versioned routes, on their own routers: a route's path (the ``route`` label of
 the request metrics) is the one a client calls."""
+
+Cursor = Annotated[
+    Annotated[str, WithJsonSchema({"type": "string", "pattern": CURSOR_PATTERN})] | None,
+    Query(description="next_cursor of the previous page (opaque)."),
+]
+"""A paged list's ``cursor`` parameter (the schema states its pattern; the store checks it)."""
 
 BEARER = HTTPBearer(auto_error=False, description="A token from HUTCH_API_TOKENS (or DATA_DIR/api-token).")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]

@@ -11,13 +11,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import WithJsonSchema
 
 from api import schemas
-from api.deps import ERRORS, V1, Plane, Who
+from api.deps import ERRORS, V1, Cursor, Plane, Who
 from api.errors import ApiError
 from service.control_plane import ControlPlane
 from service.identity import NAME_PATTERN
 from service.lifecycle import JobState
 from service.settings import Settings
-from service.store import CURSOR_PATTERN, JobRecord
+from service.store import JobRecord
 from trainer.spec import JobSpec, displayed_spec
 
 LABEL_FILTER = r"^[^=]+="
@@ -78,10 +78,7 @@ def router(settings: Settings) -> APIRouter:
             Query(description="key=value; all must match."),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=settings.max_page_size)] = 50,
-        cursor: Annotated[
-            Annotated[str, WithJsonSchema({"type": "string", "pattern": CURSOR_PATTERN})] | None,
-            Query(description="next_cursor of the previous page (opaque)."),
-        ] = None,
+        cursor: Cursor = None,
         submitted_by: Annotated[
             str | None,
             Query(

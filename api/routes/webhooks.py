@@ -5,12 +5,10 @@ their deliveries go."""
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import WithJsonSchema
 
 from api import schemas
-from api.deps import ERRORS, V1, Plane, admin_only
+from api.deps import ERRORS, V1, Cursor, Plane, admin_only
 from service.settings import Settings
-from service.store import CURSOR_PATTERN
 from service.webhooks import Delivery, DeliveryStatus, Webhook
 
 NOT_FOUND = {404: {**ERRORS[404], "description": "No such webhook"}}
@@ -74,10 +72,7 @@ def router(settings: Settings) -> APIRouter:
             list[schemas.DeliveryStatus] | None, Query(description="Only deliveries in these statuses.")
         ] = None,
         limit: Annotated[int, Query(ge=1, le=settings.max_page_size)] = 50,
-        cursor: Annotated[
-            Annotated[str, WithJsonSchema({"type": "string", "pattern": CURSOR_PATTERN})] | None,
-            Query(description="next_cursor of the previous page (opaque)."),
-        ] = None,
+        cursor: Cursor = None,
     ) -> schemas.DeliveryPage:
         """The webhook's deliveries newest first, one page at a time: each state change, its
         status, sendings so far, the last failure and the next try. Delivered and given-up ones

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from benchmarks.ray_nodes import end_process_group, start_ray_head
 from service.local_ray import own_port_options
 from tests.e2e.conftest import TOKEN, ServiceProcess
 from tests.e2e.test_api_contract import spec_with
-from trainer.launch import ONE_MACHINE_RAY_ENV
+from tests.e2e.test_driver_resources import ray_env
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +39,7 @@ HANDOVER_LIMIT_S = 15.0
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """A Ray head of this module's own (1 CPU: one one-worker job at a time)."""
-    env = {
-        **ONE_MACHINE_RAY_ENV,
-        **os.environ,
-        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    env.pop("RAY_ADDRESS", None)
+    env = ray_env()
     dashboard_port = free_port()
     group = start_ray_head(
         env, f"--port={free_port()}", "--num-cpus=1", "--object-store-memory=150000000",
