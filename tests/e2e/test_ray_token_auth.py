@@ -111,6 +111,14 @@ def readiness(service: ServiceProcess) -> httpx.Response:
     return httpx.get(f"{service.url}/readyz", timeout=10)
 
 
+def refusing_jobs(service: ServiceProcess) -> dict[str, str] | None:
+    """/readyz's checks once they say jobs cannot be submitted: still ready (200), ``degraded``."""
+    response = readiness(service)
+    checks = response.json()["checks"]
+    degraded = response.status_code == 200 and response.json()["status"] == "degraded"
+    return checks if degraded and checks["job_submission"] != "ok" else None
+
+
 def test_token_auth_wrong_then_missing_then_right(
     token_cluster: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -128,14 +136,7 @@ def test_token_auth_wrong_then_missing_then_right(
         with Client(wrong.url, TOKEN) as client:
             job = client.submit(small)  # admission cannot ask Ray: accepted, waits
             assert job.state == "QUEUED"
-
-            def refused() -> dict[str, str] | None:
-                response = readiness(wrong)
-                checks = response.json()["checks"]
-                degraded = response.status_code == 200 and response.json()["status"] == "degraded"
-                return checks if degraded and checks["job_submission"] != "ok" else None
-
-            checks = wait_for(refused, 60, "/readyz to report the rejected token")
+            checks = wait_for(lambda: refusing_jobs(wrong), 60, "/readyz to report the rejected token")
             assert checks["database"] == "ok"
             for check in ("ray", "job_submission"):
                 assert "rejected the Ray token" in checks[check] and "HUTCH_RAY_AUTH_TOKEN" in checks[check]
@@ -249,14 +250,7 @@ def test_a_rotated_token_file_is_followed_without_a_restart(tmp_path_factory: py
             heads.append(start_token_head(token_b, gcs_port, dashboard_port))
             second = client.submit(tiny("rotation-after"))  # admission cannot ask Ray: accepted
             assert second.state == "QUEUED"
-
-            def rejected() -> dict[str, str] | None:
-                response = readiness(service)
-                checks = response.json()["checks"]
-                degraded = response.status_code == 200 and response.json()["status"] == "degraded"
-                return checks if degraded and checks["job_submission"] != "ok" else None
-
-            checks = wait_for(rejected, 60, "/readyz to report the rejected token")
+            checks = wait_for(lambda: refusing_jobs(service), 60, "/readyz to report the rejected token")
             for check in ("ray", "job_submission"):
                 assert "rejected the Ray token" in checks[check], checks
                 assert f"HUTCH_RAY_AUTH_TOKEN_FILE ({token_file}" in checks[check], checks
