@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$"
@@ -63,7 +63,3 @@ def token_of(entry: str) -> str:
     """The token itself in an entry (what a client sends)."""
     parts = entry.split(":")
     return parts[1] if len(parts) > 1 else parts[0]
-
-
-def names(callers: Mapping[str, Caller]) -> list[str]:
-    return sorted({caller.name for caller in callers.values()})
