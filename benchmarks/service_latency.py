@@ -270,7 +270,7 @@ def prefill(url: str, n: int, sample: int, seed: int) -> dict[str, Any]:
     for i in range(bulk, n):
         spec = bench_spec(**labels_of(i))
         t0 = time.perf_counter()
-        job, _ = store.create(f"stored-{i:06d}", spec)
+        job, _, _ = store.create(f"stored-{i:06d}", spec)
         t1 = time.perf_counter()
         final = states[chosen[i]]
         path = [JobState.QUEUED] if final == JobState.CANCELLED else [*STARTED_PATH]

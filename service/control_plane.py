@@ -15,13 +15,13 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.admission import check_fits
+from service.admission import Unschedulable, check_fits
 from service.identity import Caller
 from service.launcher import CheckpointInfo, RayLauncher, RayUnavailable
 from service.leader import Lease
 from service.lifecycle import ACTIVE_STATES, RETRYABLE_STATES, TERMINAL_STATES, JobState
 from service.local_ray import LocalRayHead, ensure_local_head, stop_local_head
-from service.packages import Package
+from service.packages import Package, UnknownPackage
 from service.reconciler import PassStats, Reconciler
 from service.settings import Settings
 from service.store import EventRecord, JobRecord, JobStore, utcnow
@@ -63,6 +63,7 @@ class NotYours(Exception):
 class Submitted:
     job: JobRecord
     created: bool
+    queue_position: int | None
 
 
 @dataclass(frozen=True)
@@ -200,19 +201,26 @@ class ControlPlane:
         self, spec: JobSpec, idempotency_key: str | None = None, submitted_by: str | None = None
     ) -> Submitted:
         """Queue a job as ``submitted_by``'s; a key used before returns that job (even if the
-        cluster has shrunk since)."""
+        cluster has shrunk since or its package was removed).
+
+        A used key is found by the store's unique index when the job is created, so a new
+        submission pays no lookup; only a refused one asks whether its key made a job before."""
         body = spec.model_dump(mode="json")
-        if idempotency_key is not None and (earlier := self.store.replay(idempotency_key, body)) is not None:
-            return Submitted(earlier, created=False)
-        working_dir = spec.runtime_env.working_dir if spec.runtime_env else None
-        if working_dir is not None and PACKAGE_URI.fullmatch(working_dir):
-            self.packages.path(working_dir)  # raises UnknownPackage: refused now, not failed later
-        self.check_fits(spec)
+        try:
+            working_dir = spec.runtime_env.working_dir if spec.runtime_env else None
+            if working_dir is not None and PACKAGE_URI.fullmatch(working_dir):
+                self.packages.path(working_dir)  # raises UnknownPackage: refused now, not failed later
+            self.check_fits(spec)
+        except (UnknownPackage, Unschedulable):
+            earlier = self.store.replay(idempotency_key, body) if idempotency_key is not None else None
+            if earlier is None:
+                raise
+            return Submitted(earlier, False, self.store.queue_position(earlier))
         job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
-        job, created = self.store.create(job_id, body, idempotency_key, submitted_by)
+        job, created, place = self.store.create(job_id, body, idempotency_key, submitted_by)
         if created:
             self.reconciler.wake()
-        return Submitted(job, created)
+        return Submitted(job, created, place)
 
     def get(self, job_id: str) -> JobRecord:
         job = self.store.get(job_id)

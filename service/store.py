@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydantic_core
 from sqlalchemy import (
@@ -227,6 +227,15 @@ class JobRecord:
         return cls(**{name: values[name] for name in _RECORD_FIELDS})
 
 
+class Created(NamedTuple):
+    """What :meth:`JobStore.create` did: the job (new, or the one its key made before), whether it
+    is new, and its place in the queue then (read in the creating transaction: no second query)."""
+
+    job: JobRecord
+    created: bool
+    queue_position: int | None
+
+
 _RECORD_FIELDS = tuple(JobRecord.__dataclass_fields__)
 JOBS = JobRow.__table__
 LABELS = LabelRow.__table__
@@ -368,11 +377,10 @@ class JobStore:
         spec: Mapping[str, Any],
         idempotency_key: str | None = None,
         submitted_by: str | None = None,
-    ) -> tuple[JobRecord, bool]:
+    ) -> Created:
         """Store a new QUEUED job; with a key already used, return that job instead.
 
-        Returns (job, created). Raises :class:`IdempotencyConflict` if the key was used with a
-        different spec.
+        Raises :class:`IdempotencyConflict` if the key was used with a different spec.
         """
         now = utcnow()
         labels = dict(spec.get("labels") or {})
@@ -401,16 +409,18 @@ class JobStore:
                     connection.execute(insert(LABELS), rows)
                 connection.execute(insert(EVENTS), queued)
                 _queue_deliveries(connection, job_id, now, 1, values["state"], "submitted")
+                ahead = connection.execute(_AHEAD_IN_QUEUE, {"priority": values["priority"], "seq": seq})
+                place = int(ahead.scalar() or 0) + 1
         except IntegrityError:
             if idempotency_key is None:
                 raise
             existing = self.replay(idempotency_key, spec)  # the key was used, maybe concurrently
             if existing is None:
                 raise
-            return existing, False
+            return Created(existing, False, self.queue_position(existing))
         unset = dict.fromkeys(("started_at", "finished_at", "ray_job_id", "failure_reason", "latest_metrics"))
         record = JobRecord(**{**values, **unset, "seq": seq, "state": JobState.QUEUED, "labels": labels})
-        return record, True
+        return Created(record, True, place)
 
     def replay(self, idempotency_key: str, spec: Mapping[str, Any]) -> JobRecord | None:
         """The job an earlier request with this key made (None if none did); raises

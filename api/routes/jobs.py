@@ -65,9 +65,10 @@ def router(settings: Settings) -> APIRouter:
         (``unschedulable``)."""
         submitted = plane.submit(spec, idempotency_key, submitted_by=who.name)
         request.state.audit_job = submitted.job.id
+        job = _job(plane, submitted.job, {submitted.job.id: submitted.queue_position})
         if submitted.created:
-            return _json(_job(plane, submitted.job), 201)
-        return _json(_job(plane, submitted.job), 200, {"Idempotent-Replayed": "true"})
+            return _json(job, 201)
+        return _json(job, 200, {"Idempotent-Replayed": "true"})
 
     @jobs.get("/jobs", response_model=schemas.JobPage, responses={422: ERRORS[422]}, summary="List jobs")
     def list_jobs(
@@ -185,7 +186,7 @@ def _label_filter(labels: list[str]) -> dict[str, str]:
 
 
 def _job(
-    plane: ControlPlane, job: JobRecord, queue_positions: Mapping[str, int] | None = None
+    plane: ControlPlane, job: JobRecord, queue_positions: Mapping[str, int | None] | None = None
 ) -> dict[str, Any]:
     """The API's view of a job: a :class:`schemas.Job`'s fields, in its order (the contract test
     checks them). ``queue_positions`` (of a page's queued jobs) saves a query per job."""

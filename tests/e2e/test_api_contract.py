@@ -245,6 +245,31 @@ def test_same_idempotency_key_makes_one_job_under_20_concurrent_submissions(
         )  # fmt: skip
 
 
+def test_a_used_key_returns_its_job_even_when_the_spec_would_now_be_refused(
+    lite_service: ServiceProcess, tmp_path: Path
+) -> None:
+    """A new submission pays no lookup of its key (the store's unique index finds a used one), so
+    the refusals that come before the store (a package gone, a cluster too small) ask for it."""
+    (tmp_path / "mynet.py").write_text("def build(**kwargs):\n    return None\n")
+    with Client(lite_service.url, TOKEN) as client:
+        package = client.upload_package(tmp_path)
+    spec = spec_with(name="idem-package", runtime_env={"working_dir": package.uri})
+    key = {"Idempotency-Key": "package-key"}
+    with lite_service.client() as http:
+        made = http.post("/v1/jobs", json=spec, headers=key)
+        assert made.status_code == 201, made.text
+        shown = http.get(f"/v1/jobs/{made.json()['id']}").json()
+        assert made.json()["queue_position"] == shown["queue_position"] is not None
+        (lite_service.data_dir / "storage" / "packages" / f"{package.sha256}.zip").unlink()
+        again = http.post("/v1/jobs", json=spec, headers=key)
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true", again.text
+        assert again.json()["id"] == made.json()["id"]
+        assert again.json()["queue_position"] == made.json()["queue_position"]
+        assert_error(http.post("/v1/jobs", json=spec), 422, "unknown_package")
+        other = spec_with(name="idem-package-2", runtime_env={"working_dir": package.uri})
+        assert_error(http.post("/v1/jobs", json=other, headers=key), 409, "idempotency_conflict")
+
+
 def test_list_pages_newest_first_and_filters(lite_service: ServiceProcess) -> None:
     with lite_service.client() as http:
         made = []

@@ -41,7 +41,7 @@ def spec(name: str = "job", **labels: str) -> dict:
 def test_idempotent_creation_under_concurrency(store: JobStore) -> None:
     def create(args: tuple[int, str | None]) -> tuple[str, bool]:
         index, key = args
-        job, created = store.create(f"job-{index}", spec(), key)
+        job, created, _ = store.create(f"job-{index}", spec(), key)
         return job.id, created
 
     with ThreadPoolExecutor(20) as pool:
@@ -55,7 +55,7 @@ def test_idempotent_creation_under_concurrency(store: JobStore) -> None:
 
 
 def test_state_changes_are_compare_and_set(store: JobStore) -> None:
-    job, _ = store.create("race-1", spec())
+    job, _, _ = store.create("race-1", spec())
     barrier = threading.Barrier(8)
 
     def advance(_: int) -> bool:
@@ -81,7 +81,7 @@ def test_state_changes_are_compare_and_set(store: JobStore) -> None:
 
 
 def test_retry_is_a_new_attempt(store: JobStore) -> None:
-    job, _ = store.create("retry-1", spec())
+    job, _, _ = store.create("retry-1", spec())
     assert not store.retry(job.id), "a queued job was retried"
     store.move(job.id, JobState.QUEUED, JobState.STARTING, ray_job_id="r-1")
     store.move(job.id, JobState.STARTING, JobState.FAILED, failure_reason="boom")
@@ -122,19 +122,21 @@ def test_paging_newest_first_with_filters(store: JobStore) -> None:
 
 
 def test_delete_only_finished_jobs_and_everything_of_them(store: JobStore) -> None:
-    job, _ = store.create("del-1", spec(team="x"))
+    job, _, _ = store.create("del-1", spec(team="x"))
     assert not store.delete(job.id)
     store.move(job.id, JobState.QUEUED, JobState.CANCELLED)
     assert store.delete(job.id)
     assert store.get(job.id) is None and store.events(job.id) == []
     assert store.list(labels={"team": "x"})[0] == []
-    again, created = store.create("del-1", spec(team="x"))  # the id can be used again
+    again, created, _ = store.create("del-1", spec(team="x"))  # the id can be used again
     assert created and again.labels == {"team": "x"}
 
 
 def test_queue_is_highest_priority_first_then_oldest(store: JobStore) -> None:
+    placed = {}  # the place each had when it was created, read in its creating transaction
     for name, priority in [("q-low", 0), ("q-high", 5), ("q-low-2", 0), ("q-neg", -3), ("q-high-2", 5)]:
-        store.create(name, {**spec(name), "priority": priority})
+        placed[name] = store.create(name, {**spec(name), "priority": priority}).queue_position
+    assert placed == {"q-low": 1, "q-high": 1, "q-low-2": 3, "q-neg": 4, "q-high-2": 2}
     store.move("q-low-2", JobState.QUEUED, JobState.STARTING, ray_job_id="r")  # no longer waits
     order = ["q-high", "q-high-2", "q-low", "q-neg"]
     assert [job.id for job in store.queue()] == order

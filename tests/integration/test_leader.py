@@ -56,7 +56,7 @@ def test_one_replica_leads_and_a_fallen_lease_writes_nothing(store: JobStore) ->
     first = a.current()
     assert a.renew() and a.current() == first  # a renewal keeps the token
 
-    job, _ = store.create("fenced", {"name": "fenced"})
+    job, _, _ = store.create("fenced", {"name": "fenced"})
     assert store.move(job.id, JobState.QUEUED, JobState.STARTING, attempt=1, fence=first, ray_job_id="r1")
 
     wait_for(b.renew, 10, "b to take the lease once a's has ended", 0.2)  # a no longer renews

@@ -443,7 +443,7 @@ def assert_runs_without_ddl(url: str) -> None:
     """The run-time role does everything the store and the leases need, and cannot change the schema."""
     store = JobStore(url)
     try:
-        job, _ = store.create("by-the-role", {"name": "by-the-role", "labels": {"team": "nlp"}})
+        job, _, _ = store.create("by-the-role", {"name": "by-the-role", "labels": {"team": "nlp"}})
         assert store.move(job.id, JobState.QUEUED, JobState.CANCELLED, attempt=1)
         assert store.retry(job.id) and store.list(labels={"team": "nlp"})[0][0].attempt == 2
         assert store.move(job.id, JobState.QUEUED, JobState.CANCELLED) and store.delete(job.id)

@@ -105,7 +105,7 @@ def test_every_change_arrives_signed_in_order_through_failures_and_restarts(
     sender = dispatcher(store)
     jobs = {}
     for n, kind in enumerate(sorted(PATHS) * 2):
-        job, _ = store.create(f"{kind}-{n}", {"name": kind, "labels": {"n": str(n)}})
+        job, _, _ = store.create(f"{kind}-{n}", {"name": kind, "labels": {"n": str(n)}})
         jobs[job.id] = kind
     walk = steps(store, jobs)
     for _ in range(8):  # the first moves, while the receiver answers (500 to the first two)
@@ -167,7 +167,7 @@ def test_a_receiver_with_another_secret_refuses_every_sending_until_given_up(url
     hook = Webhooks(store).add(receiver.url(), None, SECRET)
     sender = dispatcher(store, max_attempts=3)
     try:
-        job, _ = store.create("refused", {"name": "refused"})
+        job, _, _ = store.create("refused", {"name": "refused"})
         assert store.move(job.id, Q, STOP, attempt=1, message="cancelled while queued")
         wait_for(lambda: pending(store) == 0, 10, "both deliveries given up")
         assert sender.outcomes() == {"delivered": 0, "retried": 4, "failed": 2}
@@ -214,7 +214,7 @@ def test_only_the_leader_sends_and_its_successor_carries_on(url: str, receiver: 
     assert leases[follower].current() is None
     Webhooks(stores[0]).add(receiver.url(), None, SECRET)
     store = stores[follower]  # a change made on either replica is sent by the leader
-    job, _ = store.create("led", {"name": "led"})
+    job, _, _ = store.create("led", {"name": "led"})
     wait_for(lambda: len(receiver.accepted) == 1, 10, "the first change")
     assert senders[leader].outcomes()["delivered"] == 1 and senders[follower].outcomes()["delivered"] == 0
 
@@ -254,7 +254,7 @@ def test_a_receiver_that_never_answers_holds_up_neither_the_store_nor_the_others
             slowest = 0.0
             for n in range(6):  # more jobs (pairs to send at once) than threads
                 began = time.perf_counter()
-                job, _ = store.create(f"job-{n}", {"name": "job"})
+                job, _, _ = store.create(f"job-{n}", {"name": "job"})
                 for old, new in ((Q, S), (S, R), (R, OK)):
                     assert store.move(job.id, old, new, attempt=1)
                 slowest = max(slowest, time.perf_counter() - began)
@@ -274,7 +274,7 @@ def test_finished_deliveries_are_kept_a_while_and_orphans_removed(url: str) -> N
     hooks = Webhooks(store)
     kept = hooks.add("http://127.0.0.1:9/kept", None, SECRET)
     gone = hooks.add("http://127.0.0.1:9/gone", None)  # a secret is made
-    job, _ = store.create("pruned", {"name": "pruned"})
+    job, _, _ = store.create("pruned", {"name": "pruned"})
     assert store.move(job.id, Q, STOP, attempt=1)
     old = utcnow() - KEEP_FINISHED - timedelta(minutes=1)
     with store.engine.begin() as connection:  # the first change went out long ago, the second lately

@@ -233,7 +233,7 @@ def test_queued_jobs_wait_with_a_reason_while_no_node_offers_the_drivers_resourc
             autoscaling_limits=limits,
             driver_resources=DRIVER,
         )
-        job, _ = store.create("waits", Queued("waits").spec)  # accepted while Ray could not be asked
+        job, _, _ = store.create("waits", Queued("waits").spec)  # accepted while Ray could not be asked
         reconciler.reconcile_once()
         if autoscaling:  # Ray and its autoscaler place the driver: handed to Ray at once
             assert launcher.submitted == [job.id] and reconciler.last_error is None

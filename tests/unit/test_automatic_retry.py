@@ -29,7 +29,7 @@ def store(tmp_path: Path) -> Iterator[JobStore]:
 
 
 def running(store: JobStore, name: str, **retry: float) -> JobRecord:
-    job, _ = store.create(name, {"name": name, "retry": retry} if retry else {"name": name})
+    job, _, _ = store.create(name, {"name": name, "retry": retry} if retry else {"name": name})
     store.move(job.id, JobState.QUEUED, JobState.STARTING, ray_job_id=f"{name}-1")
     store.move(job.id, JobState.STARTING, JobState.RUNNING)
     record = store.get(job.id)
