@@ -26,6 +26,15 @@ time per request. Two in-process diagnostics price what an unreachable Ray adds:
 capacity call (the service keeps a failure for 10 s, so submissions and reconciler ticks make one
 at most that often) and one reconciler pass over the phase's backlog.
 
+A change's cost (``--against REF``, instead of the parts): part A's phases on this tree and on git
+commit ``REF`` (a temporary worktree) at once. Both services run side by side, each on a store
+prefilled by its own code; each round runs every phase on one, then the other (ABBA across
+rounds), so the machine's drift over minutes falls on both alike. Reported per phase: the median
+server CPU per request and throughput of each, and the ratio of CPU per request (this tree over
+``REF``) per round and its median: what "not slower than the commit before" is judged by::
+
+    .venv/bin/python benchmarks/service_latency.py --against HEAD~1 --rounds 16
+
 Part B (``--part ray``): POST to first training step. The service starts its own local Ray head
 (``HUTCH_LOCAL_RAY_NUM_CPUS=2``). A small digits job (1 worker, ``log_every: 1``) is submitted
 by ``POST /v1/jobs``; the same entrypoint (``RayLauncher.entrypoint``, its own run directory,
@@ -123,7 +132,7 @@ HISTOGRAM = re.compile(
 class Service:
     """``api.server.serve`` in a subprocess on a free port; stopped with SIGTERM."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str], root: Path = ROOT) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -133,7 +142,7 @@ class Service:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-c", f"from api.server import serve; serve('127.0.0.1', {self.port})"],
-            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=root, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
 
     def wait_up(self, probe: str, want: set[int], timeout: float) -> httpx.Response:
@@ -519,6 +528,84 @@ def part_api(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+# -- part A against another commit ---------------------------------------------------------------
+
+
+def in_tree(root: Path, code: str) -> None:
+    """Run ``code`` in a fresh interpreter in ``root`` (that commit's modules, its store's schema)."""
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, stdout=subprocess.DEVNULL)
+
+
+def part_against(args: argparse.Namespace) -> dict[str, Any]:
+    """Part A's phases on this tree and on ``args.against`` at once, interleaved: both services run
+    side by side, each on its own store prefilled by its own code, and each round runs every phase
+    on one then the other (ABBA), so the machine's drift over minutes falls on both alike. The
+    figure that counts is the per-round ratio of server CPU per request, this tree over the other."""
+    work = Path(tempfile.mkdtemp(prefix="hutch-bench-against-"))
+    other = work / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(other), args.against],
+                   check=True)  # fmt: skip
+    commit = subprocess.run(["git", "-C", str(other), "rev-parse", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()  # fmt: skip
+    trees = {"this": ROOT, "against": other}
+    services: dict[str, Service] = {}
+    urls: dict[str, str] = {}
+    try:
+        for name, root in trees.items():
+            data_dir = work / name
+            data_dir.mkdir()
+            urls[name] = f"sqlite:///{data_dir / 'hutch.db'}"
+            log(f"A/B: storing {args.stored_jobs:,} jobs for {name} ({root})")
+            sample = min(args.create_sample, args.stored_jobs)
+            fill = f"prefill({urls[name]!r}, {args.stored_jobs}, {sample}, {args.seed})"
+            in_tree(root, f"from benchmarks.service_latency import prefill; {fill}")
+            env = {"HUTCH_RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"}
+            services[name] = Service(data_dir, env, root)
+        for service in services.values():
+            service.wait_up("/healthz", {200}, 120)
+        deep_cursor = encode_cursor(args.stored_jobs // 2)
+        rounds: list[dict[str, Any]] = []
+        for r in range(args.rounds):
+            order = ["this", "against"] if r % 2 == 0 else ["against", "this"]
+            for phase in ("submit", "list", "mixed"):
+                for name in order:
+                    service = services[name]
+                    result = run_phase(
+                        service.url, service.process.pid, phase, args.clients, args.requests, deep_cursor
+                    )
+                    if phase != "list":
+                        cancel = f"cancel_backlog(JobStore({urls[name]!r}))"
+                        in_tree(
+                            trees[name],
+                            f"from benchmarks.service_latency import JobStore, cancel_backlog; {cancel}",
+                        )
+                    cpu_ms = result["server_cpu_s"] * 1e3 / result["requests"]
+                    rounds.append({"round": r, "phase": phase, "tree": name, "cpu_ms": cpu_ms,
+                                   "throughput_rps": result["throughput_rps"]})  # fmt: skip
+                    rps = result["throughput_rps"]
+                    where = f"round {r + 1}/{args.rounds} {phase} {name}"
+                    log(f"A/B: {where}: {rps:.0f} req/s, {cpu_ms:.2f} ms CPU/req")
+    finally:
+        for service in services.values():
+            service.stop()
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(other)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {}
+    for phase in ("submit", "list", "mixed"):
+        mine = {(x["round"], x["tree"]): x for x in rounds if x["phase"] == phase}
+        ratios = [mine[r, "this"]["cpu_ms"] / mine[r, "against"]["cpu_ms"] for r in range(args.rounds)]
+        summary[phase] = {
+            tree: {
+                "median_cpu_ms": statistics.median(mine[r, tree]["cpu_ms"] for r in range(args.rounds)),
+                "median_throughput_rps": statistics.median(
+                    mine[r, tree]["throughput_rps"] for r in range(args.rounds)
+                ),
+            }
+            for tree in trees
+        } | {"cpu_ratios": ratios, "median_cpu_ratio": statistics.median(ratios)}
+    return {"against": args.against, "commit": commit, "rounds": rounds, "summary": summary}
+
+
 # -- part B: POST to the first training step -----------------------------------------------------
 
 
@@ -790,6 +877,18 @@ def print_report(report: dict[str, Any]) -> None:
             f"{tick['wall_s']:.2f} s ({tick['per_job_ms']:.1f} ms/job, CPU {tick['cpu_s']:.2f} s); "
             "the service runs one per second and after every submission"
         )
+    ab = report.get("against")
+    if ab:
+        rows = [
+            [phase, _ms(x["this"]["median_cpu_ms"]), _ms(x["against"]["median_cpu_ms"]),
+             f"{x['this']['median_throughput_rps']:.0f}", f"{x['against']['median_throughput_rps']:.0f}",
+             f"{x['median_cpu_ratio']:.3f}", " ".join(f"{r:.2f}" for r in x["cpu_ratios"])]
+            for phase, x in ab["summary"].items()
+        ]  # fmt: skip
+        columns = ("phase", "CPU ms/req here", "CPU ms/req there", "req/s here", "req/s there",
+                   "median ratio", "ratio per round")  # fmt: skip
+        title = f"A/B: this tree against {ab['against']} ({ab['commit'][:10]}), medians over rounds"
+        out.print(table(title, columns, rows, left=("phase", "ratio per round")))
     b = report.get("ray")
     if b:
         rows = [[i, run["path"] + ("" if run["counted"] else " (warm-up)"), _s(run["answered_s"]),
@@ -820,6 +919,15 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def save_plot(report: dict[str, Any], path: Path) -> None:
+    if report.get("against"):
+        summary = report["against"]["summary"]
+        with figure(path, 1, 1, (6, 4)) as axes:
+            ax = axes[0][0]
+            ax.boxplot([x["cpu_ratios"] for x in summary.values()], tick_labels=list(summary))
+            ax.axhline(1.0, color="grey", linestyle=":")
+            ax.set_ylabel("server CPU per request, this tree / the other")
+            ax.set_title(f"A/B against {report['against']['against']}, per round", fontsize=9)
+        return
     panels = [p for p in ("api", "ray") if report.get(p)]
     with figure(path, 1, len(panels), (7, 4.6)) as axes:
         for ax, part in zip(axes[0], panels):
@@ -878,13 +986,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="training steps of the first-step job")
     p.add_argument("--job-timeout", type=float, default=300, help="seconds one first-step job may take")
     p.add_argument("--pause", type=float, default=1.0, help="seconds between first-step jobs")
+    p.add_argument(
+        "--against",
+        metavar="REF",
+        help="instead of the parts: part A's phases here and at git commit REF, both services side by "
+        "side, phases alternating (ABBA); reports the ratio of server CPU per request",
+    )
+    p.add_argument("--rounds", type=int, default=None, help="rounds of --against [8; quick 2]")
     args = apply_mode(
         p.parse_args(argv),
-        full={"stored_jobs": 10_000, "requests": 25, "create_sample": 200, "runs": 3, "warmup": 1},
-        quick={"stored_jobs": 500, "requests": 3, "create_sample": 20, "runs": 1, "warmup": 0},
+        full={
+            "stored_jobs": 10_000,
+            "requests": 25,
+            "create_sample": 200,
+            "runs": 3,
+            "warmup": 1,
+            "rounds": 8,
+        },
+        quick={"stored_jobs": 500, "requests": 3, "create_sample": 20, "runs": 1, "warmup": 0, "rounds": 2},
     )
-    if min(args.clients, args.requests, args.runs, args.steps, args.stored_jobs) < 1 or args.warmup < 0:
-        p.error("--clients, --requests, --runs, --steps and --stored-jobs must be at least 1")
+    counts = (args.clients, args.requests, args.runs, args.steps, args.stored_jobs, args.rounds)
+    if min(counts) < 1 or args.warmup < 0:
+        p.error("--clients, --requests, --runs, --steps, --stored-jobs and --rounds must be at least 1")
     return args
 
 
@@ -900,7 +1023,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "notes": [],
     }
     notes = report["notes"]
-    if args.part in ("all", "api"):
+    if args.against:
+        report["against"] = part_against(args)
+        notes.append(
+            f"A/B: part A's phases on this tree and on {args.against} at once, each round both in turn "
+            "(ABBA), each on its own store prefilled by its own code; ratio = this tree's server CPU per "
+            "request over the other's, per round."
+        )
+    elif args.part in ("all", "api"):
         report["api"] = part_api(args)
         notes += [
             "Part A: the service's Ray address is a closed port, so submissions are stored and stay QUEUED "
@@ -910,7 +1040,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "Part A: clients (asyncio, one httpx.AsyncClient and connection each) share the machine's "
             f"{os.cpu_count()} CPUs with the server: latencies include CPU queueing on both sides.",
         ]
-    if args.part in ("all", "ray"):
+    if args.part in ("all", "ray") and not args.against:
         report["ray"] = part_ray(args)
         notes.append(
             "Part B: time to first step = the first metrics.jsonl record's 'time' (worker wall clock when "
