@@ -71,7 +71,7 @@ from trainer.data import build_dataset, ordered_batches, step_indices
 from trainer.double_backward import twice_differentiable
 from trainer.models.registry import build_model
 from trainer.optim import AdaHessian
-from trainer.spec import OptimizerSpec
+from trainer.spec import OptimizerSpec, adahessian_warmup
 
 WARMUP_FRACTION = 0.05
 SHORTLIST = 2
@@ -707,20 +707,28 @@ def tune(study: Study, tasks: list[Task]) -> dict[tuple[str, str], dict[str, Any
 
 
 def defaults_variants(task: Task) -> dict[str, RunSpec]:
-    """The spec's AdaHessian defaults as a user gets them with ``hessian_update_freq: 2`` (lr,
-    eps and warm-up as ``OptimizerSpec`` fills them; the task's block size), and without warm-up."""
-    spec = OptimizerSpec(name="adahessian", hessian_update_freq=2)
-    base = RunSpec(
+    """AdaHessian as a job spec's defaults give it (lr, eps, betas, k and warm-up as
+    ``JobSpec`` fills them for the task's steps; the task's block size), beside the defaults
+    before this study (k = 2 given, 10 warm-up steps, β2 0.999) and those without warm-up."""
+    spec = OptimizerSpec(name="adahessian")
+    steps = task.steps
+    now = RunSpec(
         task.name,
         "adahessian",
         spec.lr,
-        freq=2,
+        freq=spec.hessian_update_freq,
         block=task.block,
-        warmup=spec.warmup_steps,
+        warmup=adahessian_warmup(steps),
         eps=spec.eps,
         hessian_power=spec.hessian_power,
+        beta2=spec.betas[1],
     )
-    return {"spec defaults": base, "no warm-up": replace(base, warmup=0)}
+    before = replace(now, freq=2, warmup=10, beta2=0.999)
+    return {
+        "spec defaults": now,
+        "before the study (10 warm-up steps, β2 0.999)": before,
+        "before the study, no warm-up": replace(before, warmup=0),
+    }
 
 
 def plan(study: Study) -> dict[str, dict[str, Any]]:
@@ -965,7 +973,8 @@ def markdown(study: Study, summary: dict[str, Any]) -> str:
         ]
         rows = [[k, d["text"]] for k, d in s["defaults"].items()]
         out += [
-            "AdaHessian as the spec's defaults give it (`{name: adahessian, hessian_update_freq: 2}`):",
+            "AdaHessian as a job spec's defaults give it (`optimizer: {name: adahessian}`), and as "
+            "they were before this study (with `hessian_update_freq: 2` given):",
             "",
             harness.markdown_table(["variant", s["metric"]], rows),
             "",

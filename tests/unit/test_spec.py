@@ -135,10 +135,10 @@ def test_defaults() -> None:
     spec = JobSpec.model_validate(MINIMAL)
     assert spec.labels == {} and spec.model.args == {} and spec.max_failures == 0
     o = spec.optimizer
-    assert (o.name, o.lr, o.betas, o.eps, o.weight_decay) == ("adahessian", 0.15, (0.9, 0.999), 1e-4, 0.0)
+    assert (o.name, o.lr, o.betas, o.eps, o.weight_decay) == ("adahessian", 0.15, (0.9, 0.98), 1e-4, 0.0)
     assert (o.hessian_power, o.hessian_update_freq, o.n_samples, o.spatial_average_block_size) == (
         1.0,
-        1,
+        2,
         1,
         None,
     )
@@ -205,6 +205,31 @@ def test_lr_and_eps_defaults_follow_the_optimizer() -> None:
     assert [OptimizerSpec.model_validate({"name": n}).warmup_steps for n in others] == [0, 0, 0]
     assert OptimizerSpec.model_validate({"name": "sgd", "warmup_steps": 5}).warmup_steps == 5
     assert OptimizerSpec.model_validate({"name": "adam", "lr": 0.01}).lr == 0.01
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "steps", "warmup", "betas"),
+    [
+        ({}, None, 10, (0.9, 0.98)),  # 200 steps by default: 5 % is 10
+        ({}, 100, 10, (0.9, 0.98)),  # never under the 10 steps of before
+        ({"name": "adahessian"}, 2000, 100, (0.9, 0.98)),
+        ({"name": "adahessian"}, 2010, 100, (0.9, 0.98)),  # round(100.5): to the even 100
+        ({"name": "adahessian", "warmup_steps": 3}, 2000, 3, (0.9, 0.98)),  # given: kept
+        ({"name": "adahessian", "betas": [0.9, 0.999]}, 2000, 100, (0.9, 0.999)),
+        ({"name": "adamw"}, 2000, 0, (0.9, 0.999)),
+        ({"name": "sgd"}, 2000, 0, (0.9, 0.999)),
+    ],
+)
+def test_a_job_specs_adahessian_defaults_come_from_the_study(
+    optimizer: dict, steps: int | None, warmup: int, betas: tuple[float, float]
+) -> None:
+    """A job's AdaHessian warms up for 5 % of its steps (at least 10) with β2 0.98 and a Hessian
+    every 2 steps, unless its spec says otherwise (docs/study/study.md has the evidence)."""
+    training = {} if steps is None else {"training": {"steps": steps}}
+    spec = JobSpec.model_validate({**MINIMAL, "optimizer": optimizer, **training})
+    assert (spec.optimizer.warmup_steps, spec.optimizer.betas) == (warmup, betas)
+    assert spec.optimizer.hessian_update_freq == 2
+    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec  # as stored, as resumed
 
 
 def test_builtin_names_match_the_registries() -> None:
