@@ -28,10 +28,13 @@ OPTIM = dict(lr=0.05, hessian_update_freq=3, weight_decay=0.01, spatial_average_
 
 def backend_options(options: dict[str, Any]) -> dict[str, Any]:
     """A backend's optimizer arguments for ``options`` as :class:`AdaHessian` takes them (or a
-    baseline's, with its ``name``): the spec's optimizer section and the training seed."""
+    baseline's, with its ``name``): the spec's optimizer section and the training seed. What
+    ``options`` leaves out is the constructor's default, not the job spec's (β2 0.98 and k = 2
+    there), so the backend and the single-process reference built from ``options`` agree."""
     options = dict(options)
     seed = options.pop("seed", 0)
-    return {"optimizer": OptimizerSpec(**options), "seed": seed}
+    constructor = {"betas": (0.9, 0.999), "hessian_update_freq": 1}
+    return {"optimizer": OptimizerSpec(**{**constructor, **options}), "seed": seed}
 
 
 class MixedNet(nn.Module):
