@@ -198,7 +198,8 @@ def test_lr_and_eps_defaults_follow_the_optimizer() -> None:
     adamw = OptimizerSpec.model_validate({"name": "adamw"})
     assert (adamw.lr, adamw.eps) == (1e-3, 1e-8)
     assert OptimizerSpec.model_validate({"name": "sgd"}).lr == 0.1
-    # AdaHessian warms up for 10 steps unless told otherwise (benchmarks/study.py); the others do not.
+    # An optimizer section alone warms AdaHessian up for 10 steps (a job spec: 5 % of its steps, at
+    # least 10) unless told otherwise (benchmarks/study.py); the others do not warm up.
     assert OptimizerSpec.model_validate({"name": "adahessian", "hessian_update_freq": 2}).warmup_steps == 10
     assert OptimizerSpec.model_validate({"name": "adahessian", "warmup_steps": 0}).warmup_steps == 0
     others = ("adam", "adamw", "sgd")
