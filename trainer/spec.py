@@ -126,7 +126,7 @@ OptimizerName = Literal["adahessian", "adamw", "adam", "sgd"]
 # tasks with the power to tell: beta2 0.98 beat 0.999 on the char LM (held-out loss 1.713 +- 0.000
 # against 1.719 +- 0.001) and was no worse on ResNet-20 (0.709 +- 0.003 against 0.706 +- 0.005).
 # The warm-up is ADAHESSIAN_WARMUP_FRACTION of training.steps, at least 10 steps (JobSpec fills
-# it): 10 steps were enough for ResNet-20 (0.672 against 0.674 at 5 %) but not for the LM (1.94 +-
+# it): 10 steps were enough for ResNet-20 (0.672 against 0.673 at 5 %) but not for the LM (1.94 +-
 # 0.22 against 1.73 +- 0.01), and none at all lost both (0.588; 2.23, one seed of 3 diverged).
 _OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "adahessian": {"lr": 0.15, "eps": 1e-4, "betas": (0.9, 0.98), "warmup_steps": 10},
